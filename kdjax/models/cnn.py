@@ -1,0 +1,38 @@
+"""A small VGG-style convolutional network: the default image teacher."""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class CNN(nn.Module):
+  """Stages of [Conv3x3 -> ReLU] * convs_per_stage -> MaxPool, then Dense head.
+
+  No batch norm, so the model has no mutable state and the per-device step
+  needs no cross-device statistics. Stage outputs are sown into
+  'intermediates' as `stage_{i}` for feature distillation.
+  """
+  num_classes: int
+  channels: Sequence[int] = (32, 64)
+  convs_per_stage: int = 2
+  dense_features: int = 512
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    x = x.astype(jnp.float32)
+    if x.ndim == 3:  # [batch, height, width] -> add a channel axis.
+      x = x[..., None]
+    for i, channels in enumerate(self.channels):
+      for j in range(self.convs_per_stage):
+        x = nn.relu(nn.Conv(channels, (3, 3), name=f"conv_{i}_{j}")(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      self.sow("intermediates", f"stage_{i}", x)
+    x = x.reshape(x.shape[0], -1)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = nn.relu(nn.Dense(self.dense_features, name="dense")(x))
+    self.sow("intermediates", "penultimate", x)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, name="head")(x)

@@ -1,0 +1,42 @@
+"""Embedding + (Bi)LSTM text classifier (the student of Tang et al. 2019)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class LSTMClassifier(nn.Module):
+  """Token ids [batch, length] (0 = padding) -> class logits.
+
+  The (bidirectional) LSTM runs over the real tokens only (`seq_lengths`), its
+  per-token outputs are max-pooled over valid positions, then a ReLU dense
+  layer and the head.
+  """
+  num_classes: int
+  vocab_size: int
+  embed_dim: int = 128
+  hidden_size: int = 128
+  bidirectional: bool = True
+  dense_features: int = 128
+  dropout_rate: float = 0.0
+  pad_id: int = 0
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
+    mask = tokens != self.pad_id
+    lengths = jnp.sum(mask, axis=-1).astype(jnp.int32)
+    x = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(tokens)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    forward = nn.RNN(nn.OptimizedLSTMCell(self.hidden_size), name="lstm_fwd")
+    if self.bidirectional:
+      backward = nn.RNN(nn.OptimizedLSTMCell(self.hidden_size),
+                        name="lstm_bwd")
+      x = nn.Bidirectional(forward, backward)(x, seq_lengths=lengths)
+    else:
+      x = forward(x, seq_lengths=lengths)
+    self.sow("intermediates", "sequence", x)
+    x = jnp.max(jnp.where(mask[..., None], x, -1e9), axis=1)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = nn.relu(nn.Dense(self.dense_features, name="dense")(x))
+    self.sow("intermediates", "pooled", x)
+    return nn.Dense(self.num_classes, name="head")(x)

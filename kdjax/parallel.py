@@ -1,0 +1,116 @@
+"""Mesh, shardings, and mapping a per-device step over all devices.
+
+The step is written once, as a per-device function with named-axis collectives
+(the pmap programming model). `map_over_devices` runs it with
+`jax.jit(jax.shard_map(...))` on a Mesh (default) or with `jax.pmap`.
+
+The trap this module exists for (measured on JAX 0.10.2): inside shard_map,
+the gradient with respect to a replicated (P()) input is ALREADY summed over
+the data axis (the transpose of the implicit broadcast is a psum), so a psum or
+pmean of it would be wrong or a no-op. Under pmap the same gradient is
+per-device and needs an explicit psum. `DataAxis.sum_gradients` hides the
+difference; the loss is always normalised by the GLOBAL example count, so a sum
+of per-device gradients is the full-batch gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+BACKENDS = ("shard_map", "pmap")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataAxis:
+  """Collectives over the data-parallel axis, correct for either backend."""
+  backend: str = "shard_map"
+  name: str = DATA_AXIS
+
+  def sum(self, tree: Any) -> Any:
+    """Sum of per-device values (metrics, counts) over all devices."""
+    return jax.tree.map(lambda x: lax.psum(x, self.name), tree)
+
+  def sum_gradients(self, grads: Any) -> Any:
+    """Sum over devices of gradients w.r.t. replicated parameters."""
+    if self.backend == "pmap":
+      return self.sum(grads)
+    # shard_map: gradients of replicated inputs come out already summed
+    # (device-invariant); only a leaf still varying over the axis needs a psum.
+    def reduce_leaf(g):
+      varying = jax.typeof(g).manual_axis_type.varying
+      return lax.psum(g, self.name) if self.name in varying else g
+    return jax.tree.map(reduce_leaf, grads)
+
+  def index(self) -> jax.Array:
+    return lax.axis_index(self.name)
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+  """A 1-D data-parallel mesh over all (global) devices."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places a pytree on every device of the mesh as truly replicated arrays."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
+  """Builds global batch arrays (split on the data axis) from this host's piece."""
+  sharding = batch_sharded(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x),
+      local_batch)
+
+
+def map_over_devices(per_device_fn: Callable, mesh: Mesh, backend: str, *,
+                     donate_first: bool = True) -> Callable:
+  """Compiles `per_device_fn(state, batch, frozen) -> (state, metrics)`.
+
+  `state` and `frozen` (e.g. teacher params) are replicated, `batch` is split
+  over the data axis; outputs are replicated. `state` is donated. The returned
+  function takes this host's piece of the batch (numpy) for either backend.
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f"Unknown parallel backend {backend!r}; allowed: {BACKENDS}.")
+  donate = (0,) if donate_first else ()
+  if backend == "shard_map":
+    mapped = jax.shard_map(
+        per_device_fn, mesh=mesh,
+        in_specs=(P(), P(DATA_AXIS), P()), out_specs=(P(), P()))
+    compiled = jax.jit(mapped, donate_argnums=donate)
+
+    def run_sharded(state, local_batch, frozen):
+      return compiled(state, shard_batch(local_batch, mesh), frozen)
+    return run_sharded
+
+  devices = list(mesh.devices.flat)
+  num_devices = len(devices)
+  if jax.process_count() > 1:
+    raise ValueError("The pmap backend maps over this host's devices only; "
+                     "use parallel.backend='shard_map' for multi-host runs.")
+  pmapped = jax.pmap(per_device_fn, axis_name=DATA_AXIS,
+                     in_axes=(None, 0, None), out_axes=(None, None),
+                     donate_argnums=donate, devices=devices)
+
+  def run(state, batch, frozen):
+    split = jax.tree.map(
+        lambda x: np.asarray(x).reshape((num_devices, -1) + x.shape[1:]), batch)
+    return pmapped(state, split, frozen)
+  return run

@@ -1,0 +1,127 @@
+"""The fused step: every way of mapping it gives the same student as one full-batch step."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kdjax import models, objectives, parallel, step
+
+NUM_CLASSES = 5
+GLOBAL_BATCH = 16
+NUM_STEPS = 3
+
+
+def _models():
+  teacher = models.get_model("mlp", num_classes=NUM_CLASSES, hidden=(32,))
+  student = models.get_model("mlp", num_classes=NUM_CLASSES, hidden=(8,))
+  return teacher, student
+
+
+def _batches(seed=0):
+  rng = np.random.default_rng(seed)
+  return [{"inputs": rng.normal(size=(GLOBAL_BATCH, 6)).astype(np.float32),
+           "labels": rng.integers(0, NUM_CLASSES, GLOBAL_BATCH).astype(np.int32)}
+          for _ in range(NUM_STEPS)]
+
+
+def _init():
+  teacher, student = _models()
+  x = jnp.zeros((1, 6))
+  teacher_params = teacher.init(jax.random.key(1), x)["params"]
+  # A teacher that is not at its init, so the KL term has signal.
+  teacher_params = jax.tree.map(lambda p: p * 3.0, teacher_params)
+  student_params = student.init(jax.random.key(2), x)["params"]
+  return teacher, student, teacher_params, student_params
+
+
+def _run(devices, backend, grad_accum_steps=1, objective=None):
+  teacher, student, teacher_params, student_params = _init()
+  tx = optax.adam(1e-2)
+  objective = objective or objectives.HintonDistillation(alpha=0.7,
+                                                         temperature=2.0)
+  mesh = parallel.make_mesh(devices)
+  per_device = functools.partial(
+      step.train_step, student_apply=step.make_apply_fn(student),
+      teacher_apply=step.make_apply_fn(teacher), objective=objective, tx=tx,
+      axis=parallel.DataAxis(backend), grad_accum_steps=grad_accum_steps)
+  run = parallel.map_over_devices(per_device, mesh, backend)
+  state = parallel.replicate(
+      step.create_train_state(student_params, tx, jax.random.key(0)), mesh)
+  frozen = parallel.replicate(teacher_params, mesh)
+  before = jax.tree.map(np.asarray, frozen)
+  for batch in _batches():
+    state, metrics = run(state, batch, frozen)
+  return state, metrics, before, frozen
+
+
+def _assert_same_params(a, b, rtol=1e-5, atol=1e-6):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(
+      np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b)
+
+
+@pytest.fixture(scope="module")
+def one_device_full_batch():
+  return _run(jax.devices()[:1], "shard_map")[0]
+
+
+@pytest.mark.parametrize("backend", parallel.BACKENDS)
+def test_eight_devices_match_one_full_batch_step(backend, one_device_full_batch):
+  state, metrics, _, _ = _run(jax.devices()[:8], backend)
+  assert int(metrics["count"]) == GLOBAL_BATCH
+  _assert_same_params(state.params, one_device_full_batch.params)
+
+
+@pytest.mark.parametrize("backend", parallel.BACKENDS)
+def test_gradient_accumulation_matches_full_batch(backend, one_device_full_batch):
+  state, _, _, _ = _run(jax.devices()[:4], backend, grad_accum_steps=2)
+  _assert_same_params(state.params, one_device_full_batch.params)
+
+
+def test_params_actually_move():
+  """Guards the equality tests above against a step that does nothing."""
+  _, _, _, student_params = _init()
+  state, _, _, _ = _run(jax.devices()[:1], "shard_map")
+  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))),
+                       state.params, student_params)
+  assert min(jax.tree.leaves(diffs)) > 1e-4
+
+
+@pytest.mark.parametrize("backend", parallel.BACKENDS)
+def test_teacher_params_bit_identical_after_distillation(backend):
+  _, _, before, after = _run(jax.devices()[:8], backend)
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, np.asarray(y)),
+               before, after)
+
+
+def test_matches_hand_written_full_batch_adam_step():
+  """One step against a direct jax.grad of the full-batch mean loss."""
+  teacher, student, teacher_params, student_params = _init()
+  objective = objectives.HintonDistillation(alpha=0.7, temperature=2.0)
+  batch = _batches()[0]
+
+  def mean_loss(params):
+    t = teacher.apply({"params": teacher_params}, batch["inputs"])
+    s = student.apply({"params": params}, batch["inputs"])
+    return jnp.mean(objective(s, t, batch["labels"])[0])
+  tx = optax.adam(1e-2)
+  updates, _ = tx.update(jax.grad(mean_loss)(student_params),
+                         tx.init(student_params), student_params)
+  expected = optax.apply_updates(student_params, updates)
+  expected_loss = float(mean_loss(student_params))
+
+  mesh = parallel.make_mesh(jax.devices()[:8])
+  per_device = functools.partial(
+      step.train_step, student_apply=step.make_apply_fn(student),
+      teacher_apply=step.make_apply_fn(teacher), objective=objective, tx=tx,
+      axis=parallel.DataAxis("shard_map"))
+  run = parallel.map_over_devices(per_device, mesh, "shard_map")
+  state = parallel.replicate(
+      step.create_train_state(student_params, tx, jax.random.key(0)), mesh)
+  state, metrics = run(state, batch, parallel.replicate(teacher_params, mesh))
+  _assert_same_params(state.params, expected)
+  np.testing.assert_allclose(float(metrics["loss"]) / GLOBAL_BATCH,
+                             expected_loss, rtol=1e-5)
