@@ -1,0 +1,170 @@
+"""The one module that talks to Orbax (its API moves; the version is pinned).
+
+A run's checkpoints live in WORKDIR/checkpoints/<step>/ with four items:
+  params   the model's parameters (all a teacher needs, all an export needs)
+  train    optimizer state, step and RNG key
+  data     the grain iterator position
+  meta     JSON: model name and fields, class count, the role of the run
+Teacher parameters are never part of a student's checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint was written for a different model or config than asked for."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+
+
+class Checkpointer:
+  """CheckpointManager for one run: save every N steps, keep K, resume, fall back."""
+
+  def __init__(self, workdir: str, *, save_every_steps: int, keep: int,
+               async_save: bool = True):
+    self.directory = checkpoint_dir(workdir)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            save_interval_steps=save_every_steps, max_to_keep=keep,
+            enable_async_checkpointing=async_save, create=True),
+        item_names=("params", "train", "data", "meta"))
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def should_save(self, step: int) -> bool:
+    return self._manager.should_save(step)
+
+  def save(self, step: int, state, data_iterator, meta: dict[str, Any], *,
+           force: bool = False) -> bool:
+    """Saves params, train state, data position and meta (async where safe)."""
+    train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+    return self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            train=ocp.args.StandardSave(train),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            meta=ocp.args.JsonSave(meta)),
+        force=force)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def read_meta(self, step: int | None = None) -> dict[str, Any] | None:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None
+    return self._manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore_latest(self, abstract_state, data_iterator):
+    """Restores the newest readable checkpoint into (state, iterator).
+
+    A corrupt or truncated newest checkpoint is skipped with a warning and the
+    one before it is used. Returns (state, step) or (None, None) if there is
+    none to restore.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_state.params),
+                train=ocp.args.StandardRestore({
+                    "step": abstract_state.step,
+                    "opt_state": abstract_state.opt_state,
+                    "rng": abstract_state.rng}),
+                data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("Checkpoint at step %d in %s is unreadable (%s: %s); "
+                        "falling back to the one before it.", step,
+                        self.directory, type(e).__name__, str(e)[:300])
+        continue
+      train = restored["train"]
+      state = abstract_state.replace(
+          step=train["step"], params=restored["params"],
+          opt_state=train["opt_state"], rng=train["rng"])
+      return state, step
+    return None, None
+
+
+def restore_params(workdir_or_checkpoints: str, abstract_params,
+                   step: int | None = None):
+    """Loads only the parameters of a run (e.g. a teacher), newest readable step."""
+    directory = workdir_or_checkpoints
+    if os.path.basename(os.path.normpath(directory)) != CHECKPOINT_SUBDIR:
+      directory = checkpoint_dir(directory)
+    with ocp.CheckpointManager(
+        directory, item_names=("params", "train", "data", "meta"),
+        options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+      steps = [step] if step is not None else sorted(manager.all_steps(),
+                                                     reverse=True)
+      last_error = None
+      for s in steps:
+        try:
+          return manager.restore(s, args=ocp.args.Composite(
+              params=ocp.args.StandardRestore(abstract_params)))["params"]
+        except Exception as e:  # pylint: disable=broad-except
+          logging.warning("Parameters at step %d in %s are unreadable (%s); "
+                          "trying the one before.", s, directory, e)
+          last_error = e
+    raise FileNotFoundError(f"No readable checkpoint in {directory}"
+                            + (f" (last error: {last_error})" if last_error else ""))
+
+
+def read_meta(workdir: str) -> dict[str, Any] | None:
+  """The meta item of a run's newest checkpoint, or None if it has none."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return None
+  with ocp.CheckpointManager(
+      directory, item_names=("params", "train", "data", "meta"),
+      options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        return manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+      except Exception:  # pylint: disable=broad-except
+        continue
+  return None
+
+
+def params_bytes(workdir: str) -> int:
+  """On-disk size of the newest checkpoint's parameters."""
+  directory = checkpoint_dir(workdir)
+  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  params_dir = os.path.join(directory, str(steps[-1]), "params")
+  return sum(os.path.getsize(os.path.join(root, f))
+             for root, _, files in os.walk(params_dir) for f in files)
+
+
+def abstract_like(tree):
+  """ShapeDtypeStructs (with shardings) to restore into."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

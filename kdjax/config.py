@@ -1,0 +1,148 @@
+"""Config validation: every mistake named (field, value, what is allowed) before any compile."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from kdjax import checkpoint, models, parallel
+from kdjax.objectives import HARD_LABEL_SOURCES
+
+MODES = ("teacher", "scratch", "distill", "evaluate", "pipeline")
+ROLES = ("teacher", "student")
+
+
+class ConfigError(ValueError):
+  """A config field holds a value kdjax cannot run with."""
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+  raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}.")
+
+
+def model_kwargs(config: ml_collections.ConfigDict, role: str) -> dict[str, Any]:
+  """The model fields of `config.<role>.model` with num_classes from the data."""
+  kwargs = dict(config[role].model.to_dict())
+  kwargs.pop("name")
+  kwargs.setdefault("num_classes", config.data.num_classes)
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
+def model_spec(config: ml_collections.ConfigDict, role: str) -> dict[str, Any]:
+  """What identifies a model in checkpoint meta: its name and every field."""
+  return {"name": config[role].model.name, **model_kwargs(config, role)}
+
+
+def build_model(config: ml_collections.ConfigDict, role: str):
+  return models.get_model(config[role].model.name, **model_kwargs(config, role))
+
+
+def teacher_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  return config.teacher.checkpoint_dir or os.path.join(workdir, "teacher")
+
+
+def _normalise(spec: dict[str, Any]) -> dict[str, Any]:
+  return {k: list(v) if isinstance(v, (tuple, list)) else v
+          for k, v in spec.items()}
+
+
+def check_teacher_checkpoint(config: ml_collections.ConfigDict, path: str) -> None:
+  """The teacher checkpoint exists and was trained with config.teacher.model."""
+  meta = checkpoint.read_meta(path)
+  if meta is None:
+    _fail("teacher.checkpoint_dir", path,
+          "no teacher checkpoint there; train one with --config.mode=teacher "
+          "--workdir=<dir> and pass that dir")
+  expected = _normalise(model_spec(config, "teacher"))
+  found = _normalise(meta["model"])
+  if found != expected:
+    diff = {k: (found.get(k), expected.get(k))
+            for k in set(found) | set(expected) if found.get(k) != expected.get(k)}
+    raise ConfigError(
+        f"The teacher checkpoint in {path!r} does not match config.teacher.model: "
+        + ", ".join(f"{k}: checkpoint has {a!r}, config has {b!r}"
+                    for k, (a, b) in sorted(diff.items()))
+        + ". Set config.teacher.model to the checkpoint's model or point "
+        "config.teacher.checkpoint_dir at a matching teacher.")
+
+
+def _check_model(config, role: str) -> None:
+  model_cfg = config[role].model
+  if model_cfg.name not in models.MODELS:
+    _fail(f"{role}.model.name", model_cfg.name,
+          f"allowed: {sorted(models.MODELS)}")
+  declared = model_cfg.get("num_classes")
+  if declared is not None and declared != config.data.num_classes:
+    raise ConfigError(
+        f"config.{role}.model.num_classes={declared} disagrees with "
+        f"config.data.num_classes={config.data.num_classes}; drop the model "
+        "field (it defaults to the data's) or make them equal.")
+  try:
+    build_model(config, role)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.{role}.model: {e}") from e
+
+
+def _check_train(config, role: str) -> None:
+  train = config[role].train
+  devices = jax.device_count()
+  per_step = devices * train.grad_accum_steps
+  if train.batch_size <= 0 or train.batch_size % per_step:
+    _fail(f"{role}.train.batch_size", train.batch_size,
+          f"must be a positive multiple of device count ({devices}) x "
+          f"grad_accum_steps ({train.grad_accum_steps}) = {per_step}")
+  if train.learning_rate <= 0:
+    _fail(f"{role}.train.learning_rate", train.learning_rate, "must be > 0")
+  if train.num_epochs <= 0 and train.get("num_steps", 0) <= 0:
+    _fail(f"{role}.train.num_epochs", train.num_epochs,
+          "must be > 0 (or set num_steps > 0)")
+  from kdjax import optim  # pylint: disable=g-import-not-at-top
+  if train.optimizer not in optim.OPTIMIZERS:
+    _fail(f"{role}.train.optimizer", train.optimizer,
+          f"allowed: {sorted(optim.OPTIMIZERS)}")
+  if train.schedule not in optim.SCHEDULES:
+    _fail(f"{role}.train.schedule", train.schedule,
+          f"allowed: {sorted(optim.SCHEDULES)}")
+
+
+def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ConfigError naming the first bad field. Runs before any compile."""
+  if config.mode not in MODES:
+    _fail("mode", config.mode, f"allowed: {MODES}")
+  if config.parallel.backend not in parallel.BACKENDS:
+    _fail("parallel.backend", config.parallel.backend,
+          f"allowed: {parallel.BACKENDS}")
+  if config.data.num_classes <= 1:
+    _fail("data.num_classes", config.data.num_classes, "must be >= 2")
+  if not 0.0 < config.data.train_fraction <= 1.0:
+    _fail("data.train_fraction", config.data.train_fraction, "must be in (0, 1]")
+  d = config.distill
+  if not 0.0 <= d.alpha <= 1.0:
+    _fail("distill.alpha", d.alpha, "must be in [0, 1]")
+  if d.temperature <= 0:
+    _fail("distill.temperature", d.temperature, "must be > 0")
+  if d.hard_labels not in HARD_LABEL_SOURCES:
+    _fail("distill.hard_labels", d.hard_labels, f"allowed: {HARD_LABEL_SOURCES}")
+  if config.checkpoint.every_steps <= 0 or config.checkpoint.keep <= 0:
+    _fail("checkpoint", dict(config.checkpoint), "every_steps and keep must be > 0")
+
+  models_used = ("teacher",) if config.mode == "teacher" else (
+      "student",) if config.mode == "scratch" else ("teacher", "student")
+  trained = {"teacher": ("teacher",), "scratch": ("student",),
+             "distill": ("student",), "evaluate": (),
+             "pipeline": ("teacher", "student")}[config.mode]
+  for role in models_used:
+    _check_model(config, role)
+  for role in trained:
+    _check_train(config, role)
+  if config.mode == "pipeline":
+    if not config.pipeline.seeds:
+      _fail("pipeline.seeds", config.pipeline.seeds, "needs at least one seed")
+    if not 0.0 <= config.pipeline.small_data_fraction < 1.0:
+      _fail("pipeline.small_data_fraction", config.pipeline.small_data_fraction,
+            "must be in [0, 1) (0 disables the small-data runs)")
+  if config.mode in ("distill", "evaluate"):
+    check_teacher_checkpoint(config, teacher_dir(config, workdir))

@@ -1,0 +1,266 @@
+"""Teacher-vs-student evaluation and the report (report.json, report.md, report.png).
+
+`write_report(config, workdir)` finds every finished run under the workdir
+(their run.json), evaluates each on the test split next to the teacher, and
+groups students by training data and method so seeds can be compared.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from sklearn import metrics as skmetrics
+
+from kdjax import checkpoint, parallel, step
+from kdjax import config as config_lib
+from kdjax.data import pipeline
+from kdjax.metrics_writer import read_metrics
+
+REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
+
+
+def predict_logits(apply_fn, params, inputs: np.ndarray, mesh, *,
+                   batch_size: int = 1024) -> np.ndarray:
+  """Logits for all `inputs`, data-parallel over the mesh, gathered to host."""
+  num_devices = mesh.devices.size
+  batch_size = max(num_devices, batch_size // num_devices * num_devices)
+  forward = _jitted_forward(apply_fn)
+  n = len(inputs)
+  outputs = []
+  for start in range(0, n, batch_size):
+    chunk = inputs[start:start + batch_size]
+    pad = (-len(chunk)) % batch_size if len(chunk) < batch_size else 0
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:],
+                                              chunk.dtype)])
+    per_process = len(chunk) // jax.process_count()
+    local = chunk[jax.process_index() * per_process:
+                  (jax.process_index() + 1) * per_process]
+    logits = forward(params, parallel.shard_batch(local, mesh))
+    logits = multihost_utils.process_allgather(logits, tiled=True)
+    outputs.append(np.asarray(logits)[:len(chunk) - pad])
+  return np.concatenate(outputs)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_forward(apply_fn):
+  """One compiled forward per model (apply_fn), reused across calls."""
+  return jax.jit(lambda params, x: step.predict(apply_fn, params, x))
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+  logits = logits.astype(np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray,
+                           teacher_logits: np.ndarray | None = None, *,
+                           brief: bool = False) -> dict[str, float]:
+  """Accuracy, macro precision/recall/F1, and agreement/KL with the teacher."""
+  predictions = np.argmax(logits, -1)
+  result = {"accuracy": float(np.mean(predictions == labels))}
+  if brief:
+    return result
+  precision, recall, f1, _ = skmetrics.precision_recall_fscore_support(
+      labels, predictions, average="macro", zero_division=0)
+  result.update(precision_macro=float(precision), recall_macro=float(recall),
+                f1_macro=float(f1))
+  if teacher_logits is not None:
+    result["agreement_with_teacher"] = float(
+        np.mean(predictions == np.argmax(teacher_logits, -1)))
+    log_p, log_q = _log_softmax(teacher_logits), _log_softmax(logits)
+    result["kl_to_teacher"] = float(
+        np.mean(np.sum(np.exp(log_p) * (log_p - log_q), -1)))
+  return result
+
+
+def inference_examples_per_second(apply_fn, params, inputs: np.ndarray, *,
+                                  batch_size: int = 256, repeats: int = 5
+                                  ) -> float:
+  """Median throughput of the jitted forward pass on one device of this machine."""
+  forward = jax.jit(lambda p, x: step.predict(apply_fn, p, x))
+  device = jax.local_devices()[0]
+  params = jax.device_put(params, device)
+  x = jax.device_put(jnp.asarray(inputs[:batch_size]), device)
+  forward(params, x).block_until_ready()  # Compile.
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    forward(params, x).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return float(batch_size / np.median(times))
+
+
+def find_runs(workdir: str) -> list[tuple[str, dict[str, Any]]]:
+  """(run dir, run.json) of every finished run under workdir, sorted by path."""
+  runs = []
+  for root, _, files in os.walk(workdir):
+    if "run.json" in files:
+      with open(os.path.join(root, "run.json")) as f:
+        runs.append((root, json.load(f)))
+  return sorted(runs, key=lambda r: r[0])
+
+
+def _load_params(config, role: str, run_dir: str):
+  model = config_lib.build_model(config, role)
+  abstract = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), _dummy(config))["params"])
+  return model, checkpoint.restore_params(run_dir, abstract)
+
+
+def _dummy(config):
+  dtype = jnp.int32 if config.data.get("input_dtype") == "int32" else jnp.float32
+  return jnp.zeros((1,) + tuple(config.data.input_shape), dtype)
+
+
+def _num_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def _group_key(run: dict) -> str:
+  fraction = run["train_fraction"]
+  data = "full data" if fraction >= 1.0 else f"{fraction:.0%} of data"
+  return f"{run['role']} ({data})"
+
+
+def write_report(config, workdir: str) -> dict[str, Any]:
+  """Evaluates the teacher and every student run under workdir; writes the report."""
+  mesh = parallel.make_mesh()
+  eval_source = pipeline.get_source(config.data, config.data.eval_split)
+  data = pipeline.load_split(eval_source, config.data)
+  labels = data["labels"]
+
+  teacher_path = config_lib.teacher_dir(config, workdir)
+  teacher_model, teacher_params = _load_params(config, "teacher", teacher_path)
+  teacher_apply = step.make_apply_fn(teacher_model)
+  teacher_logits = predict_logits(teacher_apply, teacher_params, data["inputs"],
+                                  mesh)
+  teacher_entry = {
+      **classification_metrics(teacher_logits, labels),
+      "num_params": _num_params(teacher_params),
+      "checkpoint_bytes": checkpoint.params_bytes(teacher_path),
+      "inference_examples_per_second": inference_examples_per_second(
+          teacher_apply, teacher_params, data["inputs"]),
+      "run_dir": os.path.relpath(teacher_path, workdir),
+  }
+
+  student_model = config_lib.build_model(config, "student")
+  student_apply = step.make_apply_fn(student_model)
+  students, speed = [], None
+  for run_dir, run in find_runs(workdir):
+    if run["role"] not in ("scratch", "distill"):
+      continue
+    _, params = _load_params(config, "student", run_dir)
+    logits = predict_logits(student_apply, params, data["inputs"], mesh)
+    if speed is None:  # Same architecture for every student: time it once.
+      speed = inference_examples_per_second(student_apply, params,
+                                            data["inputs"])
+    students.append({
+        "group": _group_key(run), "method": run["role"], "seed": run["seed"],
+        "train_fraction": run["train_fraction"], "objective": run["objective"],
+        **classification_metrics(logits, labels, teacher_logits),
+        "num_params": _num_params(params),
+        "checkpoint_bytes": checkpoint.params_bytes(run_dir),
+        "inference_examples_per_second": speed,
+        "run_dir": os.path.relpath(run_dir, workdir)})
+
+  groups: dict[str, dict[str, Any]] = {}
+  for s in students:
+    g = groups.setdefault(s["group"], {"method": s["method"],
+                                       "train_fraction": s["train_fraction"],
+                                       "objective": s["objective"],
+                                       "seeds": [], "accuracy_per_seed": []})
+    g["seeds"].append(s["seed"])
+    g["accuracy_per_seed"].append(s["accuracy"])
+  for name, g in groups.items():
+    acc = np.asarray(g["accuracy_per_seed"])
+    g["accuracy_mean"] = float(acc.mean())
+    g["accuracy_std"] = float(acc.std(ddof=1)) if len(acc) > 1 else 0.0
+    members = [s for s in students if s["group"] == name]
+    for key in ("f1_macro", "agreement_with_teacher", "kl_to_teacher"):
+      g[f"{key}_mean"] = float(np.mean([m[key] for m in members]))
+
+  student_params = students[0]["num_params"] if students else None
+  report = {
+      "dataset": config.data.name,
+      "eval_split": config.data.eval_split,
+      "num_eval_examples": int(len(labels)),
+      "teacher_model": config_lib.model_spec(config, "teacher"),
+      "student_model": config_lib.model_spec(config, "student"),
+      "teacher": teacher_entry,
+      "students": students,
+      "groups": groups,
+      "compression_ratio": (teacher_entry["num_params"] / student_params
+                            if student_params else None),
+      "speedup": (speed / teacher_entry["inference_examples_per_second"]
+                  if speed else None),
+      "device": str(jax.local_devices()[0].device_kind),
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, REPORT_JSON), "w") as f:
+      json.dump(report, f, indent=2)
+    with open(os.path.join(workdir, REPORT_MD), "w") as f:
+      f.write(render_markdown(report))
+    from kdjax import plots  # pylint: disable=g-import-not-at-top
+    plots.write_report_png(report, workdir, os.path.join(workdir, REPORT_PNG))
+    logging.info("Report written to %s", os.path.join(workdir, REPORT_MD))
+  return report
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+  """The report as a Markdown page: teacher, per-group means, per-seed rows."""
+  t = report["teacher"]
+  lines = [
+      f"# kdjax report: {report['dataset']} ({report['eval_split']}, "
+      f"{report['num_eval_examples']} examples)", "",
+      f"Teacher `{report['teacher_model']['name']}`: {t['num_params']:,} params; "
+      f"student `{report['student_model']['name']}`: "
+      + (f"{report['students'][0]['num_params']:,} params; compression "
+         f"{report['compression_ratio']:.1f}x, inference speed-up "
+         f"{report['speedup']:.1f}x on {report['device']}."
+         if report["students"] else "no student runs found."), "",
+      "## Summary (mean over seeds)", "",
+      "| model | objective | seeds | accuracy (mean ± std) | macro F1 | "
+      "agreement w/ teacher | KL to teacher |",
+      "|---|---|---|---|---|---|---|",
+      f"| teacher | CE(labels) | - | {t['accuracy']:.4f} | {t['f1_macro']:.4f} "
+      "| - | - |"]
+  for name, g in report["groups"].items():
+    lines.append(
+        f"| {name} | {g['objective']} | {len(g['seeds'])} | "
+        f"{g['accuracy_mean']:.4f} ± {g['accuracy_std']:.4f} | "
+        f"{g['f1_macro_mean']:.4f} | {g['agreement_with_teacher_mean']:.4f} | "
+        f"{g['kl_to_teacher_mean']:.4f} |")
+  lines += ["", "## Every run", "",
+            "| run | seed | accuracy | precision | recall | F1 | agreement | "
+            "KL to teacher | params | checkpoint bytes | examples/s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+            f"| {t['run_dir']} | - | {t['accuracy']:.4f} | "
+            f"{t['precision_macro']:.4f} | {t['recall_macro']:.4f} | "
+            f"{t['f1_macro']:.4f} | - | - | {t['num_params']:,} | "
+            f"{t['checkpoint_bytes']:,} | {t['inference_examples_per_second']:,.0f} |"]
+  for s in report["students"]:
+    lines.append(
+        f"| {s['run_dir']} | {s['seed']} | {s['accuracy']:.4f} | "
+        f"{s['precision_macro']:.4f} | {s['recall_macro']:.4f} | "
+        f"{s['f1_macro']:.4f} | {s['agreement_with_teacher']:.4f} | "
+        f"{s['kl_to_teacher']:.4f} | {s['num_params']:,} | "
+        f"{s['checkpoint_bytes']:,} | {s['inference_examples_per_second']:,.0f} |")
+  lines += ["", "Training curves and the comparison: report.png.", ""]
+  return "\n".join(lines)
+
+
+def training_curves(workdir: str) -> dict[str, list[dict]]:
+  """metrics.jsonl of every run under workdir, keyed by run dir."""
+  return {os.path.relpath(run_dir, workdir): read_metrics(run_dir)
+          for run_dir, _ in find_runs(workdir)}

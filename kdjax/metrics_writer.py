@@ -1,0 +1,79 @@
+"""Where training metrics go: absl log lines with progress, TensorBoard, metrics.jsonl.
+
+Only process 0 writes. TensorBoard event files come from tensorboardX, so
+TensorFlow is not needed to write them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+from absl import logging
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class MetricsWriter:
+  """Writes scalars to TensorBoard and WORKDIR/metrics.jsonl; logs progress."""
+
+  def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
+               name: str = ""):
+    self._enabled = jax.process_index() == 0
+    self._total_steps = total_steps
+    self._name = name
+    # The first interval's rate includes compilation; later ones do not.
+    self._last_time = time.time()
+    self._last_step = start_step
+    self._jsonl = None
+    self._tb = None
+    if self._enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
+    if not self._enabled:
+      return
+    self._jsonl.write(json.dumps({"step": step, "split": split,
+                                  **{k: float(v) for k, v in scalars.items()}})
+                      + "\n")
+    self._jsonl.flush()
+    for k, v in scalars.items():
+      self._tb.add_scalar(f"{split}/{k}", float(v), step)
+    self._tb.flush()
+
+  def progress(self, step: int, scalars: dict[str, float]) -> None:
+    """Logs step, metrics, steps/s and ETA since the previous call."""
+    now = time.time()
+    rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    self._last_time, self._last_step = now, step
+    eta = (self._total_steps - step) / rate if rate > 0 else 0.0
+    if self._enabled:
+      metrics = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+      logging.info("%s step %d/%d (%.0f%%) %s | %.1f steps/s, ETA %s",
+                   self._name, step, self._total_steps,
+                   100.0 * step / max(self._total_steps, 1), metrics, rate,
+                   _format_duration(eta))
+      self.write(step, "train", {**scalars, "steps_per_second": rate})
+
+  def close(self) -> None:
+    if self._enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

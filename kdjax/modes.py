@@ -1,0 +1,82 @@
+"""Mode dispatch: teacher, scratch, distill, evaluate, or the whole pipeline.
+
+The pipeline lays its runs out under one workdir, which is also what the
+report reads:
+    WORKDIR/teacher/
+    WORKDIR/full_data/{scratch,distill}/seed_<s>/
+    WORKDIR/data_<p>pct/{scratch,distill}/seed_<s>/     (small-data runs)
+    WORKDIR/report.{json,md,png}
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+from absl import logging
+
+from kdjax import config as config_lib
+from kdjax import evaluate, train
+
+
+def _run_config(config: ml_collections.ConfigDict, mode: str, **changes
+                ) -> ml_collections.ConfigDict:
+  run = ml_collections.ConfigDict(config.to_dict())
+  run.mode = mode
+  with run.unlocked():
+    for dotted, value in changes.items():
+      *parents, leaf = dotted.split(".")
+      node = run
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return run
+
+
+def _train_unless_done(config, workdir: str) -> dict:
+  """Trains a run; a run that already finished (run.json present) is kept."""
+  done = os.path.join(workdir, train.RUN_FILE)
+  if os.path.exists(done):
+    logging.info("%s already finished in %s; skipping.", config.mode, workdir)
+    return {}
+  return train.train(config, workdir)
+
+
+def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Teacher -> (scratch, distill) x seeds x data sizes -> report."""
+  teacher_dir = config_lib.teacher_dir(config, workdir)
+  if not config.teacher.checkpoint_dir:
+    _train_unless_done(_run_config(config, "teacher"), teacher_dir)
+  config = _run_config(config, config.mode, **{
+      "teacher.checkpoint_dir": teacher_dir})
+
+  fractions = [(1.0, "full_data", config.student.train.num_epochs)]
+  small = float(config.pipeline.small_data_fraction)
+  if small > 0:
+    fractions.append((small, f"data_{small * 100:g}pct",
+                      config.pipeline.small_data_num_epochs))
+  for fraction, tag, epochs in fractions:
+    for seed in config.pipeline.seeds:
+      for mode in ("scratch", "distill"):
+        run = _run_config(config, mode, seed=int(seed),
+                          **{"data.train_fraction": fraction,
+                             "student.train.num_epochs": epochs})
+        config_lib.validate(run, workdir)
+        _train_unless_done(run, os.path.join(workdir, tag, mode,
+                                             f"seed_{seed}"))
+  return evaluate.write_report(config, workdir)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Validates the config, then runs config.mode in workdir."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  config_lib.validate(config, workdir)
+  logging.info("kdjax %s in %s on %d %s device(s), %d process(es)",
+               config.mode, workdir, jax.device_count(),
+               jax.devices()[0].platform, jax.process_count())
+  if config.mode == "pipeline":
+    return run_pipeline(config, workdir)
+  if config.mode == "evaluate":
+    return evaluate.write_report(config, workdir)
+  return train.train(config, workdir)

@@ -1,0 +1,60 @@
+"""The report's figure: training curves of every run and the accuracy comparison."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+from kdjax.metrics_writer import read_metrics  # pylint: disable=g-import-not-at-top
+
+
+def write_report_png(report: dict[str, Any], workdir: str, path: str) -> None:
+  """Three panels: train loss, eval accuracy over steps, per-seed accuracy."""
+  fig, (ax_loss, ax_acc, ax_cmp) = plt.subplots(1, 3, figsize=(18, 5))
+  runs = [("teacher", report["teacher"]["run_dir"])] + [
+      (f"{s['group']} s{s['seed']}", s["run_dir"]) for s in report["students"]]
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  group_names = ["teacher"] + list(report["groups"])
+  for label, run_dir in runs:
+    group = label.rsplit(" s", 1)[0] if label != "teacher" else "teacher"
+    color = colors[group_names.index(group) % len(colors)]
+    records = read_metrics(os.path.join(workdir, run_dir))
+    train = [r for r in records if r["split"] == "train" and "loss" in r]
+    evals = [r for r in records if r["split"] == "eval"]
+    if train:
+      ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train],
+                   color=color, alpha=0.7, label=group)
+    if evals:
+      ax_acc.plot([r["step"] for r in evals], [r["accuracy"] for r in evals],
+                  color=color, alpha=0.7, label=group)
+  for ax, title in ((ax_loss, "training loss"), (ax_acc, "test accuracy")):
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+  ax_loss.set_yscale("log")
+
+  names = ["teacher"] + list(report["groups"])
+  for i, name in enumerate(names):
+    if name == "teacher":
+      values = [report["teacher"]["accuracy"]]
+    else:
+      values = report["groups"][name]["accuracy_per_seed"]
+    ax_cmp.scatter([i] * len(values), values, color=colors[i % len(colors)],
+                   zorder=3)
+    ax_cmp.hlines(sum(values) / len(values), i - 0.3, i + 0.3,
+                  color=colors[i % len(colors)])
+  ax_cmp.set_xticks(range(len(names)))
+  ax_cmp.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+  ax_cmp.set_ylabel("test accuracy (dots: seeds, bar: mean)")
+  ax_cmp.set_title("teacher vs students")
+  ax_cmp.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -1,0 +1,199 @@
+"""The training loop: data -> fused step -> metrics -> checkpoints -> evaluation.
+
+`train(config, workdir)` trains what `config.mode` says ('teacher', 'scratch'
+or 'distill') and resumes from WORKDIR/checkpoints if a run was interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from kdjax import checkpoint, objectives, optim, parallel, step
+from kdjax import config as config_lib
+from kdjax import evaluate
+from kdjax.data import pipeline
+from kdjax.metrics_writer import MetricsWriter
+
+RUN_FILE = "run.json"
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or Inf."""
+
+
+def role_of(mode: str) -> str:
+  return "teacher" if mode == "teacher" else "student"
+
+
+def load_teacher(config: ml_collections.ConfigDict, workdir: str, mesh):
+  """Teacher params restored from its checkpoint and replicated (P()) on the mesh."""
+  path = config_lib.teacher_dir(config, workdir)
+  config_lib.check_teacher_checkpoint(config, path)
+  model = config_lib.build_model(config, "teacher")
+  abstract = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), _dummy_inputs(config))["params"])
+  params = checkpoint.restore_params(path, abstract)
+  return model, parallel.replicate(params, mesh)
+
+
+def _dummy_inputs(config) -> jax.Array:
+  shape = tuple(config.data.input_shape)
+  dtype = jnp.int32 if config.data.get("input_dtype") == "int32" else jnp.float32
+  return jnp.zeros((1,) + shape, dtype)
+
+
+def init_params(model, config, seed: int):
+  return model.init(jax.random.key(seed), _dummy_inputs(config))["params"]
+
+
+def count_params(params: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def _check_resumable(ckpt: checkpoint.Checkpointer, meta: dict, workdir: str):
+  """Refuses to continue a checkpoint of a different model or training run."""
+  found = ckpt.read_meta()
+  if found is None:
+    return
+  for key in ("model", "role", "objective", "seed", "train_fraction"):
+    a = json.loads(json.dumps(found.get(key)))
+    b = json.loads(json.dumps(meta.get(key)))
+    if a != b:
+      raise checkpoint.CheckpointMismatchError(
+          f"{workdir!r} holds a checkpoint of a different run ({key}: "
+          f"checkpoint has {a!r}, this config has {b!r}). Use a new --workdir, "
+          "or delete that directory to start over.")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains the teacher or a student as config.mode says; returns a summary."""
+  mode = config.mode
+  role = role_of(mode)
+  train_cfg = config[role].train
+  seed = int(config.seed)
+  mesh = parallel.make_mesh()
+
+  source = pipeline.get_source(config.data, config.data.train_split)
+  num_records = pipeline.train_num_records(source, config.data)
+  steps_per_epoch = num_records // train_cfg.batch_size
+  if steps_per_epoch == 0:
+    raise config_lib.ConfigError(
+        f"config.{role}.train.batch_size={train_cfg.batch_size} is larger than "
+        f"the {num_records} training examples.")
+  total_steps = int(train_cfg.get("num_steps", 0) or
+                    train_cfg.num_epochs * steps_per_epoch)
+
+  model = config_lib.build_model(config, role)
+  apply_fn = step.make_apply_fn(model)
+  tx = optim.make_optimizer(train_cfg, total_steps)
+  objective = objectives.from_config(config, mode)
+  teacher_apply, teacher_params = None, None
+  if objective.uses_teacher:
+    teacher_model, teacher_params = load_teacher(config, workdir, mesh)
+    teacher_apply = step.make_apply_fn(teacher_model)
+
+  params = init_params(model, config, seed)
+  state = parallel.replicate(
+      step.create_train_state(params, tx, jax.random.key(seed + 1)), mesh)
+  data_iter = iter(pipeline.train_dataset(
+      source, config.data, global_batch_size=train_cfg.batch_size, seed=seed,
+      augment=bool(train_cfg.augment)))
+
+  meta = {"model": config_lib.model_spec(config, role), "role": mode,
+          "objective": objectives.describe(objective), "seed": seed,
+          "train_fraction": float(config.data.train_fraction),
+          "num_classes": int(config.data.num_classes)}
+  ckpt = checkpoint.Checkpointer(
+      workdir, save_every_steps=config.checkpoint.every_steps,
+      keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  _check_resumable(ckpt, meta, workdir)
+  restored, restored_step = ckpt.restore_latest(state, data_iter)
+  if restored is not None:
+    state = restored
+    logging.info("Resumed %s from step %d in %s.", mode, restored_step, workdir)
+
+  per_device = functools.partial(
+      step.train_step, student_apply=apply_fn, teacher_apply=teacher_apply,
+      objective=objective, tx=tx, axis=parallel.DataAxis(config.parallel.backend),
+      grad_accum_steps=int(train_cfg.grad_accum_steps))
+  run_step = parallel.map_over_devices(per_device, mesh, config.parallel.backend)
+
+  eval_source = pipeline.get_source(config.data, config.data.eval_split)
+  eval_data = pipeline.load_split(eval_source, config.data)
+  eval_every = int(config.eval_every_steps or steps_per_epoch)
+  log_every = int(config.log_every_steps)
+  logging.info("%s: %s, %d params, %d steps (%d per epoch), objective %s",
+               mode, config[role].model.name, count_params(params), total_steps,
+               steps_per_epoch, objectives.describe(objective))
+
+  pending: list[dict] = []  # Device metrics since the last host check.
+  last_good_step = int(restored_step or 0)
+  start_step = int(jax.device_get(state.step))
+  writer = MetricsWriter(workdir, total_steps=total_steps,
+                         start_step=start_step, name=f"[{mode}]")
+
+  def check_pending(current_step: int) -> dict[str, float]:
+    """Sums pending metrics on the host and stops the run on NaN/Inf."""
+    nonlocal pending
+    if not pending:
+      return {}
+    host = jax.device_get(pending)
+    pending = []
+    totals = {k: float(np.sum([m[k] for m in host])) for k in host[0]}
+    if not np.isfinite(totals["loss"]) or not np.isfinite(totals["grad_norm"]):
+      raise NonFiniteLossError(
+          f"{mode}: the training loss became NaN/Inf at or before step "
+          f"{current_step} (loss sum {totals['loss']}, grad norm sum "
+          f"{totals['grad_norm']}). The last good checkpoint (step "
+          f"{last_good_step}) in {ckpt.directory} is kept. Lower "
+          f"config.{role}.train.learning_rate or check the inputs.")
+    count = max(totals.pop("count"), 1.0)
+    steps = len(host)
+    grad_norm = totals.pop("grad_norm") / steps
+    means = {k: v / count for k, v in totals.items()}
+    means["accuracy"] = means.pop("correct")
+    means["grad_norm"] = grad_norm
+    return means
+
+  try:
+    for current in range(start_step, total_steps):
+      batch = next(data_iter)
+      state, metrics = run_step(state, batch, teacher_params)
+      pending.append(metrics)
+      done = current + 1
+      if done % log_every == 0 or done == total_steps:
+        writer.progress(done, check_pending(done))
+      if done % eval_every == 0 or done == total_steps:
+        writer.write(done, "eval", evaluate.classification_metrics(
+            evaluate.predict_logits(apply_fn, state.params, eval_data["inputs"],
+                                    mesh), eval_data["labels"], brief=True))
+      if ckpt.should_save(done) or done == total_steps:
+        check_pending(done)
+        ckpt.save(done, state, data_iter, meta, force=done == total_steps)
+        last_good_step = done
+    ckpt.wait()
+  finally:
+    ckpt.close()
+    writer.close()
+
+  logits = evaluate.predict_logits(apply_fn, state.params, eval_data["inputs"],
+                                   mesh)
+  final = evaluate.classification_metrics(logits, eval_data["labels"],
+                                          brief=True)
+  summary = {**meta, "steps": total_steps, "num_params": count_params(params),
+             "eval": final, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, RUN_FILE), "w") as f:
+      json.dump(summary, f, indent=2)
+  logging.info("%s finished: eval accuracy %.4f", mode, final["accuracy"])
+  return summary
