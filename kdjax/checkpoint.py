@@ -11,6 +11,7 @@ Teacher parameters are never part of a student's checkpoint.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import grain
@@ -35,10 +36,11 @@ class Checkpointer:
   def __init__(self, workdir: str, *, save_every_steps: int, keep: int,
                async_save: bool = True):
     self.directory = checkpoint_dir(workdir)
+    self._every = save_every_steps
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every_steps, max_to_keep=keep,
+            save_interval_steps=0, max_to_keep=keep,
             enable_async_checkpointing=async_save, create=True),
         item_names=("params", "train", "data", "meta"))
 
@@ -59,10 +61,10 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def should_save(self, step: int) -> bool:
-    return self._manager.should_save(step)
+    """Every N steps (Orbax's own policy would also save the first step)."""
+    return step % self._every == 0
 
-  def save(self, step: int, state, data_iterator, meta: dict[str, Any], *,
-           force: bool = False) -> bool:
+  def save(self, step: int, state, data_iterator, meta: dict[str, Any]) -> bool:
     """Saves params, train state, data position and meta (async where safe)."""
     train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
     return self._manager.save(
@@ -72,17 +74,23 @@ class Checkpointer:
             train=ocp.args.StandardSave(train),
             data=grain.checkpoint.CheckpointSave(data_iterator),
             meta=ocp.args.JsonSave(meta)),
-        force=force)
+        force=True)  # The policy is should_save's, not Orbax's.
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
-  def read_meta(self, step: int | None = None) -> dict[str, Any] | None:
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return None
-    return self._manager.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  def read_meta(self) -> dict[str, Any] | None:
+    """The meta of the newest readable checkpoint, or None."""
+    return _newest_meta(self._manager)
+
+  def _set_aside(self, step: int) -> str:
+    """Renames an unreadable step so it neither blocks a re-save nor is retried."""
+    source = os.path.join(self.directory, str(step))
+    target = f"{source}.unreadable-{int(time.time())}"
+    if jax.process_index() == 0 and os.path.isdir(source):
+      os.rename(source, target)
+    self._manager.reload()
+    return target
 
   def restore_latest(self, abstract_state, data_iterator):
     """Restores the newest readable checkpoint into (state, iterator).
@@ -103,9 +111,11 @@ class Checkpointer:
                     "rng": abstract_state.rng}),
                 data=grain.checkpoint.CheckpointRestore(data_iterator)))
       except Exception as e:  # pylint: disable=broad-except
+        aside = self._set_aside(step)
         logging.warning("Checkpoint at step %d in %s is unreadable (%s: %s); "
-                        "falling back to the one before it.", step,
-                        self.directory, type(e).__name__, str(e)[:300])
+                        "moved to %s, falling back to the one before it.",
+                        step, self.directory, type(e).__name__, str(e)[:300],
+                        aside)
         continue
       train = restored["train"]
       state = abstract_state.replace(
@@ -117,26 +127,26 @@ class Checkpointer:
 
 def restore_params(workdir_or_checkpoints: str, abstract_params,
                    step: int | None = None):
-    """Loads only the parameters of a run (e.g. a teacher), newest readable step."""
-    directory = workdir_or_checkpoints
-    if os.path.basename(os.path.normpath(directory)) != CHECKPOINT_SUBDIR:
-      directory = checkpoint_dir(directory)
-    with ocp.CheckpointManager(
-        directory, item_names=("params", "train", "data", "meta"),
-        options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-      steps = [step] if step is not None else sorted(manager.all_steps(),
-                                                     reverse=True)
-      last_error = None
-      for s in steps:
-        try:
-          return manager.restore(s, args=ocp.args.Composite(
-              params=ocp.args.StandardRestore(abstract_params)))["params"]
-        except Exception as e:  # pylint: disable=broad-except
-          logging.warning("Parameters at step %d in %s are unreadable (%s); "
-                          "trying the one before.", s, directory, e)
-          last_error = e
-    raise FileNotFoundError(f"No readable checkpoint in {directory}"
-                            + (f" (last error: {last_error})" if last_error else ""))
+  """Loads only the parameters of a run (e.g. a teacher), newest readable step."""
+  directory = workdir_or_checkpoints
+  if os.path.basename(os.path.normpath(directory)) != CHECKPOINT_SUBDIR:
+    directory = checkpoint_dir(directory)
+  with ocp.CheckpointManager(
+      directory, item_names=("params", "train", "data", "meta"),
+      options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    steps = [step] if step is not None else sorted(manager.all_steps(),
+                                                   reverse=True)
+    last_error = None
+    for s in steps:
+      try:
+        return manager.restore(s, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params)))["params"]
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("Parameters at step %d in %s are unreadable (%s); "
+                        "trying the one before.", s, directory, e)
+        last_error = e
+  raise FileNotFoundError(f"No readable checkpoint in {directory}"
+                          + (f" (last error: {last_error})" if last_error else ""))
 
 
 def read_meta(workdir: str) -> dict[str, Any] | None:
@@ -147,12 +157,16 @@ def read_meta(workdir: str) -> dict[str, Any] | None:
   with ocp.CheckpointManager(
       directory, item_names=("params", "train", "data", "meta"),
       options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-    for step in sorted(manager.all_steps(), reverse=True):
-      try:
-        return manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
-      except Exception:  # pylint: disable=broad-except
-        continue
+    return _newest_meta(manager)
+
+
+def _newest_meta(manager: ocp.CheckpointManager) -> dict[str, Any] | None:
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))["meta"]
+    except Exception:  # pylint: disable=broad-except
+      continue  # restore_latest() warns about unreadable steps.
   return None
 
 

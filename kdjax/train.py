@@ -179,7 +179,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                     mesh), eval_data["labels"], brief=True))
       if ckpt.should_save(done) or done == total_steps:
         check_pending(done)
-        ckpt.save(done, state, data_iter, meta, force=done == total_steps)
+        ckpt.save(done, state, data_iter, meta)
         last_good_step = done
     ckpt.wait()
   finally:

@@ -71,6 +71,39 @@ class RandomShiftFlip(grain.transforms.RandomMap):
     return dict(example, inputs=np.ascontiguousarray(x))
 
 
+class _Indexed:
+  """Random access to chosen records of a source.
+
+  Explicit indices rather than grain slices: a sliced MapDataset under
+  shuffle + repeat reads past its slice in later epochs (grain 0.2.18).
+  """
+
+  def __init__(self, source, indices: np.ndarray):
+    self._source, self._indices = source, indices
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int):
+    return self._source[int(self._indices[index])]
+
+
+def train_indices(num_records: int, data_config) -> np.ndarray:
+  """This process's share of the (possibly fractional) training subset.
+
+  The subset is a fixed permutation's prefix: the same for every seed and
+  process, so runs with different seeds see the same examples.
+  """
+  fraction = float(data_config.train_fraction)
+  if fraction < 1.0:
+    rng = np.random.default_rng(int(data_config.subset_seed))
+    indices = np.sort(rng.permutation(num_records)[
+        :subset_size(num_records, fraction)])
+  else:
+    indices = np.arange(num_records)
+  return indices[jax.process_index()::jax.process_count()]
+
+
 def subset_size(num_records: int, fraction: float) -> int:
   return max(1, int(round(num_records * fraction)))
 
@@ -82,13 +115,8 @@ def train_dataset(source, data_config, *, global_batch_size: int, seed: int,
   if global_batch_size % num_processes:
     raise ValueError(f"Global batch size {global_batch_size} is not divisible "
                      f"by the number of processes {num_processes}.")
-  ds = grain.MapDataset.source(source)
-  fraction = float(data_config.train_fraction)
-  if fraction < 1.0:
-    # The same subset for every seed and process: a fixed permutation's prefix.
-    ds = ds.shuffle(seed=int(data_config.subset_seed))[
-        :subset_size(len(ds), fraction)]
-  ds = ds[jax.process_index()::num_processes]
+  ds = grain.MapDataset.source(
+      _Indexed(source, train_indices(len(source), data_config)))
   ds = ds.shuffle(seed=seed).repeat(None)
   ds = ds.map(Preprocess(data_config.input_key, data_config.label_key,
                          float(data_config.input_scale)))

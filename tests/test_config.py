@@ -1,0 +1,100 @@
+"""Config validation: each mistake fails before any compile, naming field, value, allowed."""
+
+import fashion_mnist
+import jax
+import pytest
+
+from kdjax import config as config_lib
+from kdjax import modes
+
+
+def _config(**changes):
+  config = fashion_mnist.get_config()
+  for dotted, value in changes.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"student.train.batch_size": 100},
+     r"config\.student\.train\.batch_size=100 is invalid: must be a positive "
+     r"multiple of device count \(8\)"),
+    ({"student.train.batch_size": 64, "student.train.grad_accum_steps": 16},
+     r"batch_size=64 .* device count \(8\) x grad_accum_steps \(16\) = 128"),
+    ({"distill.alpha": 1.5}, r"config\.distill\.alpha=1\.5 is invalid: must be in \[0, 1\]"),
+    ({"distill.alpha": -0.1}, r"distill\.alpha=-0\.1"),
+    ({"distill.temperature": 0.0}, r"config\.distill\.temperature=0\.0 is invalid: must be > 0"),
+    ({"distill.temperature": -2.0}, r"temperature=-2\.0"),
+    ({"student.model.name": "resnet9000"},
+     r"config\.student\.model\.name='resnet9000' is invalid: allowed: \['cnn'"),
+    ({"teacher.model.name": "vit"}, r"config\.teacher\.model\.name='vit'"),
+    ({"distill.hard_labels": "oracle"},
+     r"config\.distill\.hard_labels='oracle' is invalid: allowed: \('dataset', 'teacher'\)"),
+    ({"mode": "train"}, r"config\.mode='train' is invalid: allowed: \('teacher'"),
+    ({"parallel.backend": "xmap"}, r"config\.parallel\.backend='xmap'"),
+    ({"student.train.optimizer": "lion"}, r"config\.student\.train\.optimizer='lion'"),
+    ({"data.train_fraction": 0.0}, r"config\.data\.train_fraction=0\.0"),
+])
+def test_bad_fields_are_named(changes, message, tmp_path):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(_config(**changes), str(tmp_path))
+
+
+def test_unknown_model_field_is_named(tmp_path):
+  config = _config()
+  with config.unlocked():
+    config.student.model.hidden_sizes = (3,)
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config\.student\.model: .*hidden_sizes"):
+    config_lib.validate(config, str(tmp_path))
+
+
+def test_class_counts_that_disagree(tmp_path):
+  config = _config()
+  with config.unlocked():
+    config.student.model.num_classes = 7
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"student\.model\.num_classes=7 disagrees with "
+                           r"config\.data\.num_classes=10"):
+    config_lib.validate(config, str(tmp_path))
+
+
+def test_missing_teacher_checkpoint(tmp_path):
+  config = _config(mode="distill",
+                   **{"teacher.checkpoint_dir": str(tmp_path / "nope")})
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"teacher\.checkpoint_dir=.*nope.* no teacher checkpoint"):
+    config_lib.validate(config, str(tmp_path))
+
+
+def test_teacher_checkpoint_of_another_model_is_refused(digits_config, tmp_path):
+  digits_config.mode = "teacher"
+  modes.run(digits_config, str(tmp_path / "teacher"))
+  digits_config.mode = "distill"
+  digits_config.teacher.model.dense_features = 99
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"does not match config\.teacher\.model: "
+                           r"dense_features: checkpoint has 128, config has 99"):
+    config_lib.validate(digits_config, str(tmp_path))
+
+
+def test_validation_compiles_nothing(tmp_path, monkeypatch):
+  """Errors come before any XLA compile: jit is never reached."""
+  def no_jit(*a, **k):
+    raise AssertionError("validate() compiled something")
+  monkeypatch.setattr(jax, "jit", no_jit)
+  with pytest.raises(config_lib.ConfigError):
+    config_lib.validate(_config(**{"distill.alpha": 2.0}), str(tmp_path))
+
+
+def test_shipped_configs_validate(tmp_path):
+  import digits
+  for config in (fashion_mnist.get_config(), fashion_mnist.get_config("smoke"),
+                 digits.get_config(), digits.get_config("tiny")):
+    config_lib.validate(config, str(tmp_path))
+  with pytest.raises(ValueError, match="Unknown preset 'fast'"):
+    fashion_mnist.get_config("fast")

@@ -1,0 +1,161 @@
+"""End to end on real data (sklearn digits): pipeline, report, resume, fallbacks, NaN."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from kdjax import checkpoint, modes, train
+from kdjax import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Every key report.json documents in the README.
+REPORT_KEYS = {"dataset", "eval_split", "num_eval_examples", "teacher_model",
+               "student_model", "teacher", "students", "groups",
+               "compression_ratio", "speedup", "device"}
+MODEL_ENTRY_KEYS = {"accuracy", "precision_macro", "recall_macro", "f1_macro",
+                    "num_params", "checkpoint_bytes",
+                    "inference_examples_per_second", "run_dir"}
+STUDENT_KEYS = MODEL_ENTRY_KEYS | {"agreement_with_teacher", "kl_to_teacher",
+                                   "group", "method", "seed", "train_fraction",
+                                   "objective"}
+
+
+def _params(config, role, run_dir):
+  model = config_lib.build_model(config, role)
+  abstract = jax.eval_shape(lambda: train.init_params(model, config, 0))
+  return checkpoint.restore_params(run_dir, abstract)
+
+
+def test_pipeline_writes_the_documented_report(digits_config, tmp_path):
+  workdir = str(tmp_path)
+  report = modes.run(digits_config, workdir)
+  for name in ("report.json", "report.md", "report.png"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  with open(os.path.join(workdir, "report.json")) as f:
+    on_disk = json.load(f)
+  assert REPORT_KEYS <= set(on_disk)
+  assert MODEL_ENTRY_KEYS <= set(on_disk["teacher"])
+  assert {s["method"] for s in on_disk["students"]} == {"scratch", "distill"}
+  for student in on_disk["students"]:
+    assert STUDENT_KEYS <= set(student)
+    assert 0.0 <= student["accuracy"] <= 1.0
+    assert student["kl_to_teacher"] >= 0.0
+  assert report["compression_ratio"] == pytest.approx(
+      report["teacher"]["num_params"] / report["students"][0]["num_params"])
+  # Training curves were written for TensorBoard, without TensorFlow.
+  assert os.listdir(os.path.join(workdir, "teacher", "tensorboard"))
+  # A student's checkpoint holds the student only: no teacher weights.
+  distilled = os.path.join(workdir, "full_data", "distill", "seed_0")
+  params = _params(digits_config, "student", distilled)
+  assert set(params) == {"dense_0", "head"}
+  assert checkpoint.params_bytes(distilled) < checkpoint.params_bytes(
+      os.path.join(workdir, "teacher")) / 2
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
+    digits_config, tmp_path):
+  digits_config.mode = "teacher"
+  digits_config.teacher.train.update(num_steps=12, optimizer="sgd",
+                                     learning_rate=1e12, warmup_steps=0,
+                                     schedule="constant")
+  digits_config.checkpoint.every_steps = 1
+  digits_config.log_every_steps = 1
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r"NaN/Inf at or before step \d+.*last good checkpoint"):
+    modes.run(digits_config, str(tmp_path))
+  kept = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert kept, "the last good checkpoint must survive"
+  params = _params(digits_config, "teacher", str(tmp_path))
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def _corrupt(step_dir):
+  """Overwrites every data file of a checkpoint step with garbage of the same size."""
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      size = os.path.getsize(path)
+      with open(path, "wb") as f:
+        f.write(b"\x13" * max(size, 1))
+
+
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(
+    digits_config, tmp_path, caplog):
+  digits_config.mode = "teacher"
+  digits_config.teacher.train.num_steps = 6
+  digits_config.checkpoint.keep = 3
+  modes.run(digits_config, str(tmp_path))
+  ckpt_dir = tmp_path / "checkpoints"
+  assert sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) == [2, 4, 6]
+  _corrupt(ckpt_dir / "6")
+  os.remove(tmp_path / train.RUN_FILE)
+  digits_config.teacher.train.num_steps = 8  # Continue past the corrupt one.
+  with caplog.at_level("INFO"):
+    modes.run(digits_config, str(tmp_path))
+  assert any("step 6" in r.getMessage() and "unreadable" in r.getMessage()
+             for r in caplog.records)
+  assert any("Resumed teacher from step 4" in r.getMessage()
+             for r in caplog.records)
+
+
+def test_workdir_of_another_model_is_refused(digits_config, tmp_path):
+  digits_config.mode = "teacher"
+  modes.run(digits_config, str(tmp_path))
+  os.remove(tmp_path / train.RUN_FILE)
+  digits_config.teacher.model.dense_features = 64
+  with pytest.raises(checkpoint.CheckpointMismatchError,
+                     match="holds a checkpoint of a different run"):
+    modes.run(digits_config, str(tmp_path))
+
+
+def _main_command(workdir, num_steps):
+  return [sys.executable, "-m", "kdjax.main", "--config=configs/digits.py:tiny",
+          f"--workdir={workdir}", "--config.mode=teacher",
+          f"--config.teacher.train.num_steps={num_steps}",
+          "--config.checkpoint.every_steps=5", "--config.eval_every_steps=1000",
+          "--config.log_every_steps=5"]
+
+
+def test_killed_run_resumes_to_the_same_parameters(data_dir, tmp_path):
+  """SIGKILL mid-run, restart the same command, compare to an uninterrupted run."""
+  env = dict(os.environ, TFDS_DATA_DIR=data_dir, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  num_steps = 400
+  interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
+  proc = subprocess.Popen(_main_command(interrupted, num_steps), cwd=REPO,
+                          env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckpt_dir = interrupted / "checkpoints"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if (
+        ckpt_dir.exists()) else []
+    if steps and max(steps) >= 20:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run finished before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (interrupted / train.RUN_FILE).exists()
+  killed_at = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  assert killed_at < num_steps
+
+  subprocess.run(_main_command(interrupted, num_steps), cwd=REPO, env=env,
+                 check=True, capture_output=True)
+  subprocess.run(_main_command(reference, num_steps), cwd=REPO, env=env,
+                 check=True, capture_output=True)
+  import digits
+  config = digits.get_config("tiny")
+  resumed = _params(config, "teacher", str(interrupted))
+  uninterrupted = _params(config, "teacher", str(reference))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
+                                                       atol=1e-7),
+               resumed, uninterrupted)
