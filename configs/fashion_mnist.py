@@ -19,7 +19,8 @@ import ml_collections
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  # teacher | scratch | distill | evaluate | pipeline (all of them in order).
+  # teacher | scratch | distill | evaluate | pipeline (all of them in order)
+  # | aot_check (compile for config.aot.topology; see below).
   config.mode = "pipeline"
   config.seed = 0  # Student init, dropout and data order (single-run modes).
 
@@ -36,6 +37,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.data.num_classes = 10
   config.data.train_fraction = 1.0  # Use a fixed random subset of the train split.
   config.data.subset_seed = 0  # Which subset (the same for every run seed).
+  config.data.cache_in_memory = True  # Decode the splits once into host memory.
   config.data.augment_max_shift = 2  # Pixels of random shift when augmenting.
   config.data.augment_flip = True  # Random horizontal flips when augmenting.
 
@@ -58,6 +60,21 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.distill.alpha = 0.5  # Weight of T^2 * KL(teacher_T || student_T).
   config.distill.temperature = 2.0  # T, dividing both models' logits.
   config.distill.hard_labels = "dataset"  # Or 'teacher' (its argmax).
+  # Output-level terms; () = Hinton's (('kl', alpha), ('ce', 1 - alpha)). Else a
+  # tuple of dicts: name (kdjax.losses.OBJECTIVES or 'ce'), weight, optional
+  # weight_end + schedule (constant|linear|cosine) and the loss's options
+  # (beta for jsd, lam for skew KLs, k for topk_kl).
+  config.distill.terms = ()
+  config.distill.temperature_end = -1.0  # < 0: constant temperature.
+  config.distill.temperature_schedule = "constant"  # constant|linear|cosine.
+  # Feature terms: dicts(student=<sown path>, teacher=<sown path>,
+  # loss=mse|cosine|attention_kl, weight, [teacher_index]).
+  config.distill.features = ()
+  # More frozen teachers: dicts(checkpoint_dir=..., model=dict(name=..., ...),
+  # weight=...). config.teacher is the first, weighted by teacher_weight.
+  config.distill.extra_teachers = ()
+  config.distill.teacher_weight = 1.0
+  config.distill.combine = "ensemble"  # ensemble (probability space) | sum (of losses).
 
   config.pipeline = ml_collections.ConfigDict()
   config.pipeline.seeds = (0, 1, 2)  # One scratch and one distilled student each.
@@ -71,6 +88,26 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.checkpoint.every_steps = 1000  # Save every N steps (and at the end).
   config.checkpoint.keep = 2  # Keep the newest K.
   config.checkpoint.async_save = True  # Write in the background.
+
+  # Several processes (hosts). On a Cloud TPU VM nothing needs setting: the
+  # slice's workers are found automatically. Elsewhere set the three fields
+  # below on every process (or $KDJAX_COORDINATOR_ADDRESS,
+  # $KDJAX_NUM_PROCESSES, $KDJAX_PROCESS_ID); the fields win over the env.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator_address = ""  # host:port of process 0; '' = env or auto.
+  config.distributed.num_processes = 0  # 0 = env or auto; 1 = never start jax.distributed.
+  config.distributed.process_id = -1  # This process, 0..num_processes-1; -1 = env or auto.
+  config.distributed.initialization_timeout = 60  # Seconds to reach the coordinator.
+  config.distributed.auto_on_tpu = True  # Start it on a Cloud TPU VM without fields.
+
+  # mode='aot_check': compile the training steps for a Cloud TPU topology on
+  # this machine (needs libtpu: pip install "jax[tpu]==0.10.2") and refuse a
+  # config whose per-chip memory would not fit.
+  config.aot = ml_collections.ConfigDict()
+  config.aot.topology = ""  # e.g. 'v5e:2x2', 'v5e:2x4', 'v4:2x2x1', 'v5p:2x2x1'.
+  config.aot.steps = "auto"  # Comma list of teacher,scratch,distill; auto =
+  # the teacher step (unless teacher.checkpoint_dir is set) and the distill step.
+  config.aot.hbm_limit_gib = 0.0  # Per-device limit; 0 = the chip's HBM.
 
   config.log_every_steps = 100  # Progress line + TensorBoard scalars.
   config.eval_every_steps = 0  # Test-set accuracy every N steps; 0 = every epoch.

@@ -1,75 +1,256 @@
-"""Training objectives: which per-example losses a run combines, built from the config.
+"""Training objectives: which losses a run combines, built once from the config.
 
-An objective maps (student logits, teacher logits or None, labels) to a
-per-example loss and its named terms. It is plugged into the step; the step
-never branches on which objective it runs.
+An objective turns the student's outputs, the (frozen) teachers' outputs and
+the labels into a per-example (or per-token) loss plus its named terms. It is
+plugged into the step; the step never branches on which objective it runs.
 
-The classic one (Hinton et al. 2015):
+    loss = sum_i w_i(step) * term_i(student, teacher; T(step))      (output terms)
+         + sum_j v_j(step) * feature_j(student features, teacher features)
+
+The default (no `config.distill.terms`) is Hinton et al. (2015):
     alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(hard labels)
-where the hard labels are the dataset's or the teacher's argmax.
+with the hard labels the dataset's or the teacher's argmax. The 'ce' term is
+the task loss on hard labels and never sees the temperature. Every other term
+is a divergence from kdjax.losses (conventions in its module docstring).
+
+Several teachers: 'ensemble' mixes them in probability space at temperature T,
+  p = sum_k c_k softmax(z_k / T), c = normalised teacher weights,
+and passes T * log p on as the teacher's logits (so dividing by T again in a
+divergence recovers log p exactly); 'sum' adds sum_k c_k * term(student, k).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Sequence
 
+import flax
 import jax
 import jax.numpy as jnp
+import optax
 
+from kdjax import features as features_lib
 from kdjax import losses
 
 HARD_LABEL_SOURCES = ("dataset", "teacher")
+SCHEDULES = ("constant", "linear", "cosine")
+TEACHER_COMBINATIONS = ("ensemble", "sum")
+TASK_TERM = "ce"
+
+
+@flax.struct.dataclass
+class ModelOutputs:
+  """What a forward pass hands the objective: logits and sown intermediates."""
+  logits: jax.Array
+  intermediates: dict[str, Any] = flax.struct.field(default_factory=dict)
+
+
+def make_schedule(start: float, end: float | None, kind: str,
+                  total_steps: int) -> optax.Schedule:
+  """constant / linear / cosine from start to end over the run (optax schedules)."""
+  if kind not in SCHEDULES:
+    raise ValueError(f"Unknown schedule {kind!r}; allowed: {SCHEDULES}.")
+  end = start if end is None else end
+  if kind == "constant" or end == start:
+    return optax.constant_schedule(start)
+  steps = max(int(total_steps), 1)
+  if kind == "linear":
+    return optax.linear_schedule(start, end, steps)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=start, peak_value=start, warmup_steps=0, decay_steps=steps,
+      end_value=end)
 
 
 @dataclasses.dataclass(frozen=True)
-class CrossEntropy:
+class Term:
+  """One weighted output-level term: `ce` or a divergence from losses.OBJECTIVES."""
+  name: str
+  weight: optax.Schedule
+  options: tuple[tuple[str, Any], ...] = ()
+  label: str = ""
+
+  def __call__(self, student_logits, teacher_logits, labels, temperature):
+    if self.name == TASK_TERM:
+      return losses.softmax_cross_entropy(student_logits, labels)
+    fn = losses.get_objective(self.name)
+    return fn(student_logits, teacher_logits, temperature=temperature,
+              **dict(self.options))
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """Weighted output terms + feature terms, over one or several teachers."""
+  terms: tuple[Term, ...]
+  temperature: optax.Schedule = optax.constant_schedule(1.0)
+  hard_labels: str = "dataset"
+  teacher_weights: tuple[float, ...] = ()  # Empty: no teacher (CE only).
+  combine: str = "ensemble"
+  feature_terms: tuple[features_lib.FeatureTerm, ...] = ()
+  description: str = "CE(labels)"
+
+  @property
+  def uses_teacher(self) -> bool:
+    return bool(self.teacher_weights)
+
+  @property
+  def needs_features(self) -> bool:
+    return bool(self.feature_terms)
+
+  def __call__(self, student: ModelOutputs, teachers: Sequence[ModelOutputs],
+               labels: jax.Array, step: jax.Array, aux_params: Any = None):
+    """Per-example loss and {term name: per-example value} (unweighted)."""
+    temperature = self.temperature(step)
+    if self.uses_teacher and self.hard_labels == "teacher":
+      labels = jnp.argmax(self._ensemble_logits(teachers, 1.0), axis=-1)
+    total = jnp.zeros(student.logits.shape[:-1], jnp.float32)
+    values: dict[str, jax.Array] = {}
+    for term in self.terms:
+      if term.name == TASK_TERM or self.combine == "ensemble":
+        teacher_logits = (self._ensemble_logits(teachers, temperature)
+                          if self.uses_teacher else None)
+        value = term(student.logits, teacher_logits, labels, temperature)
+      else:  # 'sum': one divergence per teacher, weighted.
+        value = sum(c * term(student.logits, t.logits, labels, temperature)
+                    for c, t in zip(self._coefficients(), teachers))
+      values[term.label or term.name] = value
+      total = total + term.weight(step) * value
+    for i, feature in enumerate(self.feature_terms):
+      projection = (aux_params or {}).get(features_lib.projection_name(i))
+      value = feature(student.intermediates,
+                      teachers[feature.teacher].intermediates, projection,
+                      batch_ndim=labels.ndim)
+      values[f"feature_{i}_{feature.loss}"] = value
+      total = total + feature.weight(step) * value
+    return total, values
+
+  def _coefficients(self) -> tuple[float, ...]:
+    total = sum(self.teacher_weights)
+    return tuple(w / total for w in self.teacher_weights)
+
+  def _ensemble_logits(self, teachers: Sequence[ModelOutputs], temperature):
+    if len(teachers) == 1:
+      return teachers[0].logits
+    log_probs = jnp.stack([
+        jax.nn.log_softmax(t.logits.astype(jnp.float32) / temperature, -1)
+        for t in teachers])
+    log_c = jnp.log(jnp.asarray(self._coefficients(), jnp.float32))
+    log_mix = jax.nn.logsumexp(
+        log_probs + log_c.reshape((-1,) + (1,) * (log_probs.ndim - 1)), axis=0)
+    return temperature * log_mix
+
+
+def cross_entropy() -> Objective:
   """Plain supervised training (teacher and scratch modes)."""
-  uses_teacher = False
-
-  def __call__(self, student_logits, teacher_logits, labels):
-    del teacher_logits
-    ce = losses.softmax_cross_entropy(student_logits, labels)
-    return ce, {"ce": ce}
+  return Objective(terms=(Term(TASK_TERM, optax.constant_schedule(1.0)),))
 
 
-@dataclasses.dataclass(frozen=True)
-class HintonDistillation:
-  """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(hard labels)."""
-  alpha: float = 0.5
-  temperature: float = 2.0
-  hard_labels: str = "dataset"  # Or 'teacher': the teacher's argmax.
-  uses_teacher = True
-
-  def __call__(self, student_logits, teacher_logits, labels):
-    if self.hard_labels == "teacher":
-      labels = jnp.argmax(teacher_logits, axis=-1)
-    kl = losses.forward_kl(student_logits, teacher_logits,
-                           temperature=self.temperature)
-    ce = losses.softmax_cross_entropy(student_logits, labels)
-    loss = self.alpha * kl + (1.0 - self.alpha) * ce
-    return loss, {"kl": kl, "ce": ce}
+def _term_specs(distill) -> list[dict[str, Any]]:
+  if distill.terms:
+    return [dict(spec) for spec in distill.terms]
+  return [dict(name="kl", weight=float(distill.alpha)),
+          dict(name=TASK_TERM, weight=1.0 - float(distill.alpha))]
 
 
-def from_config(config, mode: str):
-  """The objective a mode trains with: CE for teacher/scratch, KD for distill."""
+TERM_FIELDS = ("name", "weight", "weight_end", "schedule")
+
+
+def distillation(distill, *, num_teachers: int, total_steps: int) -> Objective:
+  """The objective described by `config.distill` for a run of total_steps."""
+  terms = []
+  for spec in _term_specs(distill):
+    options = tuple(sorted((k, v) for k, v in spec.items()
+                           if k not in TERM_FIELDS))
+    terms.append(Term(
+        name=spec["name"],
+        weight=make_schedule(float(spec["weight"]), spec.get("weight_end"),
+                             spec.get("schedule", "constant"), total_steps),
+        options=options, label=spec["name"]))
+  temperature_end = distill.get("temperature_end", -1.0)
+  temperature = make_schedule(
+      float(distill.temperature),
+      None if temperature_end is None or temperature_end < 0 else temperature_end,
+      distill.get("temperature_schedule", "constant"), total_steps)
+  feature_terms = tuple(
+      features_lib.FeatureTerm.from_spec(dict(spec), total_steps, make_schedule)
+      for spec in distill.get("features", ()))
+  weights = tuple(float(w) for w in teacher_weights(distill, num_teachers))
+  return Objective(terms=tuple(terms), temperature=temperature,
+                   hard_labels=distill.hard_labels, teacher_weights=weights,
+                   combine=distill.get("combine", "ensemble"),
+                   feature_terms=feature_terms,
+                   description=describe_distill(distill, num_teachers))
+
+
+def teacher_weights(distill, num_teachers: int) -> list[float]:
+  extra = [float(t.get("weight", 1.0)) for t in distill.get("extra_teachers", ())]
+  return ([float(distill.get("teacher_weight", 1.0))] + extra)[:num_teachers]
+
+
+def describe_distill(distill, num_teachers: int) -> str:
+  """One line naming the objective, for logs, run.json and the report."""
+  def fmt(spec):
+    name = spec["name"]
+    opts = ",".join(f"{k}={v}" for k, v in sorted(spec.items())
+                    if k not in TERM_FIELDS)
+    if name == TASK_TERM:
+      label = "teacher argmax" if distill.hard_labels == "teacher" else "labels"
+      body = f"CE({label})"
+    else:
+      body = f"{name}{'(' + opts + ')' if opts else ''}"
+    weight = f"{float(spec['weight']):g}"
+    if spec.get("weight_end") is not None and spec.get(
+        "schedule", "constant") != "constant":
+      weight += f"->{float(spec['weight_end']):g} {spec['schedule']}"
+    return f"{weight} * {body}"
+  parts = [fmt(s) for s in _term_specs(distill)]
+  parts += [f"{float(f.get('weight', 1.0)):g} * feature_{f.get('loss', 'mse')}"
+            f"({f['student']}<-{f['teacher']})"
+            for f in distill.get("features", ())]
+  temperature = f"T={float(distill.temperature):g}"
+  if distill.get("temperature_schedule", "constant") != "constant":
+    temperature += (f"->{float(distill.temperature_end):g} "
+                    f"{distill.temperature_schedule}")
+  text = " + ".join(parts) + f", {temperature}"
+  if num_teachers > 1:
+    text += f", {num_teachers} teachers ({distill.get('combine', 'ensemble')})"
+  return text
+
+
+def from_config(config, mode: str, *, total_steps: int = 1,
+                num_teachers: int = 1) -> Objective:
+  """CE for the teacher and scratch modes, config.distill's objective otherwise."""
   if mode in ("teacher", "scratch"):
-    return CrossEntropy()
-  d = config.distill
-  return HintonDistillation(alpha=float(d.alpha),
-                            temperature=float(d.temperature),
-                            hard_labels=d.hard_labels)
+    return cross_entropy()
+  return distillation(config.distill, num_teachers=num_teachers,
+                      total_steps=total_steps)
 
 
-def describe(objective) -> str:
-  """A one-line human description for logs and the report."""
-  if isinstance(objective, HintonDistillation):
-    label = "teacher argmax" if objective.hard_labels == "teacher" else "labels"
-    return (f"{objective.alpha:g} * T^2 * KL(teacher_T || student_T) + "
-            f"{1 - objective.alpha:g} * CE({label}), T={objective.temperature:g}")
-  return "CE(labels)"
+def describe(objective: Objective) -> str:
+  return objective.description
 
 
-def per_example_agreement(student_logits: jax.Array,
-                          teacher_logits: jax.Array) -> jax.Array:
-  return (jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)
-          ).astype(jnp.float32)
+def validate_distill(distill) -> None:
+  """Raises ValueError naming a bad term, schedule, feature or teacher field."""
+  allowed = sorted(set(losses.OBJECTIVES) | {TASK_TERM})
+  for i, spec in enumerate(_term_specs(distill)):
+    if spec.get("name") not in allowed:
+      raise ValueError(f"config.distill.terms[{i}].name={spec.get('name')!r} is "
+                       f"invalid: allowed: {allowed}.")
+    if "weight" not in spec or float(spec["weight"]) < 0:
+      raise ValueError(f"config.distill.terms[{i}].weight="
+                       f"{spec.get('weight')!r} is invalid: must be >= 0.")
+    if spec.get("schedule", "constant") not in SCHEDULES:
+      raise ValueError(f"config.distill.terms[{i}].schedule="
+                       f"{spec.get('schedule')!r} is invalid: allowed: "
+                       f"{SCHEDULES}.")
+  if distill.get("temperature_schedule", "constant") not in SCHEDULES:
+    raise ValueError(f"config.distill.temperature_schedule="
+                     f"{distill.temperature_schedule!r} is invalid: allowed: "
+                     f"{SCHEDULES}.")
+  if distill.get("combine", "ensemble") not in TEACHER_COMBINATIONS:
+    raise ValueError(f"config.distill.combine={distill.combine!r} is invalid: "
+                     f"allowed: {TEACHER_COMBINATIONS}.")
+  for i, spec in enumerate(distill.get("features", ())):
+    features_lib.validate_spec(dict(spec), i)
+
+

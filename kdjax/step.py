@@ -12,7 +12,7 @@ and micro-batches gives exactly the gradient of the full-batch mean.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import jax
@@ -21,31 +21,48 @@ import optax
 from jax import lax
 
 from kdjax import parallel
+from kdjax.objectives import ModelOutputs
 
-# apply(params, inputs, train, dropout_rng) -> logits
-ApplyFn = Callable[[Any, jax.Array, bool, jax.Array | None], jax.Array]
+# apply(params, inputs, train, dropout_rng, capture_features) -> ModelOutputs
+ApplyFn = Callable[[Any, jax.Array, bool, jax.Array | None, bool], ModelOutputs]
 
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything of the student a checkpoint needs besides the data position."""
+  """Everything of the student a checkpoint needs besides the data position.
+
+  `aux_params` train with the student but are not the student (e.g. feature
+  projections); they live in the train state, not in the exported params.
+  """
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
+  aux_params: Any = flax.struct.field(default_factory=dict)
 
 
 def create_train_state(params: Any, tx: optax.GradientTransformation,
-                       rng: jax.Array) -> TrainState:
+                       rng: jax.Array, aux_params: Any = None) -> TrainState:
+  aux_params = {} if aux_params is None else aux_params
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=tx.init(params), rng=rng)
+                    opt_state=tx.init((params, aux_params)), rng=rng,
+                    aux_params=aux_params)
 
 
 def make_apply_fn(model) -> ApplyFn:
-  """Adapts a Linen classifier to the step's calling convention."""
-  def apply(params, inputs, train, dropout_rng):
+  """Adapts a Linen model to the step's calling convention.
+
+  With capture_features, what the model sows into 'intermediates' comes back
+  too (Flax's sow; no hooks).
+  """
+  def apply(params, inputs, train, dropout_rng, capture_features=False):
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
-    return model.apply({"params": params}, inputs, train=train, rngs=rngs)
+    if not capture_features:
+      return ModelOutputs(model.apply({"params": params}, inputs, train=train,
+                                      rngs=rngs))
+    logits, state = model.apply({"params": params}, inputs, train=train,
+                                rngs=rngs, mutable=["intermediates"])
+    return ModelOutputs(logits, flax.core.unfreeze(state["intermediates"]))
   return apply
 
 
@@ -59,13 +76,15 @@ def _split_micro_batches(batch: dict[str, jax.Array], k: int):
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array],
-               teacher_params: Any, *, student_apply: ApplyFn,
-               teacher_apply: ApplyFn | None, objective,
+               teachers_params: Sequence[Any], *, student_apply: ApplyFn,
+               teacher_applies: Sequence[ApplyFn], objective,
                tx: optax.GradientTransformation, axis: parallel.DataAxis,
                grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
   """One optimizer step on this device's piece of the global batch.
 
-  `batch` holds 'inputs', 'labels' and optionally 'mask' (1 = real example).
+  `batch` holds 'inputs', 'labels' ([B] for classification, [B, L] for tokens)
+  and optionally 'mask' (shape of labels; 1 = counts). Teachers are frozen:
+  their forward runs under stop_gradient and they get no optimizer state.
   Returns the new state and metric SUMS over the global batch (divide by
   metrics['count'] for means).
   """
@@ -76,54 +95,58 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   global_count = axis.sum(jnp.sum(batch["mask"]))
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                            axis.index())
+  capture = objective.needs_features
 
-  def loss_and_metrics(params, micro, micro_rng):
-    teacher_logits = None
-    if teacher_apply is not None:
-      teacher_logits = lax.stop_gradient(
-          teacher_apply(teacher_params, micro["inputs"], False, None))
-    logits = student_apply(params, micro["inputs"], True, micro_rng)
-    per_example, terms = objective(logits, teacher_logits, micro["labels"])
+  def loss_and_metrics(trainable, micro, micro_rng):
+    params, aux_params = trainable
+    teachers = [jax.tree.map(lax.stop_gradient,
+                             apply(p, micro["inputs"], False, None, capture))
+                for apply, p in zip(teacher_applies, teachers_params)]
+    student = student_apply(params, micro["inputs"], True, micro_rng, capture)
+    per_example, terms = objective(student, teachers, micro["labels"],
+                                   state.step, aux_params)
     w = micro["mask"]
     loss = jnp.sum(per_example * w) / global_count
+    predictions = jnp.argmax(student.logits, -1)
     metrics = {"loss": jnp.sum(per_example * w),
-               "correct": jnp.sum((jnp.argmax(logits, -1) == micro["labels"]) * w),
+               "correct": jnp.sum((predictions == micro["labels"]) * w),
                "count": jnp.sum(w)}
     metrics.update({name: jnp.sum(v * w) for name, v in terms.items()})
-    if teacher_logits is not None:
+    if teachers:
       metrics["agreement"] = jnp.sum(
-          (jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)) * w)
+          (predictions == jnp.argmax(teachers[0].logits, -1)) * w)
     return loss, metrics
 
   grad_fn = jax.grad(loss_and_metrics, has_aux=True)
+  trainable = (state.params, state.aux_params)
   if grad_accum_steps == 1:
-    grads, metrics = grad_fn(state.params, batch, rng)
+    grads, metrics = grad_fn(trainable, batch, rng)
   else:
     micro_batches = _split_micro_batches(batch, grad_accum_steps)
     micro_rngs = jax.random.split(rng, grad_accum_steps)
 
     def accumulate(carry, xs):
       micro, micro_rng = xs
-      grads, metrics = grad_fn(state.params, micro, micro_rng)
+      grads, metrics = grad_fn(trainable, micro, micro_rng)
       return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
     # The first micro-step seeds the carry, so its types (device-invariant
     # gradients, per-device metrics under shard_map) match the loop body's.
     first = jax.tree.map(lambda x: x[0], (micro_batches, micro_rngs))
     rest = jax.tree.map(lambda x: x[1:], (micro_batches, micro_rngs))
-    (grads, metrics), _ = lax.scan(accumulate, grad_fn(state.params, *first),
+    (grads, metrics), _ = lax.scan(accumulate, grad_fn(trainable, *first),
                                    rest)
 
   grads = axis.sum_gradients(grads)
   metrics = axis.sum(metrics)
   metrics["grad_norm"] = optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = tx.update(grads, state.opt_state, trainable)
+  params, aux_params = optax.apply_updates(trainable, updates)
   new_state = state.replace(step=state.step + 1, params=params,
-                            opt_state=opt_state)
+                            opt_state=opt_state, aux_params=aux_params)
   return new_state, metrics
 
 
 def predict(apply_fn: ApplyFn, params: Any, inputs: jax.Array) -> jax.Array:
   """Deterministic logits for evaluation."""
-  return apply_fn(params, inputs, False, None)
+  return apply_fn(params, inputs, False, None).logits

@@ -31,61 +31,99 @@ def get_source(data_config, split: str):
     builders.prepare(data_config.name, data_dir,
                      source_dir=data_config.get("source_dir") or None)
   try:
-    return tfds.data_source(data_config.name, data_dir=data_dir, split=split)
+    source = tfds.data_source(data_config.name, data_dir=data_dir, split=split)
   except Exception as e:  # tfds raises several types for a missing dataset.
     raise builders.DatasetMissingError(
         f"Could not open tfds dataset {data_config.name!r} split {split!r} in "
         f"data dir {data_dir!r}: {e}. Prepare it there (tfds build, "
         f"array_record format) or use one of the shipped builders: "
         f"{sorted(builders.SHIPPED_BUILDERS)}.") from e
+  if data_config.get("cache_in_memory", False):
+    return InMemorySource(source, keys=(data_config.input_key,
+                                        data_config.label_key))
+  return source
 
 
-class Preprocess(grain.transforms.Map):
-  """Record dict -> {'inputs': float32 scaled, 'labels': int32}."""
+class InMemorySource:
+  """A split decoded once into numpy arrays: random access without re-parsing.
 
-  def __init__(self, input_key: str, label_key: str, scale: float):
-    self._input_key, self._label_key, self._scale = input_key, label_key, scale
+  For datasets that fit in host memory (the image sets here are tens of MB);
+  records and their order are exactly the wrapped source's.
+  """
 
-  def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-    x = np.asarray(record[self._input_key])
-    if np.issubdtype(x.dtype, np.floating) or self._scale != 1.0:
-      x = x.astype(np.float32) / self._scale
-    return {"inputs": x, "labels": np.int32(record[self._label_key])}
+  def __init__(self, source, keys: tuple[str, ...], chunk: int = 4096):
+    columns: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    for start in range(0, len(source), chunk):
+      records = source.__getitems__(
+          list(range(start, min(start + chunk, len(source)))))
+      for k in keys:
+        columns[k].append(np.stack([np.asarray(r[k]) for r in records]))
+    self._columns = {k: np.concatenate(v) for k, v in columns.items()}
+    self._length = len(source)
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return {k: v[index] for k, v in self._columns.items()}
+
+  def __getitems__(self, indices) -> list[dict[str, np.ndarray]]:
+    return [self[i] for i in indices]
+
+  def gather(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Columns for many records at once (fancy indexing)."""
+    return {k: v[indices] for k, v in self._columns.items()}
+
+
+def _records(source, indices: np.ndarray) -> list[dict[str, Any]] | dict:
+  if isinstance(source, InMemorySource):
+    return source.gather(indices)
+  return source.__getitems__([int(i) for i in indices])
+
+
+def preprocess_batch(records, data_config) -> dict[str, np.ndarray]:
+  """Records (or gathered columns) -> {'inputs': scaled float32, 'labels': int32}."""
+  key, label_key = data_config.input_key, data_config.label_key
+  if isinstance(records, dict):
+    x, y = records[key], records[label_key]
+  else:
+    x = np.stack([np.asarray(r[key]) for r in records])
+    y = np.asarray([r[label_key] for r in records])
+  scale = float(data_config.input_scale)
+  if np.issubdtype(x.dtype, np.floating) or scale != 1.0:
+    x = x.astype(np.float32) / scale
+  return {"inputs": x, "labels": y.astype(np.int32)}
+
+
+class ReadBatch(grain.transforms.Map):
+  """A batch of record indices -> a preprocessed batch (one bulk read)."""
+
+  def __init__(self, source, data_config):
+    self._source, self._config = source, data_config
+
+  def map(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    return preprocess_batch(_records(self._source, indices), self._config)
 
 
 class RandomShiftFlip(grain.transforms.RandomMap):
-  """Pad-and-crop by up to `max_shift` pixels and a horizontal flip."""
+  """Per-example pad-and-crop by up to `max_shift` pixels and horizontal flips."""
 
   def __init__(self, max_shift: int, flip: bool):
     self._max_shift, self._flip = max_shift, flip
 
-  def random_map(self, example, rng: np.random.Generator):
-    x = example["inputs"]
+  def random_map(self, batch, rng: np.random.Generator):
+    x = batch["inputs"]
+    n, h, w = x.shape[:3]
     if self._max_shift:
       s = self._max_shift
-      padded = np.pad(x, ((s, s), (s, s), (0, 0)))
-      dy, dx = rng.integers(0, 2 * s + 1, size=2)
-      x = padded[dy:dy + x.shape[0], dx:dx + x.shape[1]]
-    if self._flip and rng.random() < 0.5:
-      x = x[:, ::-1]
-    return dict(example, inputs=np.ascontiguousarray(x))
-
-
-class _Indexed:
-  """Random access to chosen records of a source.
-
-  Explicit indices rather than grain slices: a sliced MapDataset under
-  shuffle + repeat reads past its slice in later epochs (grain 0.2.18).
-  """
-
-  def __init__(self, source, indices: np.ndarray):
-    self._source, self._indices = source, indices
-
-  def __len__(self) -> int:
-    return len(self._indices)
-
-  def __getitem__(self, index: int):
-    return self._source[int(self._indices[index])]
+      padded = np.pad(x, ((0, 0), (s, s), (s, s), (0, 0)))
+      offsets = rng.integers(0, 2 * s + 1, size=(n, 2))
+      x = np.stack([padded[i, dy:dy + h, dx:dx + w]
+                    for i, (dy, dx) in enumerate(offsets)])
+    if self._flip:
+      flips = rng.random(n) < 0.5
+      x = np.where(flips[:, None, None, None], x[:, :, ::-1], x)
+    return dict(batch, inputs=np.ascontiguousarray(x))
 
 
 def train_indices(num_records: int, data_config) -> np.ndarray:
@@ -115,16 +153,16 @@ def train_dataset(source, data_config, *, global_batch_size: int, seed: int,
   if global_batch_size % num_processes:
     raise ValueError(f"Global batch size {global_batch_size} is not divisible "
                      f"by the number of processes {num_processes}.")
-  ds = grain.MapDataset.source(
-      _Indexed(source, train_indices(len(source), data_config)))
+  # Shuffle and batch record INDICES, then read each batch in one bulk call:
+  # per-batch rather than per-record Python overhead.
+  ds = grain.MapDataset.source(train_indices(len(source), data_config))
   ds = ds.shuffle(seed=seed).repeat(None)
-  ds = ds.map(Preprocess(data_config.input_key, data_config.label_key,
-                         float(data_config.input_scale)))
+  ds = ds.batch(global_batch_size // num_processes, drop_remainder=True)
+  ds = ds.map(ReadBatch(source, data_config))
   if augment:
     ds = ds.random_map(RandomShiftFlip(int(data_config.augment_max_shift),
                                        bool(data_config.augment_flip)),
                        seed=seed)
-  ds = ds.batch(global_batch_size // num_processes, drop_remainder=True)
   return ds.to_iter_dataset()
 
 
@@ -136,23 +174,22 @@ def train_num_records(source, data_config) -> int:
 def eval_batches(source, data_config, batch_size: int
                  ) -> Iterator[dict[str, np.ndarray]]:
   """The whole split in order, in batches padded to `batch_size` with a mask."""
-  preprocess = Preprocess(data_config.input_key, data_config.label_key,
-                          float(data_config.input_scale))
-  ds = grain.MapDataset.source(source).map(preprocess).batch(batch_size)
-  for batch in ds:
-    n = len(batch["labels"])
+  n = len(source)
+  for start in range(0, n, batch_size):
+    indices = np.arange(start, min(start + batch_size, n))
+    batch = preprocess_batch(_records(source, indices), data_config)
     mask = np.zeros(batch_size, np.float32)
-    mask[:n] = 1.0
-    if n < batch_size:
-      batch = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:],
-                                              v.dtype)]) for k, v in batch.items()}
+    mask[:len(indices)] = 1.0
+    pad = batch_size - len(indices)
+    if pad:
+      batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+               for k, v in batch.items()}
     yield dict(batch, mask=mask)
 
 
 def load_split(source, data_config) -> dict[str, np.ndarray]:
-  """The whole split as arrays (evaluation sets are small enough)."""
-  preprocess = Preprocess(data_config.input_key, data_config.label_key,
-                          float(data_config.input_scale))
-  ds = grain.MapDataset.source(source).map(preprocess).batch(4096)
-  parts = list(ds)
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  """The whole split as arrays, in order (evaluation sets are small enough)."""
+  batches = list(eval_batches(source, data_config, batch_size=4096))
+  mask = np.concatenate([b["mask"] for b in batches]).astype(bool)
+  return {k: np.concatenate([b[k] for b in batches])[mask]
+          for k in ("inputs", "labels")}
