@@ -3,7 +3,7 @@
 Activations come from Flax's `sow` (models sow into the 'intermediates'
 collection; apply with mutable=['intermediates']), never from hooks. A
 feature is named by its path in that collection, '/'-separated, e.g.
-'hidden_0' (MLP), 'penultimate' or 'stage_1' (CNN), 'block_0' (transformer),
+'hidden_0' (MLP), 'penultimate' or 'stage_1' (CNN), 'block_0/output' (transformer),
 'block_0/attention/attention_weights' (attention maps).
 
 When the student's width differs from the teacher's, a learned linear
