@@ -16,8 +16,10 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -86,9 +88,12 @@ class Checkpointer:
   def _set_aside(self, step: int) -> str:
     """Renames an unreadable step so it neither blocks a re-save nor is retried."""
     source = os.path.join(self.directory, str(step))
-    target = f"{source}.unreadable-{int(time.time())}"
+    # Process 0 renames; the others wait until it has (and agree on the name).
+    stamp = int(_from_process_0(np.int32(time.time())))
+    target = f"{source}.unreadable-{stamp}"
     if jax.process_index() == 0 and os.path.isdir(source):
       os.rename(source, target)
+    _barrier(f"kdjax_set_aside_{step}")
     self._manager.reload()
     return target
 
@@ -100,6 +105,7 @@ class Checkpointer:
     none to restore.
     """
     for step in sorted(self.all_steps(), reverse=True):
+      error = None
       try:
         restored = self._manager.restore(
             step,
@@ -111,6 +117,9 @@ class Checkpointer:
                     "rng": abstract_state.rng}),
                 data=grain.checkpoint.CheckpointRestore(data_iterator)))
       except Exception as e:  # pylint: disable=broad-except
+        error = e
+      if not _on_every_process(error is None):  # All fall back, or none.
+        e = error or RuntimeError("unreadable on another process")
         aside = self._set_aside(step)
         logging.warning("Checkpoint at step %d in %s is unreadable (%s: %s); "
                         "moved to %s, falling back to the one before it.",
@@ -125,12 +134,46 @@ class Checkpointer:
     return None, None
 
 
+def _on_every_process(ok: bool) -> bool:
+  """True if `ok` holds on every process (a collective when there are several)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _from_process_0(value):
+  if jax.process_count() == 1:
+    return value
+  return multihost_utils.broadcast_one_to_all(value)
+
+
+def _placed_where_unsharded(tree):
+  """Unsharded targets: one local device, or replicated over all processes."""
+  if jax.process_count() > 1:
+    where = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.asarray(jax.devices()), ("all",)),
+        jax.sharding.PartitionSpec())
+  else:
+    where = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+      lambda x: x if getattr(x, "sharding", None) is not None else
+      jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), tree)
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def restore_params(workdir_or_checkpoints: str, abstract_params,
                    step: int | None = None):
   """Loads only the parameters of a run (e.g. a teacher), newest readable step."""
   directory = workdir_or_checkpoints
   if os.path.basename(os.path.normpath(directory)) != CHECKPOINT_SUBDIR:
     directory = checkpoint_dir(directory)
+  # Orbax refuses a checkpoint saved on another topology (e.g. by several
+  # hosts) unless the target says where the arrays go.
+  abstract_params = _placed_where_unsharded(abstract_params)
   with ocp.CheckpointManager(
       directory, item_names=("params", "train", "data", "meta"),
       options=ocp.CheckpointManagerOptions(read_only=True)) as manager:

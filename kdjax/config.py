@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any
 
 import jax
@@ -11,7 +12,7 @@ import ml_collections
 from kdjax import checkpoint, models, parallel
 from kdjax.objectives import HARD_LABEL_SOURCES
 
-MODES = ("teacher", "scratch", "distill", "evaluate", "pipeline")
+MODES = ("teacher", "scratch", "distill", "evaluate", "pipeline", "aot_check")
 ROLES = ("teacher", "student")
 
 
@@ -86,9 +87,9 @@ def _check_model(config, role: str) -> None:
     raise ConfigError(f"config.{role}.model: {e}") from e
 
 
-def _check_train(config, role: str) -> None:
+def _check_train(config, role: str, devices: int | None = None) -> None:
   train = config[role].train
-  devices = jax.device_count()
+  devices = devices or jax.device_count()
   per_step = devices * train.grad_accum_steps
   if train.batch_size <= 0 or train.batch_size % per_step:
     _fail(f"{role}.train.batch_size", train.batch_size,
@@ -133,7 +134,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
       "student",) if config.mode == "scratch" else ("teacher", "student")
   trained = {"teacher": ("teacher",), "scratch": ("student",),
              "distill": ("student",), "evaluate": (),
-             "pipeline": ("teacher", "student")}[config.mode]
+             "pipeline": ("teacher", "student"), "aot_check": ()}[config.mode]
   for role in models_used:
     _check_model(config, role)
   for role in trained:
@@ -146,3 +147,75 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
             "must be in [0, 1) (0 disables the small-data runs)")
   if config.mode in ("distill", "evaluate"):
     check_teacher_checkpoint(config, teacher_dir(config, workdir))
+  _check_distributed(config)
+  if config.mode == "aot_check":
+    _check_aot(config)
+  else:
+    check_workdir(workdir)
+
+
+class WorkdirError(ConfigError):
+  """The workdir cannot be created or written."""
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates the workdir and writes a probe file: fails now, not at the first save."""
+  if "://" in workdir:
+    return  # gs:// and other remote paths: checked by their first write.
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise WorkdirError(
+        f"--workdir={workdir!r} cannot be written ({type(e).__name__}: "
+        f"{e.strerror or e}). Pass a directory you can write, e.g. "
+        "--workdir=$HOME/kdjax_runs/<name>, or a gs:// bucket on Cloud TPU."
+        ) from None
+
+
+def _check_distributed(config) -> None:
+  dist = config.get("distributed")
+  if dist is None:
+    return
+  if dist.initialization_timeout <= 0:
+    _fail("distributed.initialization_timeout", dist.initialization_timeout,
+          "must be > 0 seconds")
+  if dist.num_processes < 0:
+    _fail("distributed.num_processes", dist.num_processes,
+          "must be >= 0 (0 = from the environment or auto)")
+  if dist.num_processes and not -1 <= dist.process_id < dist.num_processes:
+    _fail("distributed.process_id", dist.process_id,
+          f"must be in [0, num_processes={dist.num_processes})")
+
+
+def aot_steps(config) -> list[str]:
+  """The training steps mode=aot_check compiles, from config.aot.steps."""
+  spec = str(config.aot.steps).strip()
+  if spec == "auto":
+    return (["distill"] if config.teacher.checkpoint_dir
+            else ["teacher", "distill"])
+  steps = [s.strip() for s in spec.split(",") if s.strip()]
+  allowed = ("teacher", "scratch", "distill")
+  if not steps or any(s not in allowed for s in steps):
+    _fail("aot.steps", config.aot.steps,
+          f"'auto' or a comma list of {allowed}")
+  return steps
+
+
+def _check_aot(config) -> None:
+  from kdjax import aot  # pylint: disable=g-import-not-at-top
+  if "aot" not in config or not config.aot.topology:
+    _fail("aot.topology", config.get("aot", {}).get("topology", ""),
+          "mode=aot_check needs a Cloud TPU topology, e.g. "
+          "--config.aot.topology=v5e:2x2 (v5e:2x4, v4:2x2x1, v5p:2x2x1, ...)")
+  try:
+    topology = aot.parse_topology(config.aot.topology)
+  except ValueError as e:
+    _fail("aot.topology", config.aot.topology, str(e))
+  if config.aot.hbm_limit_gib < 0:
+    _fail("aot.hbm_limit_gib", config.aot.hbm_limit_gib,
+          "must be >= 0 (0 = the chip's HBM)")
+  roles = {"teacher" if s == "teacher" else "student" for s in aot_steps(config)}
+  for role in sorted(roles):  # Models were checked above; batch vs the topology.
+    _check_train(config, role, devices=topology.devices)

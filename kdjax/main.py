@@ -8,14 +8,15 @@ import logging as py_logging
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kdjax import modes
+from kdjax import distributed, modes, preemption
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:preset]).",
     lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None,
-                               "Directory for checkpoints, logs and reports.")
-flags.mark_flags_as_required(["config", "workdir"])
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, logs and reports "
+    "(required except with --config.mode=aot_check).")
+flags.mark_flags_as_required(["config"])
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -29,7 +30,14 @@ class _QuietLibraries(py_logging.Filter):
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  modes.run(_CONFIG.value, _WORKDIR.value)
+  config = _CONFIG.value
+  if _WORKDIR.value is None and config.mode != "aot_check":
+    raise app.UsageError("--workdir is required.")
+  distributed.initialize(config)  # Before anything touches jax devices.
+  try:
+    modes.run(config, _WORKDIR.value or "")
+  except preemption.Preempted as e:
+    logging.warning("%s", e)  # Exit status 0: the scheduler may restart us.
 
 
 if __name__ == "__main__":

@@ -70,8 +70,11 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Validates the config, then runs config.mode in workdir."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = os.path.abspath(os.path.expanduser(workdir)) if workdir else ""
   config_lib.validate(config, workdir)
+  if config.mode == "aot_check":
+    from kdjax import aot  # pylint: disable=g-import-not-at-top
+    return {"aot": [vars(r) for r in aot.check(config, workdir)]}
   logging.info("kdjax %s in %s on %d %s device(s), %d process(es)",
                config.mode, workdir, jax.device_count(),
                jax.devices()[0].platform, jax.process_count())

@@ -68,7 +68,17 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Places a pytree on every device of the mesh as truly replicated arrays."""
-  return jax.device_put(tree, replicated(mesh))
+  sharding = replicated(mesh)
+
+  def put(x):
+    # With several processes device_put refuses typed PRNG keys; their data
+    # (uint32) is placed and re-wrapped instead.
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(
+          jax.device_put(jax.random.key_data(x), sharding),
+          impl=jax.random.key_impl(x))
+    return jax.device_put(x, sharding)
+  return jax.tree.map(put, tree)
 
 
 def shard_batch(local_batch: Any, mesh: Mesh) -> Any:

@@ -21,6 +21,7 @@ from absl import logging
 from kdjax import checkpoint, objectives, optim, parallel, step
 from kdjax import config as config_lib
 from kdjax import evaluate
+from kdjax import preemption
 from kdjax.data import pipeline
 from kdjax.metrics_writer import MetricsWriter
 
@@ -165,6 +166,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     means["grad_norm"] = grad_norm
     return means
 
+  stop = preemption.Watcher()  # SIGTERM -> save at an agreed step, exit 0.
   try:
     for current in range(start_step, total_steps):
       batch = next(data_iter)
@@ -177,12 +179,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         writer.write(done, "eval", evaluate.classification_metrics(
             evaluate.predict_logits(apply_fn, state.params, eval_data["inputs"],
                                     mesh), eval_data["labels"], brief=True))
-      if ckpt.should_save(done) or done == total_steps:
+      preempted = stop.reached(done)
+      if ckpt.should_save(done) or done == total_steps or preempted:
         check_pending(done)
         ckpt.save(done, state, data_iter, meta)
         last_good_step = done
+      if preempted and done < total_steps:
+        ckpt.wait()
+        raise preemption.Preempted(done, ckpt.directory)
     ckpt.wait()
   finally:
+    stop.close()
     ckpt.close()
     writer.close()
 

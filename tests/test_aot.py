@@ -1,0 +1,126 @@
+"""mode=aot_check: the training steps compiled for a Cloud TPU topology on CPU."""
+
+import jax
+import numpy as np
+import pytest
+
+from kdjax import aot, checkpoint, modes, parallel, train
+from kdjax import config as config_lib
+from kdjax.data import pipeline
+
+
+def _aot_config(config, topology="v5e:2x2", **changes):
+  config.mode = "aot_check"
+  config.aot.topology = topology
+  for dotted, value in changes.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _needs_libtpu():
+  pytest.importorskip(
+      "libtpu", reason='libtpu is not installed: pip install "jax[tpu]==0.10.2"')
+
+
+def test_topology_names_and_validation_before_any_compile(digits_config):
+  assert aot.parse_topology("v5e:2x4").devices == 8
+  assert aot.parse_topology("v4:2x2x1").devices == 8  # 2 cores per v4 chip.
+  assert aot.parse_topology("v5p:2x2x1").devices == 4
+  for bad in ("v5e", "v5litepod-8", "v9:2x2", "v5e:2"):
+    with pytest.raises(ValueError, match="GENERATION:SHAPE"):
+      aot.parse_topology(bad)
+  config = _aot_config(digits_config, topology="")
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config.aot.topology=''.*needs a Cloud TPU topology"):
+    config_lib.validate(config, "")
+  config.aot.topology = "v5e:2x4"
+  config.student.train.batch_size = 36  # Not a multiple of 8 devices.
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config.student.train.batch_size=36 .*device count "
+                           r"\(8\)"):
+    config_lib.validate(config, "")
+  config.student.train.batch_size = 64
+  config.aot.steps = "distill,serve"
+  with pytest.raises(config_lib.ConfigError, match="config.aot.steps"):
+    config_lib.validate(config, "")
+  config.aot.steps = "auto"
+  config_lib.validate(config, "")  # No workdir needed.
+  assert config_lib.aot_steps(config) == ["teacher", "distill"]
+  config.teacher.checkpoint_dir = "/some/imported/teacher"
+  assert config_lib.aot_steps(config) == ["distill"]
+
+
+def test_digits_compiles_for_v5e_2x2_and_prints_the_table(digits_config,
+                                                          capsys):
+  _needs_libtpu()
+  result = modes.run(_aot_config(digits_config), "")
+  table = capsys.readouterr().out
+  reports = {r["mode"]: r for r in result["aot"]}
+  assert set(reports) == {"teacher", "distill"}
+  for r in reports.values():
+    assert r["devices"] == 4 and r["batch_size"] == 64
+    assert 0 < r["temporaries"] and 0 < r["arguments"] < 16 * aot.GIB
+    assert r["flops"] > 0
+  distill = reports["distill"]
+  assert distill["teacher_bytes"] > distill["state_bytes"]  # CNN vs tiny MLP.
+  assert 0.5 < distill["teacher_flops"] / distill["flops"] < 1.0
+  for text in ("teacher step on v5e:2x2", "distill step on v5e:2x2",
+               "teacher params (replicated)", "temporaries", "-> fits",
+               "FLOPs per device", "teachers' forward",
+               "197 TFLOP/s bf16 per device", "implied step time"):
+    assert text in table
+
+
+def test_a_config_that_does_not_fit_is_refused_with_the_table(digits_config):
+  _needs_libtpu()
+  config = _aot_config(digits_config, **{"aot.steps": "distill",
+                                         "aot.hbm_limit_gib": 1e-4})
+  with pytest.raises(aot.AotDoesNotFitError,
+                     match=r"(?s)distill step\(s\) would not fit on v5e:2x2.*"
+                           r"DOES NOT FIT.*batch_size"):
+    modes.run(config, "")
+  # A student of 3 x 4 GiB (params, Adam moments): the TPU compiler itself
+  # runs out of HBM, and the refusal carries its message.
+  config.aot.hbm_limit_gib = 0.0
+  config.student.model.hidden = (32768, 32768)
+  with pytest.raises(aot.AotDoesNotFitError,
+                     match=r"(?s)student train state +12.0 GiB.*ran out of "
+                           r"memory.*DOES NOT FIT"):
+    modes.run(config, "")
+
+
+def test_the_compiled_program_is_the_step_train_runs(digits_config, tmp_path):
+  """On CPU devices: one step of aot.build_step's program == train.train's."""
+  teacher_dir, student_dir = str(tmp_path / "teacher"), str(tmp_path / "student")
+  digits_config.mode = "teacher"
+  digits_config.teacher.train.num_steps = 2
+  modes.run(digits_config, teacher_dir)
+  digits_config.mode = "distill"
+  digits_config.teacher.checkpoint_dir = teacher_dir
+  digits_config.student.train.update(num_steps=1, warmup_steps=0,
+                                     schedule="constant")
+  modes.run(digits_config, student_dir)
+
+  mesh = parallel.make_mesh()
+  plan = aot.build_step(digits_config, "distill", mesh, student_dir)
+  _, teachers = train.load_teachers(digits_config, student_dir, mesh)
+  source = pipeline.get_source(digits_config.data, digits_config.data.train_split)
+  batch = next(iter(pipeline.train_dataset(
+      source, digits_config.data, seed=int(digits_config.seed),
+      global_batch_size=digits_config.student.train.batch_size)))
+  initial = parallel.replicate(plan.init_state(), mesh)
+  before = jax.device_get(initial.params)
+  state, _ = plan.program(initial, parallel.shard_batch(batch, mesh), teachers)
+
+  model = config_lib.build_model(digits_config, "student")
+  trained = checkpoint.restore_params(student_dir, jax.eval_shape(
+      lambda: train.init_params(model, digits_config, 0)))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
+                                                       atol=1e-7),
+               jax.device_get(state.params), jax.device_get(trained))
+  assert any(not np.allclose(a, b) for a, b in zip(
+      jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params))))

@@ -1,0 +1,318 @@
+"""Several processes: 2 local processes x 4 CPU devices (jax.distributed, gloo
+collectives on loopback) against 1 process x 8 devices; crash and preemption
+with 2 processes; fail-fast messages of the distributed runtime and workdir.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from unittest import mock
+
+import grain
+import jax
+import numpy as np
+import pytest
+
+from kdjax import checkpoint, distributed, modes, train
+from kdjax import config as config_lib
+from kdjax.data import pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_STEPS = 40  # Long enough to interrupt twice; steps take ~0.1 s here.
+EVERY = 4  # Checkpoint interval.
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _digits(data_dir, **changes):
+  import digits  # pylint: disable=g-import-not-at-top
+  config = digits.get_config("tiny")
+  config.data.data_dir = data_dir
+  for dotted, value in changes.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(data_dir, tmp_path_factory):
+  """A tiny trained teacher (in this process, 8 devices)."""
+  workdir = str(tmp_path_factory.mktemp("teacher"))
+  modes.run(_digits(data_dir, mode="teacher"), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  """A persistent compilation cache shared by the subprocesses of this module."""
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def _overrides(teacher):
+  return {"mode": "distill", "teacher.checkpoint_dir": teacher,
+          "student.train.num_steps": NUM_STEPS,
+          "checkpoint.every_steps": EVERY, "eval_every_steps": 1000,
+          "log_every_steps": EVERY}
+
+
+def _command(workdir, teacher):
+  return ([sys.executable, "-m", "kdjax.main",
+           "--config=configs/digits.py:tiny", f"--workdir={workdir}"]
+          + [f"--config.{k}={v}" for k, v in _overrides(teacher).items()])
+
+
+class TwoProcesses:
+  """`python -m kdjax.main` as processes 0 and 1 of a 2-process run."""
+
+  def __init__(self, workdir, teacher, data_dir, cache, logs):
+    port = _free_port()
+    env = dict(os.environ, TFDS_DATA_DIR=data_dir, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_COMPILATION_CACHE_DIR=cache,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               KDJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               KDJAX_NUM_PROCESSES="2")
+    self.logs = [f"{logs}-process{i}.log" for i in range(2)]
+    self.procs = []
+    for i, log in enumerate(self.logs):
+      with open(log, "w") as f:
+        self.procs.append(subprocess.Popen(
+            _command(workdir, teacher), cwd=REPO, stdout=f,
+            stderr=subprocess.STDOUT, env=dict(env, KDJAX_PROCESS_ID=str(i))))
+
+  def output(self, i: int) -> str:
+    with open(self.logs[i]) as f:
+      return "".join(line for line in f if not line.startswith("[Gloo]"))
+
+  def running(self) -> bool:
+    return all(p.poll() is None for p in self.procs)
+
+  def wait(self, timeout: float = 240) -> list[int]:
+    deadline = time.time() + timeout
+    try:
+      return [p.wait(timeout=max(deadline - time.time(), 1)) for p in self.procs]
+    except subprocess.TimeoutExpired:
+      self.kill()
+      pytest.fail("2-process run timed out:\n" + self.output(0)[-3000:]
+                  + "\n---\n" + self.output(1)[-3000:])
+
+  def kill(self) -> None:
+    for p in self.procs:
+      if p.poll() is None:
+        p.send_signal(signal.SIGKILL)
+    for p in self.procs:
+      p.wait()
+
+  def check(self, codes: list[int]) -> None:
+    assert codes == [0, 0], (f"exit codes {codes}\n" + self.output(0)[-3000:]
+                             + "\n---\n" + self.output(1)[-3000:])
+
+
+def _saved_steps(workdir) -> list[int]:
+  path = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(path):
+    return []
+  return sorted(int(d) for d in os.listdir(path) if d.isdigit())
+
+
+def _wait_for_checkpoint(run: TwoProcesses, workdir, at_least: int) -> None:
+  deadline = time.time() + 180
+  while time.time() < deadline and run.running():
+    if _saved_steps(workdir) and _saved_steps(workdir)[-1] >= at_least:
+      return
+    time.sleep(0.05)
+  run.kill()
+  pytest.fail(f"no checkpoint >= {at_least} while running:\n"
+              + run.output(0)[-3000:])
+
+
+def _student(config, workdir):
+  model = config_lib.build_model(config, "student")
+  abstract = jax.eval_shape(lambda: train.init_params(model, config, 0))
+  return checkpoint.restore_params(workdir, abstract)
+
+
+def _assert_same(a, b, rtol=1e-5, atol=1e-6):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol,
+                                                       atol=atol), a, b)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(data_dir, teacher_dir, cache_dir, tmp_path_factory):
+  """An uninterrupted 2-process distillation run; returns its workdir."""
+  workdir = str(tmp_path_factory.mktemp("two_process"))
+  run = TwoProcesses(workdir, teacher_dir, data_dir, cache_dir,
+                     os.path.join(workdir, "log"))
+  run.check(run.wait())
+  return workdir, run
+
+
+def _per_process_batches(num_processes: int):
+  """pipeline.train_dataset yielding the global batches a multi-process run
+  assembles: process p's batch k is rows [p*B/n, (p+1)*B/n) of global batch k.
+  """
+  original = pipeline.train_dataset
+
+  def global_batches(source, data_config, *, global_batch_size, seed,
+                     augment=False):
+    parts = []
+    for p in range(num_processes):
+      with mock.patch.object(jax, "process_index", lambda p=p: p), \
+          mock.patch.object(jax, "process_count", lambda: num_processes):
+        parts.append(original(source, data_config,
+                              global_batch_size=global_batch_size, seed=seed,
+                              augment=augment))
+    return grain.experimental.ZipIterDataset(parents=parts).map(
+        lambda batches: {k: np.concatenate([b[k] for b in batches])
+                         for k in batches[0]})
+  return global_batches
+
+
+def test_two_processes_match_one_process_on_the_same_global_batches(
+    data_dir, teacher_dir, two_process_run, tmp_path, monkeypatch):
+  workdir, run = two_process_run
+  config = _digits(data_dir, **_overrides(teacher_dir))
+  # The reference: this process, 8 devices, fed the same global batches.
+  monkeypatch.setattr(pipeline, "train_dataset", _per_process_batches(2))
+  assert jax.process_count() == 1 and jax.device_count() == 8
+  reference = str(tmp_path / "one_process")
+  train.train(config, reference)
+  _assert_same(_student(config, workdir), _student(config, reference))
+
+  # The run really had 2 processes x 4 devices; only process 0 logged progress.
+  assert "on 8 cpu device(s), 2 process(es)" in run.output(0)
+  assert "process 1 of 2, 4 local / 8 global devices" in run.output(1)
+  assert f"step {NUM_STEPS}/{NUM_STEPS}" in run.output(0)
+  assert f"step {NUM_STEPS}/{NUM_STEPS}" not in run.output(1)
+  # Every process saved its own data-iterator position.
+  data_item = os.path.join(workdir, "checkpoints", str(NUM_STEPS), "data")
+  assert sorted(f for f in os.listdir(data_item) if f.startswith("process")) == [
+      "process_0-of-2.json", "process_1-of-2.json"]
+
+
+@pytest.mark.slow  # ~60 s: three 2-process launches.
+def test_two_processes_survive_sigterm_then_sigkill(
+    data_dir, teacher_dir, cache_dir, two_process_run, tmp_path):
+  """SIGTERM to one process: both save at one agreed step and exit 0. Resumed,
+  then SIGKILLed (both), then resumed again: same student as uninterrupted."""
+  reference, _ = two_process_run
+  workdir = str(tmp_path / "interrupted")
+
+  first = TwoProcesses(workdir, teacher_dir, data_dir, cache_dir,
+                       str(tmp_path / "first"))
+  _wait_for_checkpoint(first, workdir, EVERY)
+  first.procs[1].send_signal(signal.SIGTERM)  # A maintenance event on host 1.
+  first.check(first.wait())
+  agreed = [int(m) for i in range(2) for m in re.findall(
+      r"saved the checkpoint at step (\d+)", first.output(i))]
+  assert len(agreed) == 2 and agreed[0] == agreed[1], agreed
+  assert agreed[0] < NUM_STEPS and _saved_steps(workdir)[-1] == agreed[0]
+  assert not os.path.exists(os.path.join(workdir, train.RUN_FILE))
+
+  second = TwoProcesses(workdir, teacher_dir, data_dir, cache_dir,
+                        str(tmp_path / "second"))
+  _wait_for_checkpoint(second, workdir, agreed[0] + EVERY)
+  second.kill()  # Both hosts lost at once.
+  assert not os.path.exists(os.path.join(workdir, train.RUN_FILE))
+  assert f"Resumed distill from step {agreed[0]}" in second.output(0)
+
+  third = TwoProcesses(workdir, teacher_dir, data_dir, cache_dir,
+                       str(tmp_path / "third"))
+  third.check(third.wait())
+  assert os.path.exists(os.path.join(workdir, train.RUN_FILE))
+  config = _digits(data_dir, **_overrides(teacher_dir))
+  _assert_same(_student(config, workdir), _student(config, reference),
+               rtol=1e-6, atol=1e-7)
+
+
+# --- Fail fast: what to change, before any compile. ---
+
+def test_distributed_settings_from_fields_and_environment():
+  none = distributed.resolve(None, environ={}, on_tpu=False)
+  assert none is None
+  env = {distributed.ENV_ADDRESS: "10.0.0.2:8476",
+         distributed.ENV_NUM_PROCESSES: "4", distributed.ENV_PROCESS_ID: "3"}
+  s = distributed.resolve(None, environ=env, on_tpu=False)
+  assert (s.coordinator_address, s.num_processes, s.process_id) == (
+      "10.0.0.2:8476", 4, 3)
+  # Config fields win over the environment.
+  config = _digits("", **{"distributed.process_id": 1})
+  assert distributed.resolve(config.distributed, environ=env,
+                             on_tpu=False).process_id == 1
+  # A Cloud TPU VM: jax.distributed.initialize() with no arguments.
+  config.distributed.process_id = -1
+  assert distributed.resolve(config.distributed, environ={}, on_tpu=True).auto
+  # ... unless told there is one process.
+  config.distributed.num_processes = 1
+  assert distributed.resolve(config.distributed, environ={}, on_tpu=True) is None
+  with pytest.raises(distributed.DistributedInitError,
+                     match="config.distributed.process_id is not"):
+    distributed.resolve(None, environ={distributed.ENV_ADDRESS: "h:1",
+                                       distributed.ENV_NUM_PROCESSES: "2"})
+  with pytest.raises(distributed.DistributedInitError, match="needs a port"):
+    distributed.resolve(None, environ=dict(env, **{
+        distributed.ENV_ADDRESS: "10.0.0.2"}))
+  with pytest.raises(distributed.DistributedInitError,
+                     match="no coordinator address"):
+    distributed.resolve(None, environ={distributed.ENV_NUM_PROCESSES: "2",
+                                       distributed.ENV_PROCESS_ID: "1"})
+
+
+def test_unreachable_coordinator_fails_fast_with_what_to_check(data_dir,
+                                                               tmp_path):
+  port = _free_port()  # Nobody listens there.
+  env = dict(os.environ, TFDS_DATA_DIR=data_dir, JAX_PLATFORMS="cpu")
+  start = time.time()
+  result = subprocess.run(
+      [sys.executable, "-m", "kdjax.main", "--config=configs/digits.py:tiny",
+       f"--workdir={tmp_path}", "--config.mode=teacher",
+       f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+       "--config.distributed.num_processes=2",
+       "--config.distributed.process_id=1",
+       "--config.distributed.initialization_timeout=3"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  elapsed = time.time() - start
+  assert result.returncode != 0
+  assert "DistributedInitError" in result.stderr
+  assert (f"Could not reach the coordinator 127.0.0.1:{port} (process 1 of "
+          "2) within 3s") in result.stderr
+  assert "Check that: process 0 is running" in result.stderr
+  assert "initialization_timeout" in result.stderr
+  assert elapsed < 60, elapsed
+  assert not os.listdir(tmp_path)  # Failed before writing anything.
+
+
+def test_unwritable_workdir_fails_before_any_compile(digits_config, tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  digits_config.mode = "teacher"
+  with pytest.raises(config_lib.WorkdirError,
+                     match=r"--workdir=.*a_file/run.* cannot be written.*"
+                           r"Pass a directory you can write"):
+    modes.run(digits_config, str(blocker / "run"))
+  if os.geteuid() != 0:  # root may write anywhere.
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(config_lib.WorkdirError, match="cannot be written"):
+      modes.run(digits_config, str(locked / "run"))
+
+
+def test_device_count_not_dividing_the_batch_says_what_to_change(
+    digits_config, tmp_path):
+  digits_config.mode = "teacher"
+  digits_config.teacher.train.batch_size = 60  # 8 devices here.
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config.teacher.train.batch_size=60 is invalid: "
+                           r"must be a positive multiple of device count \(8\)"):
+    modes.run(digits_config, str(tmp_path))
