@@ -83,6 +83,15 @@ class Topology:
   def devices(self) -> int:
     return self.chips * _DEVICES_PER_CHIP[self.generation]
 
+  @property
+  def accelerator_type(self) -> str:
+    """The Cloud TPU type of this many chips, e.g. v5litepod-8, v4-16."""
+    if self.generation == "v5e":
+      return f"v5litepod-{self.chips}"
+    if self.generation == "v6e":
+      return f"v6e-{self.chips}"
+    return f"{self.generation}-{self.chips * 2}"  # v2-v5p count cores.
+
 
 def parse_topology(name: str) -> Topology:
   """'v5e:2x4' -> Topology; ValueError saying what is allowed."""
@@ -110,6 +119,10 @@ def topology_devices(topology: Topology) -> list:
   # jax process started without JAX_PLATFORMS=cpu while libtpu is installed)
   # must not block it.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  # Off a TPU VM libtpu looks for the VM's type and workers and logs scary
+  # errors; naming them (as the topology's) keeps the output readable.
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.accelerator_type)
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   try:
     desc = topologies.get_topology_desc(platform="tpu",
                                         topology_name=topology.name)

@@ -175,6 +175,10 @@ def check_workdir(workdir: str) -> None:
 
 
 def _check_distributed(config) -> None:
+  if jax.process_count() > 1 and config.parallel.backend == "pmap":
+    _fail("parallel.backend", config.parallel.backend,
+          f"pmap maps over one host's devices; with {jax.process_count()} "
+          "processes use 'shard_map'")
   dist = config.get("distributed")
   if dist is None:
     return

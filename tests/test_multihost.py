@@ -316,3 +316,13 @@ def test_device_count_not_dividing_the_batch_says_what_to_change(
                      match=r"config.teacher.train.batch_size=60 is invalid: "
                            r"must be a positive multiple of device count \(8\)"):
     modes.run(digits_config, str(tmp_path))
+
+
+def test_pmap_backend_with_several_processes_is_refused(digits_config,
+                                                        tmp_path):
+  digits_config.mode = "teacher"
+  digits_config.parallel.backend = "pmap"
+  with mock.patch.object(jax, "process_count", lambda: 2):
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"config.parallel.backend='pmap'.*use 'shard_map'"):
+      config_lib.validate(digits_config, str(tmp_path))
