@@ -173,6 +173,8 @@ def _check_coordinator(settings: Settings) -> None:
         ) from None
   if settings.process_id == 0:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+      # As gRPC does: a previous run's TIME_WAIT connections do not count.
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
       try:
         s.bind(("", port))
       except OSError as e:

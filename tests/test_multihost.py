@@ -326,3 +326,17 @@ def test_pmap_backend_with_several_processes_is_refused(digits_config,
     with pytest.raises(config_lib.ConfigError,
                        match=r"config.parallel.backend='pmap'.*use 'shard_map'"):
       config_lib.validate(digits_config, str(tmp_path))
+
+
+def test_coordinator_port_in_use_is_named_before_jax_starts():
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    with pytest.raises(distributed.DistributedInitError,
+                       match=f"port {port} is already in use"):
+      distributed._check_coordinator(distributed.Settings(  # pylint: disable=protected-access
+          f"127.0.0.1:{port}", num_processes=2, process_id=0))
+    # A peer only needs something listening there.
+    distributed._check_coordinator(distributed.Settings(  # pylint: disable=protected-access
+        f"127.0.0.1:{port}", num_processes=2, process_id=1, timeout_seconds=5))
