@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from kdjax import checkpoint, models, parallel
+from kdjax import checkpoint, models, objectives, parallel
 from kdjax.objectives import HARD_LABEL_SOURCES
 
 MODES = ("teacher", "scratch", "distill", "evaluate", "pipeline", "aot_check")
@@ -50,24 +51,61 @@ def _normalise(spec: dict[str, Any]) -> dict[str, Any]:
           for k, v in spec.items()}
 
 
-def check_teacher_checkpoint(config: ml_collections.ConfigDict, path: str) -> None:
-  """The teacher checkpoint exists and was trained with config.teacher.model."""
+@dataclasses.dataclass(frozen=True)
+class TeacherSpec:
+  """One frozen teacher: its model spec, checkpoint dir and the config field named in errors."""
+  model: dict[str, Any]
+  path: str
+  field: str
+
+
+def model_from_spec(spec: dict[str, Any]):
+  kwargs = dict(spec)
+  return models.get_model(kwargs.pop("name"), **kwargs)
+
+
+def teacher_specs(config: ml_collections.ConfigDict, workdir: str
+                  ) -> list[TeacherSpec]:
+  """config.teacher, then config.distill.extra_teachers, in that order."""
+  specs = [TeacherSpec(model_spec(config, "teacher"),
+                       teacher_dir(config, workdir), "teacher")]
+  for i, extra in enumerate(config.distill.get("extra_teachers", ())):
+    model = dict(extra["model"])
+    model.setdefault("num_classes", config.data.num_classes)
+    specs.append(TeacherSpec(
+        {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()},
+        extra["checkpoint_dir"], f"distill.extra_teachers[{i}]"))
+  return specs
+
+
+def check_checkpoint_model(expected_spec: dict[str, Any], path: str,
+                           field: str) -> None:
+  """A checkpoint exists at path and was trained with expected_spec."""
   meta = checkpoint.read_meta(path)
   if meta is None:
-    _fail("teacher.checkpoint_dir", path,
+    _fail(f"{field}.checkpoint_dir", path,
           "no teacher checkpoint there; train one with --config.mode=teacher "
           "--workdir=<dir> and pass that dir")
-  expected = _normalise(model_spec(config, "teacher"))
+  expected = _normalise(expected_spec)
   found = _normalise(meta["model"])
   if found != expected:
     diff = {k: (found.get(k), expected.get(k))
             for k in set(found) | set(expected) if found.get(k) != expected.get(k)}
     raise ConfigError(
-        f"The teacher checkpoint in {path!r} does not match config.teacher.model: "
+        f"The teacher checkpoint in {path!r} does not match config.{field}.model: "
         + ", ".join(f"{k}: checkpoint has {a!r}, config has {b!r}"
                     for k, (a, b) in sorted(diff.items()))
-        + ". Set config.teacher.model to the checkpoint's model or point "
-        "config.teacher.checkpoint_dir at a matching teacher.")
+        + f". Set config.{field}.model to the checkpoint's model or point "
+        f"config.{field}.checkpoint_dir at a matching teacher.")
+  if meta.get("num_classes") not in (None, expected.get("num_classes")):
+    raise ConfigError(
+        f"The teacher checkpoint in {path!r} has {meta['num_classes']} classes, "
+        f"config.data.num_classes is {expected.get('num_classes')}.")
+
+
+def check_teacher_checkpoint(config: ml_collections.ConfigDict, path: str) -> None:
+  """The primary teacher's checkpoint exists and matches config.teacher.model."""
+  check_checkpoint_model(model_spec(config, "teacher"), path, "teacher")
 
 
 def _check_model(config, role: str) -> None:
@@ -145,7 +183,19 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
     if not 0.0 <= config.pipeline.small_data_fraction < 1.0:
       _fail("pipeline.small_data_fraction", config.pipeline.small_data_fraction,
             "must be in [0, 1) (0 disables the small-data runs)")
-  if config.mode in ("distill", "evaluate"):
+  try:
+    objectives.validate_distill(config.distill)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  for i, extra in enumerate(config.distill.get("extra_teachers", ())):
+    missing = {"checkpoint_dir", "model"} - set(extra)
+    if missing:
+      _fail(f"distill.extra_teachers[{i}]", dict(extra),
+            f"needs fields {sorted(missing)} (and optionally weight)")
+  if config.mode == "distill":
+    for spec in teacher_specs(config, workdir):
+      check_checkpoint_model(spec.model, spec.path, spec.field)
+  if config.mode == "evaluate":
     check_teacher_checkpoint(config, teacher_dir(config, workdir))
   _check_distributed(config)
   if config.mode == "aot_check":

@@ -34,6 +34,7 @@ def predict_logits(apply_fn, params, inputs: np.ndarray, mesh, *,
   num_devices = mesh.devices.size
   batch_size = max(num_devices, batch_size // num_devices * num_devices)
   forward = _jitted_forward(apply_fn)
+  params = parallel.replicate(params, mesh)
   n = len(inputs)
   outputs = []
   for start in range(0, n, batch_size):
@@ -128,9 +129,11 @@ def _num_params(params) -> int:
 
 
 def _group_key(run: dict) -> str:
+  """'distill (full data)', 'distill[jsd] (3% of data)', 'scratch (...)'."""
   fraction = run["train_fraction"]
   data = "full data" if fraction >= 1.0 else f"{fraction:.0%} of data"
-  return f"{run['role']} ({data})"
+  variant = f"[{run['variant']}]" if run.get("variant") else ""
+  return f"{run['role']}{variant} ({data})"
 
 
 def write_report(config, workdir: str) -> dict[str, Any]:
@@ -166,7 +169,8 @@ def write_report(config, workdir: str) -> dict[str, Any]:
       speed = inference_examples_per_second(student_apply, params,
                                             data["inputs"])
     students.append({
-        "group": _group_key(run), "method": run["role"], "seed": run["seed"],
+        "group": _group_key(run), "method": run["role"],
+        "variant": run.get("variant", ""), "seed": run["seed"],
         "train_fraction": run["train_fraction"], "objective": run["objective"],
         **classification_metrics(logits, labels, teacher_logits),
         "num_params": _num_params(params),

@@ -43,14 +43,41 @@ def _train_unless_done(config, workdir: str) -> dict:
   return train.train(config, workdir)
 
 
+def _with_workdir(value, workdir: str):
+  """Substitutes '{workdir}' in strings (nested in tuples/dicts) of a variant."""
+  if isinstance(value, str):
+    return value.replace("{workdir}", workdir)
+  if isinstance(value, (tuple, list)):
+    return type(value)(_with_workdir(v, workdir) for v in value)
+  if isinstance(value, dict):
+    return {k: _with_workdir(v, workdir) for k, v in value.items()}
+  return value
+
+
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Teacher -> (scratch, distill) x seeds x data sizes -> report."""
+  """Teacher(s) -> (scratch, distill, variants) x seeds x data sizes -> report.
+
+  `config.pipeline.variants` adds distillation runs that differ from the
+  default distill config by a few overrides (another objective, features,
+  several teachers); `config.pipeline.extra_teachers` trains more teachers
+  first (into WORKDIR/teacher_<name>, which variants name as
+  '{workdir}/teacher_<name>').
+  """
   teacher_dir = config_lib.teacher_dir(config, workdir)
   if not config.teacher.checkpoint_dir:
     _train_unless_done(_run_config(config, "teacher"), teacher_dir)
+  for extra in config.pipeline.get("extra_teachers", ()):
+    _train_unless_done(
+        _run_config(config, "teacher", seed=int(extra["seed"])),
+        os.path.join(workdir, f"teacher_{extra['name']}"))
   config = _run_config(config, config.mode, **{
       "teacher.checkpoint_dir": teacher_dir})
 
+  runs = [("scratch", "scratch", {}), ("distill", "distill", {})]
+  for variant in config.pipeline.get("variants", ()):
+    overrides = _with_workdir(dict(variant["overrides"]), workdir)
+    runs.append((f"distill_{variant['name']}", "distill",
+                 {"variant": variant["name"], **overrides}))
   fractions = [(1.0, "full_data", config.student.train.num_epochs)]
   small = float(config.pipeline.small_data_fraction)
   if small > 0:
@@ -58,12 +85,12 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       config.pipeline.small_data_num_epochs))
   for fraction, tag, epochs in fractions:
     for seed in config.pipeline.seeds:
-      for mode in ("scratch", "distill"):
+      for name, mode, overrides in runs:
         run = _run_config(config, mode, seed=int(seed),
                           **{"data.train_fraction": fraction,
-                             "student.train.num_epochs": epochs})
+                             "student.train.num_epochs": epochs, **overrides})
         config_lib.validate(run, workdir)
-        _train_unless_done(run, os.path.join(workdir, tag, mode,
+        _train_unless_done(run, os.path.join(workdir, tag, name,
                                              f"seed_{seed}"))
   return evaluate.write_report(config, workdir)
 

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from kdjax import checkpoint, objectives, optim, parallel, step
+from kdjax import checkpoint, features, objectives, optim, parallel, step
 from kdjax import config as config_lib
 from kdjax import evaluate
 from kdjax import preemption
@@ -36,15 +36,38 @@ def role_of(mode: str) -> str:
   return "teacher" if mode == "teacher" else "student"
 
 
-def load_teacher(config: ml_collections.ConfigDict, workdir: str, mesh):
-  """Teacher params restored from its checkpoint and replicated (P()) on the mesh."""
-  path = config_lib.teacher_dir(config, workdir)
-  config_lib.check_teacher_checkpoint(config, path)
-  model = config_lib.build_model(config, "teacher")
-  abstract = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), _dummy_inputs(config))["params"])
-  params = checkpoint.restore_params(path, abstract)
-  return model, parallel.replicate(params, mesh)
+def load_teachers(config: ml_collections.ConfigDict, workdir: str, mesh):
+  """Every teacher's model and params, restored and replicated (P()) on the mesh.
+
+  Teachers are frozen: their params are placed once, never donated, never in
+  the optimizer state or the student's checkpoint.
+  """
+  applies, params = [], []
+  for spec in config_lib.teacher_specs(config, workdir):
+    config_lib.check_checkpoint_model(spec.model, spec.path, spec.field)
+    model = config_lib.model_from_spec(spec.model)
+    abstract = jax.eval_shape(
+        lambda m=model: m.init(jax.random.key(0), _dummy_inputs(config))["params"])
+    applies.append(step.make_apply_fn(model))
+    params.append(parallel.replicate(
+        checkpoint.restore_params(spec.path, abstract), mesh))
+  return tuple(applies), tuple(params)
+
+
+def init_feature_projections(config, objective, model, teacher_applies,
+                             teachers_params, seed: int):
+  """Learned projections for feature terms whose widths differ (else {})."""
+  if not objective.needs_features:
+    return {}
+  x = _dummy_inputs(config)
+  student_apply = step.make_apply_fn(model)
+  student_params = jax.eval_shape(lambda: init_params(model, config, seed))
+  shapes = lambda apply, p: jax.eval_shape(
+      lambda q: apply(q, x, False, None, True).intermediates, p)
+  return features.init_projections(
+      objective.feature_terms, shapes(student_apply, student_params),
+      [shapes(a, p) for a, p in zip(teacher_applies, teachers_params)],
+      jax.random.key(seed + 2))
 
 
 def _dummy_inputs(config) -> jax.Array:
@@ -97,15 +120,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   model = config_lib.build_model(config, role)
   apply_fn = step.make_apply_fn(model)
   tx = optim.make_optimizer(train_cfg, total_steps)
-  objective = objectives.from_config(config, mode)
-  teacher_apply, teacher_params = None, None
-  if objective.uses_teacher:
-    teacher_model, teacher_params = load_teacher(config, workdir, mesh)
-    teacher_apply = step.make_apply_fn(teacher_model)
+  teacher_applies, teachers_params = (), ()
+  if mode == "distill":
+    teacher_applies, teachers_params = load_teachers(config, workdir, mesh)
+  objective = objectives.from_config(config, mode, total_steps=total_steps,
+                                     num_teachers=len(teachers_params))
 
   params = init_params(model, config, seed)
+  aux_params = init_feature_projections(config, objective, model,
+                                        teacher_applies, teachers_params, seed)
   state = parallel.replicate(
-      step.create_train_state(params, tx, jax.random.key(seed + 1)), mesh)
+      step.create_train_state(params, tx, jax.random.key(seed + 1), aux_params),
+      mesh)
   data_iter = iter(pipeline.train_dataset(
       source, config.data, global_batch_size=train_cfg.batch_size, seed=seed,
       augment=bool(train_cfg.augment)))
@@ -113,7 +139,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   meta = {"model": config_lib.model_spec(config, role), "role": mode,
           "objective": objectives.describe(objective), "seed": seed,
           "train_fraction": float(config.data.train_fraction),
-          "num_classes": int(config.data.num_classes)}
+          "num_classes": int(config.data.num_classes),
+          "variant": config.get("variant", "")}
   ckpt = checkpoint.Checkpointer(
       workdir, save_every_steps=config.checkpoint.every_steps,
       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
@@ -124,7 +151,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logging.info("Resumed %s from step %d in %s.", mode, restored_step, workdir)
 
   per_device = functools.partial(
-      step.train_step, student_apply=apply_fn, teacher_apply=teacher_apply,
+      step.train_step, student_apply=apply_fn, teacher_applies=teacher_applies,
       objective=objective, tx=tx, axis=parallel.DataAxis(config.parallel.backend),
       grad_accum_steps=int(train_cfg.grad_accum_steps))
   run_step = parallel.map_over_devices(per_device, mesh, config.parallel.backend)
@@ -170,7 +197,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   try:
     for current in range(start_step, total_steps):
       batch = next(data_iter)
-      state, metrics = run_step(state, batch, teacher_params)
+      state, metrics = run_step(state, batch, teachers_params)
       pending.append(metrics)
       done = current + 1
       if done % log_every == 0 or done == total_steps:

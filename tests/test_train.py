@@ -159,3 +159,35 @@ def test_killed_run_resumes_to_the_same_parameters(data_dir, tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
                                                        atol=1e-7),
                resumed, uninterrupted)
+
+
+def test_pipeline_variants_features_and_two_teachers(digits_config, tmp_path):
+  """Objective families side by side in one report, on real data."""
+  digits_config.pipeline.extra_teachers = (dict(name="b", seed=1),)
+  digits_config.pipeline.variants = (
+      dict(name="jsd", overrides={
+          "distill.terms": (dict(name="jsd", weight=0.5, beta=0.5),
+                            dict(name="ce", weight=0.5))}),
+      dict(name="features", overrides={
+          "distill.features": (dict(student="hidden_0", teacher="penultimate",
+                                    loss="mse", weight=1.0),)}),
+      dict(name="two_teachers", overrides={
+          "distill.extra_teachers": (dict(
+              checkpoint_dir="{workdir}/teacher_b",
+              model=digits_config.teacher.model.to_dict(), weight=1.0),)}),
+  )
+  report = modes.run(digits_config, str(tmp_path))
+  groups = report["groups"]
+  for name in ("scratch", "distill", "distill[jsd]", "distill[features]",
+               "distill[two_teachers]"):
+    assert f"{name} (full data)" in groups, sorted(groups)
+  assert "jsd(beta=0.5)" in groups["distill[jsd] (full data)"]["objective"]
+  assert "feature_mse(hidden_0<-penultimate)" in groups[
+      "distill[features] (full data)"]["objective"]
+  assert "2 teachers (ensemble)" in groups[
+      "distill[two_teachers] (full data)"]["objective"]
+  # The learned projection (16 -> 128) trained but is not in the export.
+  run_dir = str(tmp_path / "full_data" / "distill_features" / "seed_0")
+  assert set(_params(digits_config, "student", run_dir)) == {"dense_0", "head"}
+  with open(os.path.join(str(tmp_path), "report.md")) as f:
+    assert "distill[two_teachers]" in f.read()
