@@ -211,7 +211,13 @@ class WorkdirError(ConfigError):
 def check_workdir(workdir: str) -> None:
   """Creates the workdir and writes a probe file: fails now, not at the first save."""
   if "://" in workdir:
-    return  # gs:// and other remote paths: checked by their first write.
+    # Orbax could write there, but metrics.jsonl, run.json and the report
+    # use local file I/O; refuse rather than write to a local 'gs:' dir.
+    raise WorkdirError(
+        f"--workdir={workdir!r}: remote workdirs are not supported yet (the "
+        "metrics, run.json and report writers use local files). Use a local "
+        "directory, e.g. --workdir=$HOME/kdjax_runs/<name>, and copy it to "
+        "the bucket afterwards (gcloud storage cp -r).")
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.TemporaryFile(dir=workdir):
@@ -220,8 +226,7 @@ def check_workdir(workdir: str) -> None:
     raise WorkdirError(
         f"--workdir={workdir!r} cannot be written ({type(e).__name__}: "
         f"{e.strerror or e}). Pass a directory you can write, e.g. "
-        "--workdir=$HOME/kdjax_runs/<name>, or a gs:// bucket on Cloud TPU."
-        ) from None
+        "--workdir=$HOME/kdjax_runs/<name>.") from None
 
 
 def _check_distributed(config) -> None:

@@ -97,7 +97,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Validates the config, then runs config.mode in workdir."""
-  workdir = os.path.abspath(os.path.expanduser(workdir)) if workdir else ""
+  if workdir and "://" not in workdir:  # Never turn gs://b/x into ./gs:/b/x.
+    workdir = os.path.abspath(os.path.expanduser(workdir))
   config_lib.validate(config, workdir)
   if config.mode == "aot_check":
     from kdjax import aot  # pylint: disable=g-import-not-at-top
