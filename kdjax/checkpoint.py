@@ -2,7 +2,8 @@
 
 A run's checkpoints live in WORKDIR/checkpoints/<step>/ with four items:
   params   the model's parameters (all a teacher needs, all an export needs)
-  train    optimizer state, step and RNG key
+  train    optimizer state, step, RNG key and auxiliary trainables (e.g.
+           feature projections: trained with the student, not exported)
   data     the grain iterator position
   meta     JSON: model name and fields, class count, the role of the run
 Teacher parameters are never part of a student's checkpoint.
@@ -59,16 +60,14 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
-
   def should_save(self, step: int) -> bool:
     """Every N steps (Orbax's own policy would also save the first step)."""
     return step % self._every == 0
 
   def save(self, step: int, state, data_iterator, meta: dict[str, Any]) -> bool:
     """Saves params, train state, data position and meta (async where safe)."""
-    train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+    train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
+             "aux_params": state.aux_params}
     return self._manager.save(
         step,
         args=ocp.args.Composite(
@@ -114,7 +113,8 @@ class Checkpointer:
                 train=ocp.args.StandardRestore({
                     "step": abstract_state.step,
                     "opt_state": abstract_state.opt_state,
-                    "rng": abstract_state.rng}),
+                    "rng": abstract_state.rng,
+                    "aux_params": abstract_state.aux_params}),
                 data=grain.checkpoint.CheckpointRestore(data_iterator)))
       except Exception as e:  # pylint: disable=broad-except
         error = e
@@ -129,7 +129,8 @@ class Checkpointer:
       train = restored["train"]
       state = abstract_state.replace(
           step=train["step"], params=restored["params"],
-          opt_state=train["opt_state"], rng=train["rng"])
+          opt_state=train["opt_state"], rng=train["rng"],
+          aux_params=train["aux_params"])
       return state, step
     return None, None
 
@@ -220,8 +221,3 @@ def params_bytes(workdir: str) -> int:
   params_dir = os.path.join(directory, str(steps[-1]), "params")
   return sum(os.path.getsize(os.path.join(root, f))
              for root, _, files in os.walk(params_dir) for f in files)
-
-
-def abstract_like(tree):
-  """ShapeDtypeStructs (with shardings) to restore into."""
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

@@ -23,7 +23,6 @@ from sklearn import metrics as skmetrics
 from kdjax import checkpoint, parallel, step
 from kdjax import config as config_lib
 from kdjax.data import pipeline
-from kdjax.metrics_writer import read_metrics
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
 
@@ -262,9 +261,3 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{s['checkpoint_bytes']:,} | {s['inference_examples_per_second']:,.0f} |")
   lines += ["", "Training curves and the comparison: report.png.", ""]
   return "\n".join(lines)
-
-
-def training_curves(workdir: str) -> dict[str, list[dict]]:
-  """metrics.jsonl of every run under workdir, keyed by run dir."""
-  return {os.path.relpath(run_dir, workdir): read_metrics(run_dir)
-          for run_dir, _ in find_runs(workdir)}
