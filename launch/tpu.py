@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Run kdjax on Cloud TPU VMs: create, setup, run, logs, stop, status, delete.
+"""Run kdjax on Cloud TPU VMs: create, setup, run, logs, fetch-results, stop, status, delete.
 
 Every gcloud command line is built by `gcloud()` below and nowhere else; each
 subcommand builds a list of argv lists and `execute()` either runs them in
@@ -15,9 +15,16 @@ Usage, from the repository root (see launch/README.md for the walkthrough):
   python launch/tpu.py run    --name=kd --zone=us-west4-a \\
       --accelerator-type=v5litepod-8 \\
       --config=configs/fashion_mnist.py --preset=smoke \\
-      --workdir=gs://MY_BUCKET/kdjax/fmnist --config.FIELD=VALUE
-  python launch/tpu.py logs   --name=kd --zone=us-west4-a
+      --run-name=fmnist --config.FIELD=VALUE  # workdir ~/kdjax-runs/fmnist
+  python launch/tpu.py logs   --name=kd --zone=us-west4-a --run-name=fmnist
+  python launch/tpu.py fetch-results --name=kd --zone=us-west4-a \\
+      --run-name=fmnist                       # -> kdjax-results/fmnist/
   python launch/tpu.py delete --name=kd --zone=us-west4-a
+
+The workdir is a path on the workers, never gs:// (kdjax writes its metrics,
+run.json and report with local file I/O). On one host the default is
+~/kdjax-runs/RUN_NAME on the VM's disk; a multi-host slice needs an absolute
+path on a filesystem mounted at that path on every worker (e.g. Filestore).
 
 --name, --zone, --project and --accelerator-type default to the environment
 variables KDJAX_TPU_NAME, KDJAX_TPU_ZONE, KDJAX_TPU_PROJECT and KDJAX_TPU_TYPE.
@@ -32,6 +39,7 @@ import dataclasses
 import importlib.util
 import os
 import pathlib
+import posixpath
 import re
 import shlex
 import subprocess
@@ -46,6 +54,9 @@ GCLOUD = "gcloud"  # The executable; referenced only by gcloud().
 REMOTE_REPO = "kdjax"  # The source tree (cloned or copied).
 REMOTE_VENV = "kdjax-venv"  # The Python environment kdjax is installed in.
 REMOTE_LOGS = "kdjax-logs"  # <run-name>.log and <run-name>.pid per worker.
+REMOTE_RUNS = "kdjax-runs"  # Default single-host workdirs: ~/kdjax-runs/<run-name>.
+LOCAL_RESULTS = "kdjax-results"  # fetch-results default: ./kdjax-results/<run-name>.
+REPORT_GLOB = "report.*"  # report.json, report.md, report.png (kdjax.evaluate).
 
 # jax 0.10 needs Python >= 3.11; the TPU VM images ship Python 3.10, so setup
 # makes a virtualenv with uv (which fetches a Python build when needed).
@@ -339,25 +350,82 @@ def config_spec(a) -> str:
   return a.config
 
 
-def check_workdir(a, accel: Accelerator) -> None:
-  if a.workdir.startswith("gs://"):
-    return
-  if accel.multi_host:
+def default_workdir(run_name: str) -> str:
+  return f"~/{REMOTE_RUNS}/{run_name}"
+
+
+def workdir_of(a) -> str:
+  """--workdir, or the single-host default ~/kdjax-runs/RUN_NAME."""
+  return a.workdir or default_workdir(a.run_name)
+
+
+def check_workdir(a, accel: Optional[Accelerator], warn: bool = True) -> str:
+  """Refuses workdirs kdjax cannot use on the workers; returns the workdir.
+
+  accel is None when the slice size is unknown (fetch-results): then only
+  the checks that hold for every slice are made.
+  """
+  workdir = workdir_of(a)
+  if "://" in workdir:
     raise LaunchError(
-        f"--workdir={a.workdir} is not on GCS, but {accel.name} has "
-        f"{accel.hosts} hosts that must all read and write the same "
-        "checkpoints: use a bucket, e.g. --workdir=gs://YOUR_BUCKET/kdjax/RUN")
-  _note(f"--workdir={a.workdir} is on the VM's disk: it is lost when the VM "
-        "is deleted or preempted; a gs:// workdir survives both")
+        f"--workdir={workdir}: kdjax does not write to GCS (or any URL) yet: "
+        "its metrics, run.json and report writers use local files. Use a "
+        f"path on the workers: on one host e.g. --workdir=~/{REMOTE_RUNS}/"
+        f"{a.run_name} (the default), on a multi-host slice a filesystem "
+        "mounted at the same path on every worker, e.g. a Filestore NFS "
+        "share (--workdir=/mnt/kdjax/RUN)")
+  multi = accel is not None and accel.multi_host
+  if multi and a.workdir is None:
+    raise LaunchError(
+        f"{accel.name} has {accel.hosts} hosts: pass --workdir=/ABSOLUTE/PATH "
+        "on a filesystem mounted at that path on every worker (e.g. a "
+        "Filestore NFS share); there is no default")
+  if multi and not workdir.startswith("/"):
+    raise LaunchError(
+        f"--workdir={workdir}: {accel.name} has {accel.hosts} hosts, so the "
+        "workdir must be an absolute path (e.g. /mnt/kdjax/RUN) on a "
+        "filesystem mounted at that same path on every worker; a relative "
+        "or ~ path is each worker's own disk")
+  if not (workdir.startswith("/") or workdir == "~"
+          or workdir.startswith("~/")):
+    raise LaunchError(
+        f"--workdir={workdir}: pass an absolute path or ~/PATH (on the "
+        f"workers), e.g. --workdir=~/{REMOTE_RUNS}/{a.run_name}; a relative "
+        f"path would land in ~/{REMOTE_REPO}, which setup replaces")
+  if multi and warn:
+    _note(f"warning: --workdir={workdir} must be shared storage mounted at "
+          f"this path on all {accel.hosts} workers (e.g. a Filestore NFS "
+          "share): Orbax checkpoints from every process must land in one "
+          "place, and the same run command must find them after a "
+          "preemption. This is not checked here.")
+  return workdir
+
+
+def _remote_word(path: str) -> str:
+  """A shell word for path on a worker: ~ and ~/x expand to the remote $HOME."""
+  if path == "~":
+    return '"$HOME"'
+  if path.startswith("~/"):
+    return '"$HOME"/' + shlex.quote(path[2:])
+  return shlex.quote(path)
+
+
+def _scp_path(path: str) -> str:
+  """path as the remote side of scp, where relative means from $HOME."""
+  if path == "~":
+    return "."
+  return path[2:] if path.startswith("~/") else path
 
 
 def run_script(a) -> str:
   """The shell command line run starts on every worker."""
   log = _home(f"{REMOTE_LOGS}/{a.run_name}.log")
   pid = _home(f"{REMOTE_LOGS}/{a.run_name}.pid")
-  argv = ["-m", "kdjax.main", f"--config={config_spec(a)}",
-          f"--workdir={a.workdir}", *a.overrides]
-  command = _home(f"{REMOTE_VENV}/bin/python") + " " + shlex.join(argv)
+  command = " ".join([
+      _home(f"{REMOTE_VENV}/bin/python"),
+      shlex.join(["-m", "kdjax.main", f"--config={config_spec(a)}"]),
+      "--workdir=" + _remote_word(workdir_of(a)),
+      *(shlex.quote(o) for o in a.overrides)])
   jemalloc = (
       "for f in " + " ".join(shlex.quote(p) for p in JEMALLOC_PATHS)
       + '; do if [ -f "$f" ]; then export LD_PRELOAD="$f${LD_PRELOAD:+:$LD_PRELOAD}"'
@@ -381,7 +449,14 @@ def run_script(a) -> str:
 
 def run_commands(a) -> list[list[str]]:
   accel = parse_accelerator(a.accelerator_type)
-  check_workdir(a, accel)
+  workdir = check_workdir(a, accel)
+  if not accel.multi_host:
+    _note(f"workdir {workdir} is on the VM's own disk, which goes away when "
+          "the VM is deleted (a preempted spot VM cannot be restarted): "
+          "copy the report with `launch/tpu.py fetch-results"
+          + ("" if a.workdir is None else f" --workdir={workdir}")
+          + ("" if a.run_name == "run" else f" --run-name={a.run_name}")
+          + "` before `delete`")
   return [ssh(a, run_script(a), worker="all")]
 
 
@@ -407,6 +482,19 @@ def logs_commands(a) -> list[list[str]]:
   return [scp(a, f"{a.name}:{remote_log}",
               os.path.join(a.fetch, f"{a.run_name}-worker{i}.log"),
               worker=str(i)) for i in workers]
+
+
+def fetch_results_commands(a) -> list[list[str]]:
+  """Copies WORKDIR/report.* from worker 0 to --dest (default kdjax-results/RUN)."""
+  accel = (parse_accelerator(a.accelerator_type) if a.accelerator_type
+           else None)
+  workdir = check_workdir(a, accel, warn=False)
+  remote = posixpath.join(_scp_path(workdir), REPORT_GLOB)
+  return [scp(a, f"{a.name}:{remote}", dest_of(a), worker="0")]
+
+
+def dest_of(a) -> str:
+  return a.dest or os.path.join(LOCAL_RESULTS, a.run_name)
 
 
 def stop_commands(a) -> list[list[str]]:
@@ -492,6 +580,17 @@ def cmd_create(a) -> int:
   return code
 
 
+def cmd_fetch_results(a) -> int:
+  commands = fetch_results_commands(a)
+  if not a.dry_run:
+    os.makedirs(dest_of(a), exist_ok=True)
+  code = execute(commands, a.dry_run)
+  if code and not a.dry_run:
+    _note(f"no {REPORT_GLOB} copied from {workdir_of(a)}: kdjax writes the "
+          "report when a pipeline or evaluate run ends (see `logs`)")
+  return code
+
+
 def cmd_logs(a) -> int:
   commands = logs_commands(a)
   if a.fetch is not None and not a.dry_run:
@@ -507,6 +606,7 @@ HANDLERS = {
     "setup": lambda a: execute(setup_commands(a), a.dry_run),
     "run": lambda a: execute(run_commands(a), a.dry_run),
     "logs": cmd_logs,
+    "fetch-results": cmd_fetch_results,
     "stop": lambda a: execute(stop_commands(a), a.dry_run),
     "status": lambda a: execute(status_commands(a), a.dry_run),
     "delete": lambda a: execute(delete_commands(a), a.dry_run),
@@ -519,6 +619,7 @@ _REQUIRED = {
     "setup": ("name", "zone"),
     "run": ("name", "zone", "accelerator_type"),
     "logs": ("name", "zone"),
+    "fetch-results": ("name", "zone"),
     "stop": ("name", "zone"),
     "status": ("name", "zone"),
     "delete": ("name", "zone"),
@@ -604,8 +705,11 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("run", parents=[common, accel, config, run_name],
                      allow_abbrev=False,
                      help="start a run on all workers in the background")
-  p.add_argument("--workdir", required=True,
-                 help="checkpoints and logs; gs://... (required multi-host)")
+  p.add_argument("--workdir", default=None,
+                 help="path on the workers for checkpoints, metrics and the "
+                 f"report (not gs://); default on one host: ~/{REMOTE_RUNS}/"
+                 "RUN_NAME; multi-host: required, absolute, on a filesystem "
+                 "mounted at that path on every worker")
 
   p = sub.add_parser("logs", parents=[common, accel, run_name],
                      allow_abbrev=False,
@@ -617,6 +721,15 @@ def build_parser() -> argparse.ArgumentParser:
                  help="stream: lines of history to show first")
   p.add_argument("--fetch", metavar="DIR", default=None,
                  help="copy logs to DIR/RUN-workerI.log instead of streaming")
+
+  p = sub.add_parser("fetch-results", parents=[common, accel, run_name],
+                     allow_abbrev=False,
+                     help="copy WORKDIR/report.* from worker 0 to here")
+  p.add_argument("--workdir", default=None,
+                 help="the run's --workdir (default: ~/"
+                 f"{REMOTE_RUNS}/RUN_NAME, run's single-host default)")
+  p.add_argument("--dest", metavar="DIR", default=None,
+                 help=f"local directory (default: {LOCAL_RESULTS}/RUN_NAME)")
 
   sub.add_parser("stop", parents=[common, run_name], allow_abbrev=False,
                  help="send SIGTERM to the run on all workers")

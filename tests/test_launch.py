@@ -238,8 +238,25 @@ RUN = ["run", *BASE, "--type=v4-32", "--config=configs/fashion_mnist.py",
        "--preset=smoke"]
 
 
-def test_run_multi_host_on_all_workers(capsys):
-  (cmd,) = dry(capsys, *RUN, "--workdir=gs://bucket/kd/fmnist")
+RUN1 = ["run", *BASE, "--type=v5litepod-8", "--config=configs/fashion_mnist.py"]
+
+
+def run_dry(capsys, *argv):
+  """Like dry() for run; returns (argv lists, stderr)."""
+  code = tpu.main([*argv, "--dry-run"])
+  captured = capsys.readouterr()
+  assert code == 0, captured.err
+  return [shlex.split(l) for l in captured.out.splitlines()], captured.err
+
+
+def workdir_word(cmd):
+  """The --workdir=... word of kdjax.main in a run ssh argv (remote shell)."""
+  (word,) = [w for w in shlex.split(remote(cmd)) if w.startswith("--workdir=")]
+  return word
+
+
+def test_run_multi_host_on_all_workers_warns_about_shared_storage(capsys):
+  (cmd,), err = run_dry(capsys, *RUN, "--workdir=/mnt/shared/kd/fmnist")
   assert cmd[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "kd"]
   assert "--worker=all" in cmd
   script = remote(cmd)
@@ -248,43 +265,77 @@ def test_run_multi_host_on_all_workers(capsys):
   assert tpu.MALLOC_CONF == "dirty_decay_ms:-1,muzzy_decay_ms:-1"
   assert "libjemalloc.so.2" in script
   assert '>> "$HOME/kdjax-logs/run.log" 2>&1' in script
+  assert workdir_word(cmd) == "--workdir=/mnt/shared/kd/fmnist"
+  # Accepted, with a warning that it must be one filesystem on every worker.
+  assert "warning" in err and "shared storage" in err
+  assert "all 4 workers" in err and "Orbax" in err
   subprocess_syntax_check(script)
 
 
-def test_run_refuses_local_workdir_on_multi_host(capsys, no_gcloud):
-  assert tpu.main([*RUN, "--workdir=/tmp/kd"]) == 2
+@pytest.mark.parametrize("argv", [RUN, RUN1], ids=["multi-host", "one-host"])
+@pytest.mark.parametrize("workdir", ["gs://bucket/kd/fmnist", "s3://b/x"])
+def test_run_refuses_bucket_workdirs(capsys, no_gcloud, argv, workdir):
+  assert tpu.main([*argv, f"--workdir={workdir}", "--dry-run"]) == 2
   captured = capsys.readouterr()
   assert captured.out == ""
-  assert "gs://" in captured.err and "4 hosts" in captured.err
+  assert "does not write to GCS" in captured.err
+  assert "Filestore" in captured.err and "kdjax-runs" in captured.err
   assert no_gcloud == []
 
 
-def test_run_single_host_local_workdir_warns(capsys):
-  code = tpu.main(["run", *BASE, "--type=v5litepod-8",
-                   "--config=configs/fashion_mnist.py", "--workdir=/tmp/kd",
-                   "--dry-run"])
+@pytest.mark.parametrize("workdir,expected", [
+    (None, "there is no default"),
+    ("runs/kd", "must be an absolute path"),
+    ("~/kdjax-runs/kd", "each worker's own disk"),
+])
+def test_run_multi_host_needs_an_absolute_workdir(capsys, no_gcloud, workdir,
+                                                  expected):
+  flags = [] if workdir is None else [f"--workdir={workdir}"]
+  assert tpu.main([*RUN, *flags, "--dry-run"]) == 2
   captured = capsys.readouterr()
-  assert code == 0 and "--worker=all" in captured.out
-  assert "lost when the VM" in captured.err
+  assert captured.out == ""
+  assert expected in captured.err and "4 hosts" in captured.err
+  assert "Filestore" in captured.err or "absolute" in captured.err
+  assert no_gcloud == []
+
+
+def test_run_single_host_defaults_to_a_local_workdir_and_says_so(capsys):
+  (cmd,), err = run_dry(capsys, *RUN1, "--run-name=fm")
+  assert "--worker=all" in cmd
+  assert workdir_word(cmd) == "--workdir=$HOME/kdjax-runs/fm"
+  assert "goes away when the VM is deleted" in err
+  assert "fetch-results --run-name=fm" in err
+  assert "warning" not in err  # The shared-storage warning is multi-host only.
+  (cmd,), err = run_dry(capsys, *RUN1, "--workdir=/data/kd")
+  assert workdir_word(cmd) == "--workdir=/data/kd"
+  assert "fetch-results --workdir=/data/kd`" in err
+
+
+def test_run_single_host_refuses_a_relative_workdir(capsys, no_gcloud):
+  assert tpu.main([*RUN1, "--workdir=runs/kd", "--dry-run"]) == 2
+  captured = capsys.readouterr()
+  assert captured.out == ""
+  assert "setup replaces" in captured.err
+  assert no_gcloud == []
 
 
 def test_run_passes_overrides_through_quoted(capsys):
-  (cmd,) = dry(capsys, *RUN, "--workdir=gs://b/w",
+  (cmd,) = dry(capsys, *RUN, "--workdir=/mnt/w",
                "--config.optim.learning_rate=3e-4",
                "--config.name=my run; rm -rf /", "--config.note=it's",
                "--config.seed", "7")
   words = shlex.split(remote(cmd))
   start = words.index("kdjax.main")
   assert words[start + 1:start + 7] == [
-      "--config=configs/fashion_mnist.py:smoke", "--workdir=gs://b/w",
+      "--config=configs/fashion_mnist.py:smoke", "--workdir=/mnt/w",
       "--config.optim.learning_rate=3e-4", "--config.name=my run; rm -rf /",
       "--config.note=it's", "--config.seed=7"]
 
 
 def test_run_rejects_unknown_arguments_and_double_preset(capsys):
   with pytest.raises(SystemExit):
-    tpu.main([*RUN, "--workdir=gs://b/w", "--confg.seed=1"])
-  assert tpu.main(["run", *BASE, "--type=v4-8", "--workdir=gs://b/w",
+    tpu.main([*RUN, "--workdir=/mnt/w", "--confg.seed=1"])
+  assert tpu.main(["run", *BASE, "--type=v4-8", "--workdir=/mnt/w",
                    "--config=configs/fashion_mnist.py:smoke", "--preset=x",
                    "--dry-run"]) == 2
 
@@ -319,9 +370,14 @@ RECORD_ARGS = ('pwd > "$HOME/cwd"; echo "LD_PRELOAD=$LD_PRELOAD" > "$HOME/env";'
                ' echo "to the log"; mv "$HOME/args.tmp" "$HOME/args"\n')
 
 
-@pytest.mark.parametrize("jemalloc_present", [False, True])
+@pytest.mark.parametrize("jemalloc_present,workdir,expected", [
+    (False, None, "{home}/kdjax-runs/run"),  # The single-host default.
+    (True, "~/runs/it's a dir", "{home}/runs/it's a dir"),
+    (False, "/mnt/shared/w", "/mnt/shared/w"),
+])
 def test_run_script_executes_in_a_real_shell(tmp_path, monkeypatch,
-                                             jemalloc_present):
+                                             jemalloc_present, workdir,
+                                             expected):
   if shutil.which("bash") is None or shutil.which("setsid") is None:
     pytest.skip("needs bash and setsid")
   lib = tmp_path / "lib" / "libjemalloc.so.2"
@@ -335,15 +391,16 @@ def test_run_script_executes_in_a_real_shell(tmp_path, monkeypatch,
     lib.parent.mkdir()
     shutil.copy(libc[0], lib)
   monkeypatch.setattr(tpu, "JEMALLOC_PATHS", (str(lib),))
-  a = tpu.parse_args([*RUN, "--workdir=gs://b/w", "--config.name=a b",
+  flags = [] if workdir is None else [f"--workdir={workdir}"]
+  a = tpu.parse_args([*RUN1, "--preset=smoke", *flags, "--config.name=a b",
                       "--config.quote=it's"])
   home, proc = _run_script_locally(tmp_path, tpu.run_script(a), RECORD_ARGS)
   assert proc.returncode == 0, proc.stderr
   assert "started on" in proc.stdout
   args = _wait_for(home / "args").splitlines()
   assert args == ["-m", "kdjax.main", "--config=configs/fashion_mnist.py:smoke",
-                  "--workdir=gs://b/w", "--config.name=a b",
-                  "--config.quote=it's"]
+                  "--workdir=" + expected.format(home=home),
+                  "--config.name=a b", "--config.quote=it's"]
   assert _wait_for(home / "cwd").strip() == str(home / "kdjax")
   env = _wait_for(home / "env").splitlines()
   if jemalloc_present:
@@ -363,7 +420,7 @@ def test_run_script_executes_in_a_real_shell(tmp_path, monkeypatch,
 def test_run_script_refuses_a_second_run(tmp_path):
   if shutil.which("bash") is None or shutil.which("setsid") is None:
     pytest.skip("needs bash and setsid")
-  a = tpu.parse_args([*RUN, "--workdir=gs://b/w"])
+  a = tpu.parse_args([*RUN, "--workdir=/mnt/w"])
   home, first = _run_script_locally(tmp_path, tpu.run_script(a),
                                     "exec sleep 60\n")
   assert first.returncode == 0, first.stderr
@@ -414,6 +471,50 @@ def test_logs_stream_and_fetch(capsys, tmp_path, no_gcloud):
   assert no_gcloud == []
 
 
+def test_fetch_results_copies_the_report_from_worker_0(capsys, tmp_path,
+                                                      no_gcloud, monkeypatch):
+  (cmd,) = dry(capsys, "fetch-results", *BASE, "--run-name=fm")
+  assert cmd == ["gcloud", "compute", "tpus", "tpu-vm", "scp",
+                 "kd:kdjax-runs/fm/report.*",
+                 os.path.join("kdjax-results", "fm"),
+                 "--zone=us-west4-a", "--worker=0"]
+  # The same workdir default as run's: what run wrote is what is fetched.
+  run_cmd = tpu.run_commands(tpu.parse_args([*RUN1, "--run-name=fm"]))[0]
+  assert workdir_word(run_cmd) == "--workdir=$HOME/kdjax-runs/fm"
+  (cmd,) = dry(capsys, "fetch-results", *BASE, "--type=v4-32",
+               "--workdir=/mnt/shared/kd", f"--dest={tmp_path}/r",
+               "--project=p")
+  assert cmd[5:] == ["kd:/mnt/shared/kd/report.*", f"{tmp_path}/r",
+                     "--zone=us-west4-a", "--worker=0", "--project=p"]
+  (cmd,) = dry(capsys, "fetch-results", *BASE, "--workdir=~")
+  assert cmd[5] == "kd:./report.*"
+  assert not (tmp_path / "r").exists()  # Dry run creates nothing.
+  assert no_gcloud == []
+  # Refused like run: bucket, relative, and ~ on a multi-host slice.
+  for flags, message in [(["--workdir=gs://b/x"], "does not write to GCS"),
+                         (["--workdir=runs/x"], "setup replaces"),
+                         (["--type=v4-32"], "there is no default")]:
+    assert tpu.main(["fetch-results", *BASE, *flags, "--dry-run"]) == 2, flags
+    captured = capsys.readouterr()
+    assert captured.out == "" and message in captured.err, flags
+  # For real: makes the destination, then one scp.
+  monkeypatch.chdir(tmp_path)
+  assert tpu.main(["fetch-results", *BASE]) == 0
+  assert (tmp_path / "kdjax-results" / "run").is_dir()
+  assert no_gcloud == [["gcloud", "compute", "tpus", "tpu-vm", "scp",
+                        "kd:kdjax-runs/run/report.*",
+                        os.path.join("kdjax-results", "run"),
+                        "--zone=us-west4-a", "--worker=0"]]
+
+
+def test_readme_does_not_recommend_bucket_workdirs():
+  readme = (REPO / "launch" / "README.md").read_text()
+  assert not re.search(r"--workdir=(gs|s3)://", readme)
+  assert "fetch-results" in readme and "Multi-host slices" in readme
+  doc = tpu.__doc__
+  assert "--workdir=gs://" not in doc and "fetch-results" in doc
+
+
 def test_delete_queued_resource(capsys):
   (cmd,) = dry(capsys, "delete", *BASE, "--queued")
   assert cmd == ["gcloud", "compute", "tpus", "queued-resources", "delete",
@@ -439,8 +540,9 @@ def test_every_gcloud_command_is_built_in_one_place(capsys, monkeypatch,
       ["create", *BASE, "--type=v4-32", "--queued", "--reserved"],
       ["setup", *BASE, f"--source={tmp_path}"],
       ["setup", *BASE, "--source=git@github.com:example/kdjax.git"],
-      [*RUN, "--workdir=gs://b/w"],
+      [*RUN, "--workdir=/mnt/w"], RUN1,
       ["logs", *BASE], ["logs", *BASE, "--type=v4-16", "--fetch=out"],
+      ["fetch-results", *BASE], ["fetch-results", *BASE, "--workdir=/x"],
       ["stop", *BASE], ["status", *BASE], ["delete", *BASE, "--queued"],
   ]
   for argv in invocations:
