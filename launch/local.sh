@@ -25,5 +25,8 @@ if [ -n "$JEMALLOC" ]; then
   export LD_PRELOAD="$JEMALLOC${LD_PRELOAD:+:$LD_PRELOAD}"
   export MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1"
 fi
-exec python -m kdjax.main --config=configs/fashion_mnist.py \
-  --workdir=runs/fashion_mnist "$@"
+# The quick start's defaults, unless the caller names their own.
+DEFAULTS=()
+[[ " $* " == *" --config="* ]] || DEFAULTS+=(--config=configs/fashion_mnist.py)
+[[ " $* " == *" --workdir="* ]] || DEFAULTS+=(--workdir=runs/fashion_mnist)
+exec python -m kdjax.main "${DEFAULTS[@]}" "$@"
