@@ -97,6 +97,16 @@ def test_params_actually_move():
   assert min(jax.tree.leaves(diffs)) > 1e-4
 
 
+def test_optimizer_state_holds_the_student_only():
+  """Adam keeps two moments per STUDENT parameter; nothing of the teacher."""
+  teacher, student, teacher_params, student_params = _init()
+  state, _, _, _ = _run(jax.devices()[:2], "shard_map")
+  n_student = sum(x.size for x in jax.tree.leaves(student_params))
+  n_teacher = sum(x.size for x in jax.tree.leaves(teacher_params))
+  n_opt = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim)
+  assert n_opt == 2 * n_student and n_teacher != n_student
+
+
 @pytest.mark.parametrize("backend", parallel.BACKENDS)
 def test_teacher_params_bit_identical_after_distillation(backend):
   _, _, before, after = _run(jax.devices()[:8], backend)
