@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",  # report plots
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     "importlib_resources",  # tensorflow-datasets imports it without declaring it
+    "safetensors>=0.4",  # HF checkpoint import (numpy loader, no PyTorch)
+    "tokenizers>=0.19",  # WordPiece/BPE tokenizers from HF tokenizer.json
 ]
 
 EXTRAS_REQUIRE = {

@@ -16,6 +16,8 @@ import struct
 import numpy as np
 import tensorflow_datasets as tfds
 
+from kdjax.data import text
+
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 _FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -135,6 +137,7 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
 SHIPPED_BUILDERS = {
     "fashion_mnist_idx": FashionMnistIdx,
     "sklearn_digits": SklearnDigits,
+    "rotten_tomatoes": text.RottenTomatoes,
 }
 
 

@@ -4,6 +4,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from kdjax.models.bert import BertClassifier
 from kdjax.models.cnn import CNN
 from kdjax.models.lstm import LSTMClassifier
 from kdjax.models.mlp import MLP
@@ -14,6 +15,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "cnn": CNN,
     "lstm": LSTMClassifier,
     "transformer": TransformerClassifier,
+    "bert": BertClassifier,  # Import weights with models/import_/hf_bert.py.
 }
 
 

@@ -1,0 +1,277 @@
+"""BERT-architecture encoder (post-LayerNorm, learned absolute positions).
+
+The parameter layout follows the Hugging Face `BertModel` names one to one
+(see kdjax/models/import_/hf_bert.py), so pretrained checkpoints such as
+all-MiniLM-L6-v2 load without reshaping anything but the Dense kernels.
+
+Soft prompts: `BertEncoder(..., prefix_embeds=[P, H] or [B, P, H])` prepends P
+vectors, given in word-embedding space, to the embedded input. They pass
+through the same token-type embedding, LayerNorm and dropout as a word, but
+get NO position embedding, and the real tokens keep their position ids
+0..L-1: the frozen backbone sees its input where it was trained to see it
+(a constant added to a trainable vector before the LayerNorm would only shift
+its initialisation), and P + L may exceed max_position_embeddings. Every
+token attends to the prompt; outputs have length P + L, prompt first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kdjax import prompt as prompt_lib
+
+ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),  # HF "gelu" is the erf form.
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+}
+POOLINGS = ("mean", "cls", "pooler")
+
+
+@flax.struct.dataclass
+class BertOutput:
+  """What the encoder returns; prompt positions (if any) come first."""
+  hidden_states: jax.Array  # [B, P + L, H], the last layer.
+  mask: jax.Array  # [B, P + L] bool: prompt positions True, padding False.
+  pooled: jax.Array | None  # [B, H], tanh(dense(hidden at [CLS])), or None.
+  num_prompts: int = flax.struct.field(pytree_node=False, default=0)
+
+  @property
+  def token_states(self) -> jax.Array:
+    """Hidden states of the real tokens only, [B, L, H]."""
+    return self.hidden_states[:, self.num_prompts:]
+
+  @property
+  def token_mask(self) -> jax.Array:
+    return self.mask[:, self.num_prompts:]
+
+
+def mean_pool(hidden_states: jax.Array, mask: jax.Array) -> jax.Array:
+  """Average over valid positions (sentence-transformers' mean pooling)."""
+  weights = mask[..., None].astype(hidden_states.dtype)
+  return jnp.sum(hidden_states * weights, axis=-2) / jnp.maximum(
+      jnp.sum(weights, axis=-2), 1e-9)
+
+
+def _layer_norm(eps: float, name: str) -> nn.LayerNorm:
+  # The two-pass variance matches PyTorch; Flax's fast E[x^2]-E[x]^2 does not.
+  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name)
+
+
+class BertFields(nn.Module):
+  """Architecture fields shared by the encoder and the classifier.
+
+  Defaults are all-MiniLM-L6-v2's; `hf_bert.load_config` reads a checkpoint's.
+  """
+  vocab_size: int = 30522
+  hidden_size: int = 384
+  num_layers: int = 6
+  num_heads: int = 12
+  intermediate_size: int = 1536
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_act: str = "gelu"
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  pad_id: int = 0
+  add_pooler: bool = True
+  sow_attention: bool = False
+
+  def encoder_fields(self) -> dict[str, Any]:
+    return {f.name: getattr(self, f.name)
+            for f in dataclasses.fields(BertFields)
+            if f.name not in ("parent", "name")}
+
+
+class BertSelfAttention(nn.Module):
+  """Multi-head attention, head-major, with an additive padding bias."""
+  hidden_size: int
+  num_heads: int
+  dropout_rate: float
+  sow_attention: bool = False
+
+  @nn.compact
+  def __call__(self, x, mask, *, train: bool):
+    batch, length, _ = x.shape
+    head_dim = self.hidden_size // self.num_heads
+
+    def heads(name):
+      y = nn.Dense(self.hidden_size, name=name)(x)
+      return y.reshape(batch, length, self.num_heads, head_dim).transpose(
+          0, 2, 1, 3)
+
+    q, k, v = heads("query"), heads("key"), heads("value")
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(
+        jnp.asarray(head_dim, x.dtype))
+    # finfo.min (not -inf), as in HF: a fully padded row stays finite.
+    bias = jnp.where(mask[:, None, None, :], 0.0, jnp.finfo(x.dtype).min)
+    weights = jax.nn.softmax(logits + bias.astype(x.dtype), axis=-1)
+    if self.sow_attention:
+      self.sow("intermediates", "attention_weights", weights)
+    weights = nn.Dropout(self.dropout_rate, deterministic=not train)(weights)
+    y = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+    y = y.transpose(0, 2, 1, 3).reshape(batch, length, self.hidden_size)
+    return nn.Dense(self.hidden_size, name="output")(y)
+
+
+class BertLayer(nn.Module):
+  """Self-attention and feed-forward, each residual then LayerNorm (post-LN)."""
+  hidden_size: int
+  num_heads: int
+  intermediate_size: int
+  hidden_act: str
+  layer_norm_eps: float
+  dropout_rate: float
+  attention_dropout_rate: float
+  sow_attention: bool = False
+
+  @nn.compact
+  def __call__(self, x, mask, *, train: bool):
+    h = BertSelfAttention(self.hidden_size, self.num_heads,
+                          self.attention_dropout_rate, self.sow_attention,
+                          name="attention")(x, mask, train=train)
+    h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+    x = _layer_norm(self.layer_norm_eps, "attention_norm")(x + h)
+    h = nn.Dense(self.intermediate_size, name="intermediate")(x)
+    h = nn.Dense(self.hidden_size, name="output")(
+        ACTIVATIONS[self.hidden_act](h))
+    h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+    x = _layer_norm(self.layer_norm_eps, "output_norm")(x + h)
+    self.sow("intermediates", "output", x)
+    return x
+
+
+class BertEmbeddings(nn.Module):
+  """Word + position + token-type embeddings, LayerNorm, dropout; prompt first."""
+  vocab_size: int
+  hidden_size: int
+  max_position_embeddings: int
+  type_vocab_size: int
+  layer_norm_eps: float
+  dropout_rate: float
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids, prefix_embeds, *, train: bool):
+    embed = lambda n, name: nn.Embed(
+        n, self.hidden_size, embedding_init=nn.initializers.normal(0.02),
+        name=name)
+    token_type = embed(self.type_vocab_size, "token_type_embeddings")
+    positions = jnp.arange(input_ids.shape[1])
+    x = (embed(self.vocab_size, "word_embeddings")(input_ids)
+         + embed(self.max_position_embeddings,
+                 "position_embeddings")(positions)[None]
+         + token_type(token_type_ids))
+    if prefix_embeds is not None:
+      if prefix_embeds.ndim == 2:
+        prefix_embeds = jnp.broadcast_to(
+            prefix_embeds[None], (x.shape[0],) + prefix_embeds.shape)
+      prefix = prefix_embeds.astype(x.dtype) + token_type(
+          jnp.zeros(prefix_embeds.shape[:2], jnp.int32))
+      x = jnp.concatenate([prefix, x], axis=1)
+    x = _layer_norm(self.layer_norm_eps, "layer_norm")(x)
+    return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+
+
+class BertEncoder(BertFields):
+  """Token ids [B, L] -> BertOutput (last hidden states, mask, pooler output).
+
+  `attention_mask` defaults to `input_ids != pad_id`. Each layer's output is
+  sown at `layer_{i}/output`; with sow_attention, its attention maps too, at
+  `layer_{i}/attention/attention_weights` ([B, heads, P+L, P+L]).
+  """
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               token_type_ids: jax.Array | None = None, *,
+               prefix_embeds: jax.Array | None = None,
+               train: bool = False) -> BertOutput:
+    if input_ids.shape[1] > self.max_position_embeddings:
+      raise ValueError(f"Sequence length {input_ids.shape[1]} exceeds "
+                       f"max_position_embeddings={self.max_position_embeddings}.")
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; "
+                       f"allowed: {sorted(ACTIVATIONS)}.")
+    mask = (input_ids != self.pad_id if attention_mask is None
+            else attention_mask.astype(bool))
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    num_prompts = 0 if prefix_embeds is None else prefix_embeds.shape[-2]
+    x = BertEmbeddings(self.vocab_size, self.hidden_size,
+                       self.max_position_embeddings, self.type_vocab_size,
+                       self.layer_norm_eps, self.dropout_rate,
+                       name="embeddings")(input_ids, token_type_ids,
+                                          prefix_embeds, train=train)
+    if num_prompts:
+      mask = jnp.concatenate(
+          [jnp.ones((mask.shape[0], num_prompts), bool), mask], axis=1)
+    for i in range(self.num_layers):
+      x = BertLayer(self.hidden_size, self.num_heads, self.intermediate_size,
+                    self.hidden_act, self.layer_norm_eps, self.dropout_rate,
+                    self.attention_dropout_rate, self.sow_attention,
+                    name=f"layer_{i}")(x, mask, train=train)
+    pooled = None
+    if self.add_pooler:  # [CLS] is the first real token, after the prompt.
+      pooled = jnp.tanh(nn.Dense(self.hidden_size, name="pooler")(
+          x[:, num_prompts]))
+    return BertOutput(x, mask, pooled, num_prompts)
+
+
+class BertClassifier(BertFields):
+  """Token ids [B, L] (pad_id = padding) -> class logits; optional soft prompt.
+
+  Params: `encoder` (a BertEncoder: what hf_bert imports), `head`, and with
+  num_prompts > 0 a `prompt` (prompt.SoftPrompt). Pooling: 'mean' over the
+  real tokens (prompt positions excluded, as the sentence embedding of
+  all-MiniLM-L6-v2 is computed), 'cls' (the [CLS] state) or 'pooler' (BERT's
+  tanh pooler on [CLS]). Prompt tuning trains `prompt` (and `head`) only: see
+  kdjax/prompt.py for the optimizer mask.
+  """
+  num_classes: int = 2
+  pooling: str = "mean"
+  num_prompts: int = 0
+  prompt_init_std: float = 0.05  # About the spread of BERT word embeddings.
+  head_dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, *, train: bool = False,
+               attention_mask: jax.Array | None = None) -> jax.Array:
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"pooling={self.pooling!r}; allowed: {POOLINGS}.")
+    fields = self.encoder_fields()
+    if self.pooling == "pooler":
+      fields["add_pooler"] = True
+    prefix = None
+    if self.num_prompts:
+      prefix = prompt_lib.SoftPrompt(self.num_prompts, self.hidden_size,
+                                     self.prompt_init_std, name="prompt")()
+    out = BertEncoder(**fields, name="encoder")(
+        tokens, attention_mask, prefix_embeds=prefix, train=train)
+    if self.pooling == "mean":
+      pooled = mean_pool(out.token_states, out.token_mask)
+    elif self.pooling == "cls":
+      pooled = out.token_states[:, 0]
+    else:
+      pooled = out.pooled
+    self.sow("intermediates", "pooled", pooled)
+    pooled = nn.Dropout(self.head_dropout_rate, deterministic=not train)(pooled)
+    return nn.Dense(self.num_classes, name="head")(pooled)
+
+
+def with_encoder(params: dict[str, Any], encoder_params: dict[str, Any]
+                 ) -> dict[str, Any]:
+  """Classifier params with `encoder` replaced by imported ones, shapes checked."""
+  expected = jax.tree.map(jnp.shape, params["encoder"])
+  got = jax.tree.map(jnp.shape, encoder_params)
+  if expected != got:
+    raise ValueError("Encoder params do not fit the classifier's encoder "
+                     "(different architecture fields?): expected "
+                     f"{expected}, got {got}.")
+  return {**params, "encoder": encoder_params}
