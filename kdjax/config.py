@@ -123,6 +123,12 @@ def _check_model(config, role: str) -> None:
     build_model(config, role)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.{role}.model: {e}") from e
+  init_from = config[role].get("init_from", "")
+  if init_from and not (init_from.startswith("hf_bert:")
+                        and model_cfg.name == "bert"):
+    _fail(f"{role}.init_from", init_from,
+          "'' (random init) or 'hf_bert:<HF BERT dir>' ('hf_bert:' = "
+          "all-MiniLM-L6-v2) for a 'bert' model")
 
 
 def _check_train(config, role: str, devices: int | None = None) -> None:
@@ -156,6 +162,14 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
           f"allowed: {parallel.BACKENDS}")
   if config.data.num_classes <= 1:
     _fail("data.num_classes", config.data.num_classes, "must be >= 2")
+  if config.data.get("tokenizer_dir", ""):
+    if not os.path.exists(os.path.join(config.data.tokenizer_dir,
+                                       "tokenizer.json")):
+      _fail("data.tokenizer_dir", config.data.tokenizer_dir,
+            "must be a directory with a tokenizer.json ('' for non-text data)")
+    if config.data.get("max_length", 0) <= 0:
+      _fail("data.max_length", config.data.get("max_length"),
+            "must be > 0 tokens for text data")
   if not 0.0 < config.data.train_fraction <= 1.0:
     _fail("data.train_fraction", config.data.train_fraction, "must be in (0, 1]")
   d = config.distill
@@ -180,6 +194,10 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   if config.mode == "pipeline":
     if not config.pipeline.seeds:
       _fail("pipeline.seeds", config.pipeline.seeds, "needs at least one seed")
+    for i, variant in enumerate(config.pipeline.get("variants", ())):
+      if variant.get("mode", "distill") not in ("scratch", "distill"):
+        _fail(f"pipeline.variants[{i}].mode", variant.get("mode"),
+              "allowed: ('scratch', 'distill')")
     if not 0.0 <= config.pipeline.small_data_fraction < 1.0:
       _fail("pipeline.small_data_fraction", config.pipeline.small_data_fraction,
             "must be in [0, 1) (0 disables the small-data runs)")

@@ -31,10 +31,12 @@ def predict_logits(apply_fn, params, inputs: np.ndarray, mesh, *,
                    batch_size: int = 1024) -> np.ndarray:
   """Logits for all `inputs`, data-parallel over the mesh, gathered to host."""
   num_devices = mesh.devices.size
+  n = len(inputs)
+  # No bigger than needed: a small eval set is not padded to 1024 examples.
+  batch_size = min(batch_size, -(-n // num_devices) * num_devices)
   batch_size = max(num_devices, batch_size // num_devices * num_devices)
   forward = _jitted_forward(apply_fn)
   params = parallel.replicate(params, mesh)
-  n = len(inputs)
   outputs = []
   for start in range(0, n, batch_size):
     chunk = inputs[start:start + batch_size]
@@ -111,16 +113,33 @@ def find_runs(workdir: str) -> list[tuple[str, dict[str, Any]]]:
   return sorted(runs, key=lambda r: r[0])
 
 
-def _load_params(config, role: str, run_dir: str):
-  model = config_lib.build_model(config, role)
+def _load_params(config, role: str, run_dir: str, spec=None):
+  """A run's model (from `spec`, its run.json's, else the config's) and params."""
+  model = (config_lib.model_from_spec(
+      {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
+           if spec else config_lib.build_model(config, role))
   abstract = jax.eval_shape(lambda: model.init(
       jax.random.key(0), _dummy(config))["params"])
   return model, checkpoint.restore_params(run_dir, abstract)
 
 
 def _dummy(config):
-  dtype = jnp.int32 if config.data.get("input_dtype") == "int32" else jnp.float32
-  return jnp.zeros((1,) + tuple(config.data.input_shape), dtype)
+  shape, dtype = pipeline.input_spec(config.data)
+  return jnp.zeros((1,) + shape, dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _apply_fn(model):
+  """One apply function per model, so _jitted_forward's cache hits."""
+  return step.make_apply_fn(model)
+
+
+def _run_json(run_dir: str) -> dict[str, Any]:
+  path = os.path.join(run_dir, "run.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
 
 
 def _num_params(params) -> int:
@@ -150,31 +169,38 @@ def write_report(config, workdir: str) -> dict[str, Any]:
   teacher_entry = {
       **classification_metrics(teacher_logits, labels),
       "num_params": _num_params(teacher_params),
+      "num_trainable_params": _run_json(teacher_path).get(
+          "num_trainable_params", _num_params(teacher_params)),
       "checkpoint_bytes": checkpoint.params_bytes(teacher_path),
       "inference_examples_per_second": inference_examples_per_second(
           teacher_apply, teacher_params, data["inputs"]),
       "run_dir": os.path.relpath(teacher_path, workdir),
   }
 
-  student_model = config_lib.build_model(config, "student")
-  student_apply = step.make_apply_fn(student_model)
-  students, speed = [], None
+  students, speeds = [], {}
   for run_dir, run in find_runs(workdir):
     if run["role"] not in ("scratch", "distill"):
       continue
-    _, params = _load_params(config, "student", run_dir)
+    # Each run's own model (pipeline variants may train another student).
+    student_model, params = _load_params(config, "student", run_dir,
+                                         run.get("model"))
+    student_apply = _apply_fn(student_model)
     logits = predict_logits(student_apply, params, data["inputs"], mesh)
-    if speed is None:  # Same architecture for every student: time it once.
-      speed = inference_examples_per_second(student_apply, params,
-                                            data["inputs"])
+    arch = json.dumps(run.get("model"), sort_keys=True)
+    if arch not in speeds:  # Time each architecture once.
+      speeds[arch] = inference_examples_per_second(student_apply, params,
+                                                   data["inputs"])
     students.append({
         "group": _group_key(run), "method": run["role"],
         "variant": run.get("variant", ""), "seed": run["seed"],
         "train_fraction": run["train_fraction"], "objective": run["objective"],
         **classification_metrics(logits, labels, teacher_logits),
+        "model": run.get("model", {}).get("name", ""),
         "num_params": _num_params(params),
+        "num_trainable_params": run.get("num_trainable_params",
+                                        _num_params(params)),
         "checkpoint_bytes": checkpoint.params_bytes(run_dir),
-        "inference_examples_per_second": speed,
+        "inference_examples_per_second": speeds[arch], "arch": arch,
         "run_dir": os.path.relpath(run_dir, workdir)})
 
   groups: dict[str, dict[str, Any]] = {}
@@ -193,7 +219,12 @@ def write_report(config, workdir: str) -> dict[str, Any]:
     for key in ("f1_macro", "agreement_with_teacher", "kl_to_teacher"):
       g[f"{key}_mean"] = float(np.mean([m[key] for m in members]))
 
-  student_params = students[0]["num_params"] if students else None
+  # Compression and speed-up: of config.student.model (variants may differ).
+  default_arch = json.dumps(config_lib.model_spec(config, "student"),
+                            sort_keys=True)
+  default = [s for s in students if s.pop("arch") == default_arch]
+  student_params = default[0]["num_params"] if default else None
+  speed = default[0]["inference_examples_per_second"] if default else None
   report = {
       "dataset": config.data.name,
       "eval_split": config.data.eval_split,
@@ -246,18 +277,21 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{g['kl_to_teacher_mean']:.4f} |")
   lines += ["", "## Every run", "",
             "| run | seed | accuracy | precision | recall | F1 | agreement | "
-            "KL to teacher | params | checkpoint bytes | examples/s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "KL to teacher | model | params | trained params | checkpoint bytes "
+            "| examples/s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             f"| {t['run_dir']} | - | {t['accuracy']:.4f} | "
             f"{t['precision_macro']:.4f} | {t['recall_macro']:.4f} | "
-            f"{t['f1_macro']:.4f} | - | - | {t['num_params']:,} | "
+            f"{t['f1_macro']:.4f} | - | - | {report['teacher_model']['name']} | "
+            f"{t['num_params']:,} | {t['num_trainable_params']:,} | "
             f"{t['checkpoint_bytes']:,} | {t['inference_examples_per_second']:,.0f} |"]
   for s in report["students"]:
     lines.append(
         f"| {s['run_dir']} | {s['seed']} | {s['accuracy']:.4f} | "
         f"{s['precision_macro']:.4f} | {s['recall_macro']:.4f} | "
         f"{s['f1_macro']:.4f} | {s['agreement_with_teacher']:.4f} | "
-        f"{s['kl_to_teacher']:.4f} | {s['num_params']:,} | "
+        f"{s['kl_to_teacher']:.4f} | {s['model']} | {s['num_params']:,} | "
+        f"{s['num_trainable_params']:,} | "
         f"{s['checkpoint_bytes']:,} | {s['inference_examples_per_second']:,.0f} |")
   lines += ["", "Training curves and the comparison: report.png.", ""]
   return "\n".join(lines)

@@ -59,7 +59,10 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   `config.pipeline.variants` adds distillation runs that differ from the
   default distill config by a few overrides (another objective, features,
-  several teachers); `config.pipeline.extra_teachers` trains more teachers
+  several teachers, another student model: 'student.model',
+  'student.init_from', 'student.train.trainable'); a variant with
+  mode='scratch' trains without the teacher (run dir scratch_<name>).
+  `config.pipeline.extra_teachers` trains more teachers
   first (into WORKDIR/teacher_<name>, which variants name as
   '{workdir}/teacher_<name>').
   """
@@ -76,7 +79,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
   runs = [("scratch", "scratch", {}), ("distill", "distill", {})]
   for variant in config.pipeline.get("variants", ()):
     overrides = _with_workdir(dict(variant["overrides"]), workdir)
-    runs.append((f"distill_{variant['name']}", "distill",
+    mode = variant.get("mode", "distill")
+    runs.append((f"{mode}_{variant['name']}", mode,
                  {"variant": variant["name"], **overrides}))
   fractions = [(1.0, "full_data", config.student.train.num_epochs)]
   small = float(config.pipeline.small_data_fraction)

