@@ -115,3 +115,26 @@ def test_prompt_runs_leave_backbone_bit_identical(smoke_run, run_name):
   for (p1, a), (p2, b) in zip(jax.tree_util.tree_leaves_with_path(params),
                               jax.tree_util.tree_leaves_with_path(restored)):
     assert p1 == p2 and _bits_equal(a, b)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("data.tokenizer_dir", "/nonexistent", "data.tokenizer_dir"),
+    ("data.max_length", 0, "data.max_length"),
+    ("student.init_from", "hf_bert:", "student.init_from"),  # Into the BiLSTM.
+    ("teacher.init_from", "gguf:x", "teacher.init_from"),
+])
+def test_validation_names_the_text_fields(tmp_path, field, value, message):
+  import rotten_tomatoes  # pylint: disable=g-import-not-at-top
+  config = rotten_tomatoes.get_config("smoke")
+  section, leaf = field.split(".")
+  config[section][leaf] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config, str(tmp_path))
+
+
+def test_validation_names_a_bad_variant_mode(tmp_path):
+  import rotten_tomatoes  # pylint: disable=g-import-not-at-top
+  config = rotten_tomatoes.get_config("smoke")
+  config.pipeline.variants = (dict(config.pipeline.variants[0], mode="teacher"),)
+  with pytest.raises(config_lib.ConfigError, match=r"pipeline.variants\[0\].mode"):
+    config_lib.validate(config, str(tmp_path))
