@@ -118,11 +118,6 @@ def get_config(preset: str = ""):
            overrides=_prompt_student(config, 250)),
   )
 
-  # pmap, not shard_map: flax's nn.RNN scan (the BiLSTM) starts its carry as
-  # device-invariant, which shard_map's varying-axis check rejects on JAX
-  # 0.10 (kdjax/models/lstm.py needs a pcast'ed initial carry). Same step.
-  config.parallel.backend = "pmap"
-
   config.checkpoint.every_steps = 200  # MiniLM checkpoints are ~90 MB.
   config.log_every_steps = 20
   config.eval_every_steps = 400  # Validation accuracy (MiniLM eval ~30 s).

@@ -28,15 +28,28 @@ class LSTMClassifier(nn.Module):
     x = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(tokens)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     forward = nn.RNN(nn.OptimizedLSTMCell(self.hidden_size), name="lstm_fwd")
+    carry = _zero_carry_like(x, self.hidden_size)
     if self.bidirectional:
       backward = nn.RNN(nn.OptimizedLSTMCell(self.hidden_size),
                         name="lstm_bwd")
-      x = nn.Bidirectional(forward, backward)(x, seq_lengths=lengths)
+      x = nn.Bidirectional(forward, backward)(
+          x, seq_lengths=lengths, initial_carry=(carry, carry))
     else:
-      x = forward(x, seq_lengths=lengths)
+      x = forward(x, seq_lengths=lengths, initial_carry=carry)
     self.sow("intermediates", "sequence", x)
     x = jnp.max(jnp.where(mask[..., None], x, -1e9), axis=1)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.relu(nn.Dense(self.dense_features, name="dense")(x))
     self.sow("intermediates", "pooled", x)
     return nn.Dense(self.num_classes, name="head")(x)
+
+
+def _zero_carry_like(x: jax.Array, hidden_size: int):
+  """Zero (c, h) derived from the inputs.
+
+  Under shard_map, a carry built with jnp.zeros is device-invariant while the
+  scan body's output varies over the data axis, and scan refuses the type
+  mismatch; deriving the zeros from x gives them x's (varying) type.
+  """
+  zeros = jnp.zeros((x.shape[0], hidden_size), x.dtype) + 0.0 * x[:, 0, :1]
+  return (zeros, zeros)
