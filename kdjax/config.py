@@ -25,6 +25,19 @@ def _fail(field: str, value: Any, allowed: str) -> None:
   raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}.")
 
 
+def set_fields(config: ml_collections.ConfigDict, changes: dict[str, Any]
+               ) -> ml_collections.ConfigDict:
+  """Sets dotted fields in place ({'distill.alpha': 0.3}); new fields allowed."""
+  with config.unlocked():
+    for dotted, value in changes.items():
+      *parents, leaf = dotted.split(".")
+      node = config
+      for part in parents:
+        node = node[part]
+      node[leaf] = value
+  return config
+
+
 def model_kwargs(config: ml_collections.ConfigDict, role: str) -> dict[str, Any]:
   """The model fields of `config.<role>.model` with num_classes from the data."""
   kwargs = dict(config[role].model.to_dict())

@@ -24,14 +24,7 @@ def _run_config(config: ml_collections.ConfigDict, mode: str, **changes
                 ) -> ml_collections.ConfigDict:
   run = ml_collections.ConfigDict(config.to_dict())
   run.mode = mode
-  with run.unlocked():
-    for dotted, value in changes.items():
-      *parents, leaf = dotted.split(".")
-      node = run
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
-  return run
+  return config_lib.set_fields(run, changes)
 
 
 def _train_unless_done(config, workdir: str) -> dict:

@@ -12,13 +12,7 @@ from kdjax.data import pipeline
 def _aot_config(config, topology="v5e:2x2", **changes):
   config.mode = "aot_check"
   config.aot.topology = topology
-  for dotted, value in changes.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return config_lib.set_fields(config, changes)
 
 
 def _needs_libtpu():

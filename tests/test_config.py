@@ -10,13 +10,7 @@ from kdjax import modes
 
 def _config(**changes):
   config = fashion_mnist.get_config()
-  for dotted, value in changes.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return config_lib.set_fields(config, changes)
 
 
 @pytest.mark.parametrize("changes,message", [

@@ -36,13 +36,7 @@ def _digits(data_dir, **changes):
   import digits  # pylint: disable=g-import-not-at-top
   config = digits.get_config("tiny")
   config.data.data_dir = data_dir
-  for dotted, value in changes.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return config_lib.set_fields(config, changes)
 
 
 @pytest.fixture(scope="module")
