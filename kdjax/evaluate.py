@@ -119,13 +119,8 @@ def _load_params(config, role: str, run_dir: str, spec=None):
       {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
            if spec else config_lib.build_model(config, role))
   abstract = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), _dummy(config))["params"])
+      jax.random.key(0), pipeline.dummy_inputs(config.data))["params"])
   return model, checkpoint.restore_params(run_dir, abstract)
-
-
-def _dummy(config):
-  shape, dtype = pipeline.input_spec(config.data)
-  return jnp.zeros((1,) + shape, dtype)
 
 
 @functools.lru_cache(maxsize=16)

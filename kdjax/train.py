@@ -48,7 +48,7 @@ def load_teachers(config: ml_collections.ConfigDict, workdir: str, mesh):
     config_lib.check_checkpoint_model(spec.model, spec.path, spec.field)
     model = config_lib.model_from_spec(spec.model)
     abstract = jax.eval_shape(
-        lambda m=model: m.init(jax.random.key(0), _dummy_inputs(config))["params"])
+        lambda m=model: m.init(jax.random.key(0), pipeline.dummy_inputs(config.data))["params"])
     applies.append(step.make_apply_fn(model))
     params.append(parallel.replicate(
         checkpoint.restore_params(spec.path, abstract), mesh))
@@ -60,7 +60,7 @@ def init_feature_projections(config, objective, model, teacher_applies,
   """Learned projections for feature terms whose widths differ (else {})."""
   if not objective.needs_features:
     return {}
-  x = _dummy_inputs(config)
+  x = pipeline.dummy_inputs(config.data)
   student_apply = step.make_apply_fn(model)
   student_params = jax.eval_shape(lambda: init_params(model, config, seed))
   shapes = lambda apply, p: jax.eval_shape(
@@ -71,14 +71,9 @@ def init_feature_projections(config, objective, model, teacher_applies,
       jax.random.key(seed + 2))
 
 
-def _dummy_inputs(config) -> jax.Array:
-  shape, dtype = pipeline.input_spec(config.data)
-  return jnp.zeros((1,) + shape, dtype)
-
-
 def init_params(model, config, seed: int):
   """Initial params; one compiled init instead of dozens of eager ops."""
-  init = jax.jit(lambda key: model.init(key, _dummy_inputs(config))["params"])
+  init = jax.jit(lambda key: model.init(key, pipeline.dummy_inputs(config.data))["params"])
   return init(jax.random.key(seed))
 
 

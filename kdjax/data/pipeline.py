@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -97,6 +98,12 @@ def input_spec(data_config) -> tuple[tuple[int, ...], Any]:
 
 _THREAD = threading.local()
 
+
+
+def dummy_inputs(data_config):
+  """A batch of one zero example: what model.init and shape tracing need."""
+  shape, dtype = input_spec(data_config)
+  return jnp.zeros((1,) + shape, dtype)
 
 def load_tokenizer(tokenizer_dir: str):
   """The tokenizer.json of an HF directory, loaded once per thread.
