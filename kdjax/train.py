@@ -23,6 +23,7 @@ from kdjax import config as config_lib
 from kdjax import evaluate
 from kdjax import preemption
 from kdjax import prompt
+from kdjax import storage
 from kdjax.data import pipeline
 from kdjax.metrics_writer import MetricsWriter
 
@@ -264,8 +265,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                               mesh), eval_data["labels"], brief=True)
   summary = {**meta, "steps": total_steps, "num_params": count_params(params),
              "eval": final, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, RUN_FILE), "w") as f:
-      json.dump(summary, f, indent=2)
+  if jax.process_index() == 0:  # A local or gs:// workdir (kdjax.storage).
+    storage.write_json(os.path.join(workdir, RUN_FILE), summary)
   logging.info("%s finished: eval accuracy %.4f", mode, final["accuracy"])
   return summary
