@@ -1,0 +1,322 @@
+"""Llama-architecture decoder (RMSNorm, rotary positions, GQA, SwiGLU).
+
+Any Llama-family size comes from the fields; the defaults are SmolLM2-135M.
+The parameter tree mirrors Hugging Face `LlamaForCausalLM` one to one (see
+kdjax/models/import_/llama.py), with attention projections as DenseGeneral
+kernels so heads stay a named axis instead of a reshape:
+
+  embed/embedding                          [V, D]
+  layers_{i}/attention_norm/scale          [D]
+  layers_{i}/attention/query/kernel        [D, H, Dh]
+  layers_{i}/attention/{key,value}/kernel  [D, KV, Dh]
+  layers_{i}/attention/out/kernel          [H, Dh, D]
+  layers_{i}/mlp_norm/scale                [D]
+  layers_{i}/mlp/{gate,up}/kernel          [D, F]
+  layers_{i}/mlp/down/kernel               [F, D]
+  final_norm/scale                         [D]
+  lm_head/kernel                           [D, V]  (untied only)
+
+Numerics follow transformers' Llama: RoPE in the "rotate_half" layout (the
+first half of each head's dims pairs with the second half), RMSNorm in float32
+with the weight multiplying (no +1), softmax in float32. `dtype` is the
+compute dtype of activations and matmul inputs; params stay float32.
+
+Decoding keeps a KV cache in the Flax "cache" collection (as flax's lm1b
+example does): `init_cache(model, batch)` gives an empty one, then
+`model.apply({"params": p, "cache": c}, tokens, decode=True,
+mutable=["cache"])` appends `tokens` (a prompt chunk or one token) at the
+cache index and attends to everything cached so far. The cache holds
+`max_length` positions; writing past it is not checked inside jit (the write
+is clamped), so callers must keep prompt + new tokens <= max_length.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+          "float16": jnp.float16}
+# HF's initializer_range for Llama: small enough that a tied head starts with
+# near-uniform predictions.
+_INIT = nn.initializers.normal(stddev=0.02)
+_MASKED = -1e30  # Finite, so a fully masked row would not produce NaN.
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) * scale, statistics in float32 (Llama style, no +1)."""
+  eps: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],),
+                       jnp.float32)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)
+                              + self.eps)
+    return (x32 * scale).astype(self.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float) -> np.ndarray:
+  """Inverse frequencies theta^(-2i/Dh), i < Dh/2, as transformers computes them."""
+  return (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32)
+                           / np.float32(head_dim)))).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotates [B, L, N, Dh] by position in the rotate_half layout.
+
+  Pair (j, j + Dh/2) rotates by angle positions * inv_freq[j]; angles and the
+  rotation are computed in float32, the result cast back to x's dtype.
+  """
+  inv_freq = jnp.asarray(rope_frequencies(x.shape[-1], theta))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, Dh/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Causal grouped-query self-attention with RoPE and an optional KV cache.
+
+  Query head h reads KV head h // (H / KV), as transformers' repeat_kv does;
+  the group is an einsum axis, so KV heads are never copied.
+  """
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float
+  max_length: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, *, decode: bool):
+    batch, length, width = x.shape
+    h, kv, dh = self.num_heads, self.num_kv_heads, self.head_dim
+    dense = functools.partial(nn.DenseGeneral, axis=-1, use_bias=False,
+                              dtype=self.dtype, param_dtype=jnp.float32,
+                              kernel_init=_INIT)
+    q = dense((h, dh), name="query")(x)
+    k = dense((kv, dh), name="key")(x)
+    v = dense((kv, dh), name="value")(x)
+
+    if decode:
+      cached_key = self.variable("cache", "cached_key", jnp.zeros,
+                                 (batch, self.max_length, kv, dh), self.dtype)
+      cached_value = self.variable("cache", "cached_value", jnp.zeros,
+                                   (batch, self.max_length, kv, dh),
+                                   self.dtype)
+      cache_index = self.variable("cache", "cache_index",
+                                  lambda: jnp.array(0, jnp.int32))
+      start = cache_index.value
+      query_index = start + jnp.arange(length)
+    else:
+      query_index = jnp.arange(length)
+    if positions is None:
+      positions = jnp.broadcast_to(query_index, (batch, length))
+    q = apply_rope(q, positions, self.rope_theta)
+    k = apply_rope(k, positions, self.rope_theta)
+
+    if decode:
+      k = jax.lax.dynamic_update_slice(
+          cached_key.value, k.astype(self.dtype), (0, start, 0, 0))
+      v = jax.lax.dynamic_update_slice(
+          cached_value.value, v.astype(self.dtype), (0, start, 0, 0))
+      cached_key.value, cached_value.value = k, v
+      cache_index.value = start + length
+      key_index = jnp.arange(self.max_length)
+    else:
+      key_index = jnp.arange(length)
+    # Causal by sequence slot: slot s is visible from query slot t iff s <= t
+    # (empty cache slots lie in the future of every query).
+    bias = jnp.where(key_index[None, :] <= query_index[:, None], 0.0,
+                     _MASKED).astype(jnp.float32)
+
+    q = q.reshape(batch, length, kv, h // kv, dh)
+    scores = jnp.einsum("blkgd,bskd->bkgls", q, k,
+                        preferred_element_type=jnp.float32)
+    scores = scores * (dh ** -0.5) + bias
+    # Normalise after probabilities x values: one division on [.., L, Dh]
+    # instead of on [.., L, S].
+    probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    denom = jnp.sum(probs, axis=-1)  # [B, KV, G, L]
+    out = jnp.einsum("bkgls,bskd->blkgd", probs.astype(self.dtype), v,
+                     preferred_element_type=jnp.float32)
+    out = out / jnp.transpose(denom, (0, 3, 1, 2))[..., None]
+    out = out.reshape(batch, length, h, dh).astype(self.dtype)
+    return nn.DenseGeneral(width, axis=(-2, -1), use_bias=False,
+                           dtype=self.dtype, param_dtype=jnp.float32,
+                           kernel_init=_INIT, name="out")(out)
+
+
+class MLP(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype,
+                              param_dtype=jnp.float32, kernel_init=_INIT)
+    gate = dense(self.mlp_dim, name="gate")(x)
+    up = dense(self.mlp_dim, name="up")(x)
+    return dense(x.shape[-1], name="down")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm attention and MLP, both residual; sows its output."""
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float
+  norm_eps: float
+  max_length: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, *, decode: bool):
+    h = RMSNorm(self.norm_eps, self.dtype, name="attention_norm")(x)
+    x = x + Attention(self.num_heads, self.num_kv_heads, self.head_dim,
+                      self.rope_theta, self.max_length, self.dtype,
+                      name="attention")(h, positions, decode=decode)
+    h = RMSNorm(self.norm_eps, self.dtype, name="mlp_norm")(x)
+    x = x + MLP(self.mlp_dim, self.dtype, name="mlp")(h)
+    self.sow("intermediates", "output", x)
+    return x
+
+
+def project(hidden: jax.Array, kernel: jax.Array) -> jax.Array:
+  """hidden [..., D] @ kernel [D, V] in hidden's dtype, float32 logits."""
+  return jnp.einsum("...d,dv->...v", hidden, kernel.astype(hidden.dtype),
+                    preferred_element_type=jnp.float32)
+
+
+class _Head(nn.Module):
+  """The untied LM head: a bare [D, V] kernel (no bias)."""
+  vocab_size: int
+
+  @nn.compact
+  def __call__(self, hidden):
+    kernel = self.param("kernel", _INIT, (hidden.shape[-1], self.vocab_size),
+                        jnp.float32)
+    return project(hidden, kernel)
+
+
+class Llama(nn.Module):
+  """Token ids [B, L] -> next-token logits [B, L, V] (float32).
+
+  Each layer's residual output is sown at `layers_{i}/output` in
+  "intermediates" for feature distillation. `hidden_states` stops before the
+  head; `lm_head_kernel`/`logits_from_hidden` apply it from a params tree, so
+  a loss can project the hidden states chunk by chunk.
+  """
+  vocab_size: int = 49152
+  width: int = 576
+  num_layers: int = 30
+  num_heads: int = 9
+  num_kv_heads: int = 3
+  head_dim: int = 0  # 0: width // num_heads.
+  mlp_dim: int = 1536
+  rope_theta: float = 100000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  max_length: int = 2048  # KV-cache capacity and longest input.
+  dtype: str = "float32"  # Compute dtype; params stay float32.
+
+  def _check(self):
+    problems = []
+    for field in ("vocab_size", "width", "num_layers", "num_heads",
+                  "num_kv_heads", "mlp_dim", "max_length"):
+      if getattr(self, field) < 1:
+        problems.append(f"{field}={getattr(self, field)} (must be >= 1)")
+    if self.head_dim < 0:
+      problems.append(f"head_dim={self.head_dim} (0 = width // num_heads, "
+                      "or a positive size)")
+    elif (self.head_dim == 0 and self.num_heads >= 1
+          and self.width % self.num_heads):
+      problems.append(f"width={self.width} not divisible by num_heads="
+                      f"{self.num_heads} (or set head_dim)")
+    if self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads:
+      problems.append(f"num_heads={self.num_heads} not a multiple of "
+                      f"num_kv_heads={self.num_kv_heads}")
+    if self.dtype not in DTYPES:
+      problems.append(f"dtype={self.dtype!r} (allowed {sorted(DTYPES)})")
+    if problems:
+      raise ValueError("Llama: " + "; ".join(problems) + ".")
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.width // self.num_heads
+
+  def setup(self):
+    self._check()
+    dtype = DTYPES[self.dtype]
+    self.embed = nn.Embed(self.vocab_size, self.width, dtype=dtype,
+                          param_dtype=jnp.float32, embedding_init=_INIT)
+    self.layers = [
+        DecoderLayer(self.num_heads, self.num_kv_heads,
+                     self.resolved_head_dim, self.mlp_dim, self.rope_theta,
+                     self.norm_eps, self.max_length, dtype)
+        for _ in range(self.num_layers)]  # Named layers_0, layers_1, ...
+    self.final_norm = RMSNorm(self.norm_eps, dtype)
+    if not self.tie_embeddings:
+      self.lm_head = _Head(self.vocab_size)
+
+  def hidden_states(self, tokens: jax.Array, train: bool = False, *,
+                    positions: jax.Array | None = None,
+                    decode: bool = False) -> jax.Array:
+    """[B, L] ids -> [B, L, D] after the final norm, in the compute dtype."""
+    del train  # No dropout in Llama.
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, length], got shape "
+                       f"{tokens.shape}.")
+    if tokens.shape[1] > self.max_length:
+      raise ValueError(f"Sequence length {tokens.shape[1]} exceeds the "
+                       f"model's max_length={self.max_length}.")
+    if positions is not None:
+      positions = jnp.broadcast_to(positions, tokens.shape)
+    x = self.embed(tokens)
+    for layer in self.layers:
+      x = layer(x, positions, decode=decode)
+    return self.final_norm(x)
+
+  def __call__(self, tokens: jax.Array, train: bool = False, *,
+               positions: jax.Array | None = None,
+               decode: bool = False) -> jax.Array:
+    hidden = self.hidden_states(tokens, train, positions=positions,
+                                decode=decode)
+    if self.tie_embeddings:
+      return project(hidden, self.embed.embedding.T)
+    return self.lm_head(hidden)
+
+
+def lm_head_kernel(params: Mapping[str, Any]) -> jax.Array:
+  """The [D, V] output projection of a Llama params tree (tied or not)."""
+  if "lm_head" in params:
+    return params["lm_head"]["kernel"]
+  return params["embed"]["embedding"].T
+
+
+def logits_from_hidden(params: Mapping[str, Any],
+                       hidden: jax.Array) -> jax.Array:
+  """`Llama.hidden_states` output [..., D] -> float32 logits [..., V]."""
+  return project(hidden, lm_head_kernel(params))
+
+
+def init_cache(model: Llama, batch_size: int) -> dict[str, Any]:
+  """An empty KV cache (zeros, index 0) for `batch_size` sequences."""
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0),
+                         jnp.zeros((batch_size, 1), jnp.int32),
+                         decode=True))["cache"]
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
