@@ -61,7 +61,7 @@ def corpus(tmp_path_factory):
 
 
 def _config(corpus, **changes):
-  root, source, tokenizer = corpus
+  _, source, _ = corpus
   config = ml_collections.ConfigDict(dict(
       name="text_directory", data_dir=str(root / "tfds"), source_dir=source,
       input_key="text", tokenizer_path=tokenizer, seq_length=16, eos_id=EOS,
@@ -227,6 +227,9 @@ def test_cache_reuse_and_invalidation(corpus, monkeypatch, tmp_path):
   config = _config(corpus, data_dir=str(tmp_path / "tfds"))
   first = lm.packed_split(config, "train")
   assert calls
+  # Deterministic: the same windows as tokenised separately in another dir.
+  np.testing.assert_array_equal(
+      first.windows, lm.packed_split(_config(corpus), "train").windows)
   cache = os.path.join(str(lm.get_text_source(config, "train")
                            .dataset_info.data_dir), "lm_tokens")
   files = sorted(os.listdir(cache))
@@ -259,7 +262,7 @@ def test_cache_reuse_and_invalidation(corpus, monkeypatch, tmp_path):
 
 
 def test_edited_directory_is_prepared_afresh(corpus, tmp_path):
-  root, source, tokenizer = corpus
+  _, source, _ = corpus
   copy = tmp_path / "texts"
   shutil.copytree(source, copy)
   config = _config(corpus, data_dir=str(tmp_path / "tfds"), source_dir=str(copy))

@@ -245,8 +245,8 @@ def directory_fingerprint(source_dir: str) -> str:
 class TextDirectory(tfds.core.GeneratorBasedBuilder):
   """A directory of .txt/.md files, one record per file, verbatim UTF-8.
 
-  Features: `text` and `document` (the file's path relative to the
-  directory). Split by file: SHA-256 of the relative path, 90/5/5, so a
+  Features: `text` (invalid UTF-8 bytes replaced by U+FFFD) and `document`
+  (the file's path relative to the directory). Split by file: SHA-256 of the relative path, 90/5/5, so a
   file's split never depends on the others; splits that get no file are
   not written. Each distinct directory state is its own builder config
   (`directory_fingerprint`), so an edited directory is prepared afresh.
@@ -501,7 +501,8 @@ def token_stream(data_config, split: str, *, source=None
   if source is None:
     source = get_text_source(data_config, split)
   tok_path = tokenizer_file(data_config.tokenizer_path)
-  fingerprint = _fingerprint(data_config, split, source, file_sha256(tok_path))
+  tok_sha = file_sha256(tok_path)
+  fingerprint = _fingerprint(data_config, split, source, tok_sha)
   base = os.path.join(_cache_dir(source),
                       f"{re.sub(r'[^A-Za-z0-9_.-]', '_', split)}-{fingerprint}")
   if os.path.exists(base + ".npy") and os.path.exists(base + ".json"):
@@ -527,7 +528,7 @@ def token_stream(data_config, split: str, *, source=None
   stats = {"dataset": source.dataset_info.full_name, "split": split,
            "documents": documents, "characters": characters,
            "tokens": int(len(tokens)), "eos_id": eos_id,
-           "tokenizer": os.path.abspath(tok_path)}
+           "tokenizer_sha256": tok_sha}
   # The .json first: the .npy's presence marks a complete entry.
   _write_atomically(base + ".json",
                     lambda f: f.write(json.dumps(stats, indent=1).encode()))
