@@ -61,7 +61,7 @@ def corpus(tmp_path_factory):
 
 
 def _config(corpus, **changes):
-  _, source, _ = corpus
+  root, source, tokenizer = corpus
   config = ml_collections.ConfigDict(dict(
       name="text_directory", data_dir=str(root / "tfds"), source_dir=source,
       input_key="text", tokenizer_path=tokenizer, seq_length=16, eos_id=EOS,
