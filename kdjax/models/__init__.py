@@ -6,6 +6,7 @@ import flax.linen as nn
 
 from kdjax.models.bert import BertClassifier
 from kdjax.models.cnn import CNN
+from kdjax.models.llama import Llama
 from kdjax.models.lstm import LSTMClassifier
 from kdjax.models.mlp import MLP
 from kdjax.models.transformer import TransformerClassifier
@@ -16,6 +17,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "lstm": LSTMClassifier,
     "transformer": TransformerClassifier,
     "bert": BertClassifier,  # Import weights with models/import_/hf_bert.py.
+    "llama": Llama,  # Decoder LM; import weights with models/import_/llama.py.
 }
 
 

@@ -231,12 +231,17 @@ def _read_gguf(path: str):
 
 
 def _meta(reader, key: str, default: Any = KeyError) -> Any:
+  """A metadata value; float32 scalars as their shortest decimal (1e-05, not
+  9.999999747378752e-06: the value the original config held)."""
   field = reader.fields.get(key)
   if field is None:
     if default is KeyError:
       raise CheckpointError(f"GGUF metadata lacks {key!r}.")
     return default
-  return field.contents()
+  value = field.contents()
+  if field.types == [_gguf_module().GGUFValueType.FLOAT32]:
+    value = float(str(np.float32(value)))
+  return value
 
 
 def _gguf_fields(reader, tensor_names: set[str],
