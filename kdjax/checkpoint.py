@@ -7,11 +7,14 @@ A run's checkpoints live in WORKDIR/checkpoints/<step>/ with four items:
   data     the grain iterator position
   meta     JSON: model name and fields, class count, the role of the run
 Teacher parameters are never part of a student's checkpoint.
+
+The workdir may be local or gs://: Orbax takes either, and kdjax's own
+bookkeeping here (finding steps, setting a corrupt step aside, sizes) goes
+through kdjax.storage (etils.epath).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -22,6 +25,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from kdjax import storage
+
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
@@ -30,7 +35,7 @@ class CheckpointMismatchError(ValueError):
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+  return storage.join(storage.absolute(workdir), CHECKPOINT_SUBDIR)
 
 
 class Checkpointer:
@@ -86,12 +91,14 @@ class Checkpointer:
 
   def _set_aside(self, step: int) -> str:
     """Renames an unreadable step so it neither blocks a re-save nor is retried."""
-    source = os.path.join(self.directory, str(step))
+    source = storage.join(self.directory, str(step))
     # Process 0 renames; the others wait until it has (and agree on the name).
+    # On GCS a rename copies every object, then deletes the originals: if
+    # that is interrupted the step is still whole and is set aside next time.
     stamp = int(_from_process_0(np.int32(time.time())))
     target = f"{source}.unreadable-{stamp}"
-    if jax.process_index() == 0 and os.path.isdir(source):
-      os.rename(source, target)
+    if jax.process_index() == 0 and storage.is_dir(source):
+      storage.rename(source, target)
     _barrier(f"kdjax_set_aside_{step}")
     self._manager.reload()
     return target
@@ -170,7 +177,7 @@ def restore_params(workdir_or_checkpoints: str, abstract_params,
                    step: int | None = None):
   """Loads only the parameters of a run (e.g. a teacher), newest readable step."""
   directory = workdir_or_checkpoints
-  if os.path.basename(os.path.normpath(directory)) != CHECKPOINT_SUBDIR:
+  if directory.rstrip("/").rsplit("/", 1)[-1] != CHECKPOINT_SUBDIR:
     directory = checkpoint_dir(directory)
   # Orbax refuses a checkpoint saved on another topology (e.g. by several
   # hosts) unless the target says where the arrays go.
@@ -196,7 +203,7 @@ def restore_params(workdir_or_checkpoints: str, abstract_params,
 def read_meta(workdir: str) -> dict[str, Any] | None:
   """The meta item of a run's newest checkpoint, or None if it has none."""
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not storage.is_dir(directory):
     return None
   with ocp.CheckpointManager(
       directory, item_names=("params", "train", "data", "meta"),
@@ -217,7 +224,7 @@ def _newest_meta(manager: ocp.CheckpointManager) -> dict[str, Any] | None:
 def params_bytes(workdir: str) -> int:
   """On-disk size of the newest checkpoint's parameters."""
   directory = checkpoint_dir(workdir)
-  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
-  params_dir = os.path.join(directory, str(steps[-1]), "params")
-  return sum(os.path.getsize(os.path.join(root, f))
-             for root, _, files in os.walk(params_dir) for f in files)
+  steps = sorted(int(d) for d in storage.listdir(directory) if d.isdigit())
+  params_dir = storage.join(directory, str(steps[-1]), "params")
+  return sum(storage.file_size(storage.join(root, f))
+             for root, _, files in storage.walk(params_dir) for f in files)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import tempfile
+import uuid
 from typing import Any
 
 import jax
 import ml_collections
 
-from kdjax import checkpoint, models, objectives, parallel
+from kdjax import checkpoint, models, objectives, parallel, storage
 from kdjax.objectives import HARD_LABEL_SOURCES
 
 MODES = ("teacher", "scratch", "distill", "evaluate", "pipeline", "aot_check")
@@ -241,14 +243,9 @@ class WorkdirError(ConfigError):
 
 def check_workdir(workdir: str) -> None:
   """Creates the workdir and writes a probe file: fails now, not at the first save."""
-  if "://" in workdir:
-    # Orbax could write there, but metrics.jsonl, run.json and the report
-    # use local file I/O; refuse rather than write to a local 'gs:' dir.
-    raise WorkdirError(
-        f"--workdir={workdir!r}: remote workdirs are not supported yet (the "
-        "metrics, run.json and report writers use local files). Use a local "
-        "directory, e.g. --workdir=$HOME/kdjax_runs/<name>, and copy it to "
-        "the bucket afterwards (gcloud storage cp -r).")
+  if storage.is_remote(workdir):
+    _check_remote_workdir(workdir)
+    return
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.TemporaryFile(dir=workdir):
@@ -258,6 +255,39 @@ def check_workdir(workdir: str) -> None:
         f"--workdir={workdir!r} cannot be written ({type(e).__name__}: "
         f"{e.strerror or e}). Pass a directory you can write, e.g. "
         "--workdir=$HOME/kdjax_runs/<name>.") from None
+
+
+def _check_remote_workdir(workdir: str) -> None:
+  """gs://BUCKET/PATH only; creates and removes a probe object in it."""
+  scheme, rest = workdir.split("://", 1)
+  if scheme != "gs":
+    raise WorkdirError(
+        f"--workdir={workdir!r}: {scheme}:// is not supported; use a local "
+        "directory or a Cloud Storage path gs://BUCKET/PATH.")
+  bucket = rest.split("/", 1)[0]
+  if not bucket or not rest[len(bucket):].strip("/"):
+    raise WorkdirError(
+        f"--workdir={workdir!r}: give a bucket and a path in it, e.g. "
+        "--workdir=gs://BUCKET/kdjax/<name>.")
+  # Unique per process: on several hosts each checks its own credentials.
+  probe = storage.join(workdir, f".kdjax-write-probe-{socket.gethostname()}-"
+                       f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+  try:
+    storage.write_text(probe, "")
+    storage.remove(probe)
+  except ImportError as e:  # epath without gcsfs (or tensorflow) for gs://.
+    raise WorkdirError(
+        f"--workdir={workdir!r}: reading and writing gs:// needs gcsfs, which "
+        f"is not installed ({e}). Install kdjax with its GCS extra: "
+        "pip install -e '.[gcs]' (or pip install gcsfs).") from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise WorkdirError(
+        f"--workdir={workdir!r} cannot be written: writing and deleting {probe} "
+        f"failed ({type(e).__name__}: {str(e)[:300]}). Check that bucket "
+        f"gs://{bucket} exists and that this machine's credentials may "
+        "create and delete objects in it (on a TPU VM: its service account "
+        "needs e.g. roles/storage.objectUser on the bucket), or pass another "
+        "--workdir.") from None
 
 
 def _check_distributed(config) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from typing import Any
 
@@ -20,7 +19,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from sklearn import metrics as skmetrics
 
-from kdjax import checkpoint, parallel, step
+from kdjax import checkpoint, parallel, step, storage
 from kdjax import config as config_lib
 from kdjax.data import pipeline
 
@@ -103,13 +102,17 @@ def inference_examples_per_second(apply_fn, params, inputs: np.ndarray, *,
   return float(batch_size / np.median(times))
 
 
+def _not_a_run(name: str) -> bool:
+  """Directories that hold no runs: not worth listing (many objects on GCS)."""
+  return name in (checkpoint.CHECKPOINT_SUBDIR, "tensorboard")
+
+
 def find_runs(workdir: str) -> list[tuple[str, dict[str, Any]]]:
   """(run dir, run.json) of every finished run under workdir, sorted by path."""
   runs = []
-  for root, _, files in os.walk(workdir):
+  for root, _, files in storage.walk(workdir, skip=_not_a_run):
     if "run.json" in files:
-      with open(os.path.join(root, "run.json")) as f:
-        runs.append((root, json.load(f)))
+      runs.append((root, storage.read_json(storage.join(root, "run.json"))))
   return sorted(runs, key=lambda r: r[0])
 
 
@@ -130,11 +133,7 @@ def _apply_fn(model):
 
 
 def _run_json(run_dir: str) -> dict[str, Any]:
-  path = os.path.join(run_dir, "run.json")
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  return storage.read_json(storage.join(run_dir, "run.json"), default={})
 
 
 def _num_params(params) -> int:
@@ -169,7 +168,7 @@ def write_report(config, workdir: str) -> dict[str, Any]:
       "checkpoint_bytes": checkpoint.params_bytes(teacher_path),
       "inference_examples_per_second": inference_examples_per_second(
           teacher_apply, teacher_params, data["inputs"]),
-      "run_dir": os.path.relpath(teacher_path, workdir),
+      "run_dir": storage.relpath(teacher_path, workdir),
   }
 
   students, speeds = [], {}
@@ -196,7 +195,7 @@ def write_report(config, workdir: str) -> dict[str, Any]:
                                         _num_params(params)),
         "checkpoint_bytes": checkpoint.params_bytes(run_dir),
         "inference_examples_per_second": speeds[arch], "arch": arch,
-        "run_dir": os.path.relpath(run_dir, workdir)})
+        "run_dir": storage.relpath(run_dir, workdir)})
 
   groups: dict[str, dict[str, Any]] = {}
   for s in students:
@@ -235,14 +234,14 @@ def write_report(config, workdir: str) -> dict[str, Any]:
                   if speed else None),
       "device": str(jax.local_devices()[0].device_kind),
   }
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, REPORT_JSON), "w") as f:
-      json.dump(report, f, indent=2)
-    with open(os.path.join(workdir, REPORT_MD), "w") as f:
-      f.write(render_markdown(report))
+  if jax.process_index() == 0:  # A local or gs:// workdir (kdjax.storage).
+    storage.write_json(storage.join(workdir, REPORT_JSON), report)
+    storage.write_text(storage.join(workdir, REPORT_MD),
+                       render_markdown(report))
     from kdjax import plots  # pylint: disable=g-import-not-at-top
-    plots.write_report_png(report, workdir, os.path.join(workdir, REPORT_PNG))
-    logging.info("Report written to %s", os.path.join(workdir, REPORT_MD))
+    plots.write_report_png(report, workdir,
+                           storage.join(workdir, REPORT_PNG))
+    logging.info("Report written to %s", storage.join(workdir, REPORT_MD))
   return report
 
 

@@ -1,17 +1,26 @@
 """Where training metrics go: absl log lines with progress, TensorBoard, metrics.jsonl.
 
 Only process 0 writes. TensorBoard event files come from tensorboardX, so
-TensorFlow is not needed to write them.
+TensorFlow is not needed to write them. Both files grow line by line, which
+an object store cannot do in place: for a gs:// workdir they are written to a
+local staging directory and copied to the workdir every
+storage.SYNC_SECONDS and on close (kdjax.storage.StagedDir; tensorboardX's
+own gs:// writer would need google-cloud-storage and re-uploads the event
+file on every flush).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
 from absl import logging
+
+from kdjax import storage
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def _format_duration(seconds: float) -> str:
@@ -34,11 +43,13 @@ class MetricsWriter:
     self._last_step = start_step
     self._jsonl = None
     self._tb = None
+    self._staged = None
     if self._enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      # A resumed run appends to the metrics.jsonl it wrote before.
+      self._staged = storage.StagedDir(workdir, fetch=(METRICS_FILE,))
+      self._jsonl = open(self._staged.path(METRICS_FILE), "a")
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(self._staged.path(TENSORBOARD_DIR))
 
   def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
     if not self._enabled:
@@ -50,6 +61,7 @@ class MetricsWriter:
     for k, v in scalars.items():
       self._tb.add_scalar(f"{split}/{k}", float(v), step)
     self._tb.flush()
+    self._staged.sync()
 
   def progress(self, step: int, scalars: dict[str, float]) -> None:
     """Logs step, metrics, steps/s and ETA since the previous call."""
@@ -69,11 +81,13 @@ class MetricsWriter:
     if self._enabled:
       self._jsonl.close()
       self._tb.close()
+      self._staged.close()
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  """The records of WORKDIR/metrics.jsonl (local or gs://), [] if none."""
+  path = storage.join(workdir, METRICS_FILE)
+  if not storage.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in storage.read_text(path).splitlines()
+          if line.strip()]

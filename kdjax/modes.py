@@ -6,18 +6,17 @@ report reads:
     WORKDIR/full_data/{scratch,distill}/seed_<s>/
     WORKDIR/data_<p>pct/{scratch,distill}/seed_<s>/     (small-data runs)
     WORKDIR/report.{json,md,png}
+WORKDIR may be a local path or gs://BUCKET/PATH (kdjax.storage).
 """
 
 from __future__ import annotations
-
-import os
 
 import jax
 import ml_collections
 from absl import logging
 
 from kdjax import config as config_lib
-from kdjax import evaluate, train
+from kdjax import evaluate, storage, train
 
 
 def _run_config(config: ml_collections.ConfigDict, mode: str, **changes
@@ -29,8 +28,7 @@ def _run_config(config: ml_collections.ConfigDict, mode: str, **changes
 
 def _train_unless_done(config, workdir: str) -> dict:
   """Trains a run; a run that already finished (run.json present) is kept."""
-  done = os.path.join(workdir, train.RUN_FILE)
-  if os.path.exists(done):
+  if storage.exists(storage.join(workdir, train.RUN_FILE)):
     logging.info("%s already finished in %s; skipping.", config.mode, workdir)
     return {}
   return train.train(config, workdir)
@@ -65,7 +63,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for extra in config.pipeline.get("extra_teachers", ()):
     _train_unless_done(
         _run_config(config, "teacher", seed=int(extra["seed"])),
-        os.path.join(workdir, f"teacher_{extra['name']}"))
+        storage.join(workdir, f"teacher_{extra['name']}"))
   config = _run_config(config, config.mode, **{
       "teacher.checkpoint_dir": teacher_dir})
 
@@ -87,15 +85,15 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           **{"data.train_fraction": fraction,
                              "student.train.num_epochs": epochs, **overrides})
         config_lib.validate(run, workdir)
-        _train_unless_done(run, os.path.join(workdir, tag, name,
+        _train_unless_done(run, storage.join(workdir, tag, name,
                                              f"seed_{seed}"))
   return evaluate.write_report(config, workdir)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Validates the config, then runs config.mode in workdir."""
-  if workdir and "://" not in workdir:  # Never turn gs://b/x into ./gs:/b/x.
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+  if workdir:  # Local: absolute; gs://b/x stays a URL (not ./gs:/b/x).
+    workdir = storage.absolute(workdir)
   config_lib.validate(config, workdir)
   if config.mode == "aot_check":
     from kdjax import aot  # pylint: disable=g-import-not-at-top

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import io
 from typing import Any
 
 import matplotlib
@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
+from kdjax import storage  # pylint: disable=g-import-not-at-top
 from kdjax.metrics_writer import read_metrics  # pylint: disable=g-import-not-at-top
 
 
@@ -23,7 +24,7 @@ def write_report_png(report: dict[str, Any], workdir: str, path: str) -> None:
   for label, run_dir in runs:
     group = label.rsplit(" s", 1)[0] if label != "teacher" else "teacher"
     color = colors[group_names.index(group) % len(colors)]
-    records = read_metrics(os.path.join(workdir, run_dir))
+    records = read_metrics(storage.join(workdir, run_dir))
     train = [r for r in records if r["split"] == "train" and "loss" in r]
     evals = [r for r in records if r["split"] == "eval"]
     if train:
@@ -56,5 +57,7 @@ def write_report_png(report: dict[str, Any], workdir: str, path: str) -> None:
   ax_cmp.set_title("teacher vs students")
   ax_cmp.grid(axis="y", alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  png = io.BytesIO()  # Rendered here, written once: path may be gs://.
+  fig.savefig(png, format="png", dpi=110)
   plt.close(fig)
+  storage.write_bytes(path, png.getvalue())

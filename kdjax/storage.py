@@ -87,6 +87,15 @@ def file_size(path: str) -> int:
   return int(epath.Path(path).stat().length)
 
 
+def remove(path: str) -> None:
+  epath.Path(path).unlink()
+
+
+def rename(source: str, target: str) -> None:
+  """Renames a file or directory (on GCS: copies every object, then deletes)."""
+  epath.Path(source).rename(target)
+
+
 def read_text(path: str) -> str:
   return epath.Path(path).read_text()
 
@@ -98,10 +107,10 @@ def write_bytes(path: str, data: bytes) -> None:
   remote write is already all-or-nothing.
   """
   target = epath.Path(path)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  if is_remote(path):
+  if is_remote(path):  # No directories to make (gcsfs may check the bucket).
     target.write_bytes(data)
     return
+  target.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.fspath(target.parent),
                              prefix=f".{target.name}.")
   try:

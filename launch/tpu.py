@@ -15,16 +15,20 @@ Usage, from the repository root (see launch/README.md for the walkthrough):
   python launch/tpu.py run    --name=kd --zone=us-west4-a \\
       --accelerator-type=v5litepod-8 \\
       --config=configs/fashion_mnist.py --preset=smoke \\
-      --run-name=fmnist --config.FIELD=VALUE  # workdir ~/kdjax-runs/fmnist
+      --run-name=fmnist --workdir=gs://BUCKET/kdjax/fmnist \\
+      --config.FIELD=VALUE
   python launch/tpu.py logs   --name=kd --zone=us-west4-a --run-name=fmnist
   python launch/tpu.py fetch-results --name=kd --zone=us-west4-a \\
-      --run-name=fmnist                       # -> kdjax-results/fmnist/
+      --run-name=fmnist --workdir=gs://BUCKET/kdjax/fmnist
+                                              # -> kdjax-results/fmnist/
   python launch/tpu.py delete --name=kd --zone=us-west4-a
 
-The workdir is a path on the workers, never gs:// (kdjax writes its metrics,
-run.json and report with local file I/O). On one host the default is
-~/kdjax-runs/RUN_NAME on the VM's disk; a multi-host slice needs an absolute
-path on a filesystem mounted at that path on every worker (e.g. Filestore).
+The workdir (checkpoints, metrics, TensorBoard, the report) is best a Cloud
+Storage path gs://BUCKET/PATH: every worker reaches it, and it outlives the
+VM (setup installs kdjax with its 'gcs' extra, gcsfs). Otherwise it is a path
+on the workers: on one host the default is ~/kdjax-runs/RUN_NAME on the VM's
+disk; a multi-host slice needs an absolute path on a filesystem mounted at
+that path on every worker (e.g. Filestore).
 
 --name, --zone, --project and --accelerator-type default to the environment
 variables KDJAX_TPU_NAME, KDJAX_TPU_ZONE, KDJAX_TPU_PROJECT and KDJAX_TPU_TYPE.
@@ -57,6 +61,8 @@ REMOTE_LOGS = "kdjax-logs"  # <run-name>.log and <run-name>.pid per worker.
 REMOTE_RUNS = "kdjax-runs"  # Default single-host workdirs: ~/kdjax-runs/<run-name>.
 LOCAL_RESULTS = "kdjax-results"  # fetch-results default: ./kdjax-results/<run-name>.
 REPORT_GLOB = "report.*"  # report.json, report.md, report.png (kdjax.evaluate).
+# setup installs kdjax with this extra: gcsfs, for gs:// workdirs.
+KDJAX_EXTRAS = "gcs"
 
 # jax 0.10 needs Python >= 3.11; the TPU VM images ship Python 3.10, so setup
 # makes a virtualenv with uv (which fetches a Python build when needed).
@@ -309,7 +315,8 @@ def setup_script(a, git_url: Optional[str]) -> str:
       f"--python={shlex.quote(a.python)} {_home(REMOTE_VENV)}",
       f"{venv_python} -m pip install -q {shlex.quote(jax_spec)}",
       f"cd {_home(REMOTE_REPO)}",
-      f"{venv_python} -m pip install -q -e .",
+      f"{venv_python} -m pip install -q -e "
+      + shlex.quote(f".[{KDJAX_EXTRAS}]"),
       f"{venv_python} -c "
       + shlex.quote('import jax, kdjax, socket; '
                     'print(socket.gethostname(), "kdjax ready, jax", '
@@ -359,33 +366,38 @@ def workdir_of(a) -> str:
   return a.workdir or default_workdir(a.run_name)
 
 
+def is_bucket(workdir: str) -> bool:
+  return workdir.startswith("gs://")
+
+
 def check_workdir(a, accel: Optional[Accelerator], warn: bool = True) -> str:
   """Refuses workdirs kdjax cannot use on the workers; returns the workdir.
 
   accel is None when the slice size is unknown (fetch-results): then only
-  the checks that hold for every slice are made.
+  the checks that hold for every slice are made. Whether a gs:// bucket
+  exists and the VM may write it, kdjax checks when it starts.
   """
   workdir = workdir_of(a)
   if "://" in workdir:
-    raise LaunchError(
-        f"--workdir={workdir}: kdjax does not write to GCS (or any URL) yet: "
-        "its metrics, run.json and report writers use local files. Use a "
-        f"path on the workers: on one host e.g. --workdir=~/{REMOTE_RUNS}/"
-        f"{a.run_name} (the default), on a multi-host slice a filesystem "
-        "mounted at the same path on every worker, e.g. a Filestore NFS "
-        "share (--workdir=/mnt/kdjax/RUN)")
+    bucket, _, path = workdir[len("gs://"):].partition("/")
+    if not is_bucket(workdir) or not bucket or not path.strip("/"):
+      raise LaunchError(
+          f"--workdir={workdir}: a URL workdir must be a Cloud Storage path "
+          "gs://BUCKET/PATH, e.g. --workdir=gs://BUCKET/kdjax/"
+          f"{a.run_name}")
+    return workdir
   multi = accel is not None and accel.multi_host
   if multi and a.workdir is None:
     raise LaunchError(
-        f"{accel.name} has {accel.hosts} hosts: pass --workdir=/ABSOLUTE/PATH "
-        "on a filesystem mounted at that path on every worker (e.g. a "
-        "Filestore NFS share); there is no default")
+        f"{accel.name} has {accel.hosts} hosts: pass --workdir=gs://BUCKET/"
+        "PATH, or an absolute path on a filesystem mounted at that path on "
+        "every worker (e.g. a Filestore NFS share); there is no default")
   if multi and not workdir.startswith("/"):
     raise LaunchError(
         f"--workdir={workdir}: {accel.name} has {accel.hosts} hosts, so the "
-        "workdir must be an absolute path (e.g. /mnt/kdjax/RUN) on a "
-        "filesystem mounted at that same path on every worker; a relative "
-        "or ~ path is each worker's own disk")
+        "workdir must be gs://BUCKET/PATH or an absolute path (e.g. "
+        "/mnt/kdjax/RUN) on a filesystem mounted at that same path on every "
+        "worker; a relative or ~ path is each worker's own disk")
   if not (workdir.startswith("/") or workdir == "~"
           or workdir.startswith("~/")):
     raise LaunchError(
@@ -395,9 +407,9 @@ def check_workdir(a, accel: Optional[Accelerator], warn: bool = True) -> str:
   if multi and warn:
     _note(f"warning: --workdir={workdir} must be shared storage mounted at "
           f"this path on all {accel.hosts} workers (e.g. a Filestore NFS "
-          "share): Orbax checkpoints from every process must land in one "
-          "place, and the same run command must find them after a "
-          "preemption. This is not checked here.")
+          "share, or use --workdir=gs://BUCKET/PATH): Orbax checkpoints from "
+          "every process must land in one place, and the same run command "
+          "must find them after a preemption. This is not checked here.")
   return workdir
 
 
@@ -450,13 +462,19 @@ def run_script(a) -> str:
 def run_commands(a) -> list[list[str]]:
   accel = parse_accelerator(a.accelerator_type)
   workdir = check_workdir(a, accel)
-  if not accel.multi_host:
+  if not accel.multi_host and not is_bucket(workdir):
     _note(f"workdir {workdir} is on the VM's own disk, which goes away when "
           "the VM is deleted (a preempted spot VM cannot be restarted): "
           "copy the report with `launch/tpu.py fetch-results"
           + ("" if a.workdir is None else f" --workdir={workdir}")
           + ("" if a.run_name == "run" else f" --run-name={a.run_name}")
           + "` before `delete`")
+  if is_bucket(workdir):
+    _note(f"kdjax first checks that the VM may write {workdir} (its service "
+          "account needs e.g. roles/storage.objectUser on the bucket); if "
+          "not, the run stops at once and `launch/tpu.py logs"
+          + ("" if a.run_name == "run" else f" --run-name={a.run_name}")
+          + "` says why")
   return [ssh(a, run_script(a), worker="all")]
 
 
@@ -485,10 +503,18 @@ def logs_commands(a) -> list[list[str]]:
 
 
 def fetch_results_commands(a) -> list[list[str]]:
-  """Copies WORKDIR/report.* from worker 0 to --dest (default kdjax-results/RUN)."""
+  """Copies WORKDIR/report.* to --dest (default kdjax-results/RUN).
+
+  From the bucket with `gcloud storage cp` for a gs:// workdir (the VM need
+  not exist any more), else from worker 0 with scp.
+  """
   accel = (parse_accelerator(a.accelerator_type) if a.accelerator_type
            else None)
   workdir = check_workdir(a, accel, warn=False)
+  if is_bucket(workdir):
+    return [gcloud("storage", "cp",
+                   posixpath.join(workdir.rstrip("/"), REPORT_GLOB),
+                   dest_of(a), project=a.project)]
   remote = posixpath.join(_scp_path(workdir), REPORT_GLOB)
   return [scp(a, f"{a.name}:{remote}", dest_of(a), worker="0")]
 
@@ -706,10 +732,12 @@ def build_parser() -> argparse.ArgumentParser:
                      allow_abbrev=False,
                      help="start a run on all workers in the background")
   p.add_argument("--workdir", default=None,
-                 help="path on the workers for checkpoints, metrics and the "
-                 f"report (not gs://); default on one host: ~/{REMOTE_RUNS}/"
-                 "RUN_NAME; multi-host: required, absolute, on a filesystem "
-                 "mounted at that path on every worker")
+                 help="where checkpoints, metrics and the report go: "
+                 "gs://BUCKET/PATH (recommended: outlives the VM), or a path "
+                 f"on the workers; default on one host: ~/{REMOTE_RUNS}/"
+                 "RUN_NAME on the VM's disk; multi-host: required, gs:// or "
+                 "absolute on a filesystem mounted at that path on every "
+                 "worker")
 
   p = sub.add_parser("logs", parents=[common, accel, run_name],
                      allow_abbrev=False,
@@ -724,10 +752,12 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("fetch-results", parents=[common, accel, run_name],
                      allow_abbrev=False,
-                     help="copy WORKDIR/report.* from worker 0 to here")
+                     help="copy WORKDIR/report.* (bucket or worker 0) "
+                     "to here")
   p.add_argument("--workdir", default=None,
-                 help="the run's --workdir (default: ~/"
-                 f"{REMOTE_RUNS}/RUN_NAME, run's single-host default)")
+                 help="the run's --workdir; gs:// is copied from the bucket "
+                 f"(default: ~/{REMOTE_RUNS}/RUN_NAME, run's single-host "
+                 "default)")
   p.add_argument("--dest", metavar="DIR", default=None,
                  help=f"local directory (default: {LOCAL_RESULTS}/RUN_NAME)")
 

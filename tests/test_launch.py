@@ -199,7 +199,8 @@ def test_setup_from_git_installs_pinned_jax_tpu(capsys):
   pinned = _setup_version_in_setup_py()
   assert pinned == "0.10.2"
   assert f"-m pip install -q 'jax[tpu]=={pinned}';" in script
-  assert "-m pip install -q -e .;" in script
+  # With the 'gcs' extra (gcsfs): gs:// workdirs.
+  assert "-m pip install -q -e '.[gcs]';" in script
   assert "apt-get -o DPkg::Lock::Timeout=300 install -y -qq libjemalloc2" in script
   assert ("git clone --depth=1 --branch=v0.1 "
           "https://github.com/example/kdjax.git") in script
@@ -273,23 +274,35 @@ def test_run_multi_host_on_all_workers_warns_about_shared_storage(capsys):
 
 
 @pytest.mark.parametrize("argv", [RUN, RUN1], ids=["multi-host", "one-host"])
-@pytest.mark.parametrize("workdir", ["gs://bucket/kd/fmnist", "s3://b/x"])
-def test_run_refuses_bucket_workdirs(capsys, no_gcloud, argv, workdir):
+def test_run_takes_a_gcs_workdir_on_any_slice(capsys, argv):
+  (cmd,), err = run_dry(capsys, *argv, "--workdir=gs://bucket/kd/fmnist")
+  assert "--worker=all" in cmd
+  assert workdir_word(cmd) == "--workdir=gs://bucket/kd/fmnist"
+  # Shared by every worker and outlives the VM: neither note applies ...
+  assert "warning" not in err and "own disk" not in err
+  # ... but the VM must be allowed to write it, which kdjax checks first.
+  assert "roles/storage.objectUser" in err and "launch/tpu.py logs" in err
+  subprocess_syntax_check(remote(cmd))
+
+
+@pytest.mark.parametrize("argv", [RUN, RUN1], ids=["multi-host", "one-host"])
+@pytest.mark.parametrize("workdir", ["s3://b/x", "gs://bucket", "gs://",
+                                     "gs:///x"])
+def test_run_refuses_other_url_workdirs(capsys, no_gcloud, argv, workdir):
   assert tpu.main([*argv, f"--workdir={workdir}", "--dry-run"]) == 2
   captured = capsys.readouterr()
   assert captured.out == ""
-  assert "does not write to GCS" in captured.err
-  assert "Filestore" in captured.err and "kdjax-runs" in captured.err
+  assert "must be a Cloud Storage path gs://BUCKET/PATH" in captured.err
   assert no_gcloud == []
 
 
 @pytest.mark.parametrize("workdir,expected", [
     (None, "there is no default"),
-    ("runs/kd", "must be an absolute path"),
+    ("runs/kd", "must be gs://BUCKET/PATH or an absolute path"),
     ("~/kdjax-runs/kd", "each worker's own disk"),
 ])
-def test_run_multi_host_needs_an_absolute_workdir(capsys, no_gcloud, workdir,
-                                                  expected):
+def test_run_multi_host_needs_a_bucket_or_absolute_workdir(capsys, no_gcloud,
+                                                          workdir, expected):
   flags = [] if workdir is None else [f"--workdir={workdir}"]
   assert tpu.main([*RUN, *flags, "--dry-run"]) == 2
   captured = capsys.readouterr()
@@ -490,8 +503,13 @@ def test_fetch_results_copies_the_report_from_worker_0(capsys, tmp_path,
   assert cmd[5] == "kd:./report.*"
   assert not (tmp_path / "r").exists()  # Dry run creates nothing.
   assert no_gcloud == []
-  # Refused like run: bucket, relative, and ~ on a multi-host slice.
-  for flags, message in [(["--workdir=gs://b/x"], "does not write to GCS"),
+  # A bucket workdir is copied from the bucket, not from a worker.
+  (cmd,) = dry(capsys, "fetch-results", *BASE, "--type=v4-32",
+               "--workdir=gs://b/kd/x/", "--run-name=x", "--project=p")
+  assert cmd == ["gcloud", "storage", "cp", "gs://b/kd/x/report.*",
+                 os.path.join("kdjax-results", "x"), "--project=p"]
+  # Refused like run: other URLs, relative, and ~ on a multi-host slice.
+  for flags, message in [(["--workdir=s3://b/x"], "gs://BUCKET/PATH"),
                          (["--workdir=runs/x"], "setup replaces"),
                          (["--type=v4-32"], "there is no default")]:
     assert tpu.main(["fetch-results", *BASE, *flags, "--dry-run"]) == 2, flags
@@ -507,12 +525,21 @@ def test_fetch_results_copies_the_report_from_worker_0(capsys, tmp_path,
                         "--zone=us-west4-a", "--worker=0"]]
 
 
-def test_readme_does_not_recommend_bucket_workdirs():
+def test_readme_first_run_uses_a_bucket_workdir():
   readme = (REPO / "launch" / "README.md").read_text()
-  assert not re.search(r"--workdir=(gs|s3)://", readme)
+  first_run = readme.split("## Your first TPU run")[1].split("\n## ")[0]
+  # Each `launch/tpu.py run ...` with its backslash-continued lines.
+  run_commands = re.findall(r"launch/tpu\.py run (?:[^\n\\]|\\\n)*",
+                            first_run)
+  assert run_commands and all(re.search(r"--workdir=(gs://|\$BUCKET/)", c)
+                              for c in run_commands), run_commands
+  assert "export BUCKET=gs://" in first_run
+  assert "gcloud storage buckets create" in first_run
+  assert "roles/storage.objectUser" in first_run
   assert "fetch-results" in readme and "Multi-host slices" in readme
+  assert "kdjax[gcs]" in readme or ".[gcs]" in readme
   doc = tpu.__doc__
-  assert "--workdir=gs://" not in doc and "fetch-results" in doc
+  assert "--workdir=gs://" in doc and "fetch-results" in doc
 
 
 def test_delete_queued_resource(capsys):
@@ -540,9 +567,10 @@ def test_every_gcloud_command_is_built_in_one_place(capsys, monkeypatch,
       ["create", *BASE, "--type=v4-32", "--queued", "--reserved"],
       ["setup", *BASE, f"--source={tmp_path}"],
       ["setup", *BASE, "--source=git@github.com:example/kdjax.git"],
-      [*RUN, "--workdir=/mnt/w"], RUN1,
+      [*RUN, "--workdir=/mnt/w"], RUN1, [*RUN, "--workdir=gs://b/w"],
       ["logs", *BASE], ["logs", *BASE, "--type=v4-16", "--fetch=out"],
       ["fetch-results", *BASE], ["fetch-results", *BASE, "--workdir=/x"],
+      ["fetch-results", *BASE, "--workdir=gs://b/w"],
       ["stop", *BASE], ["status", *BASE], ["delete", *BASE, "--queued"],
   ]
   for argv in invocations:

@@ -1,0 +1,209 @@
+"""gs:// workdirs end to end, on a fake Cloud Storage backed by a local directory.
+
+There is no GCS here. `fake_gcs` registers an fsspec filesystem for 'gs'
+that maps gs://BUCKET/PATH to ROOT/BUCKET/PATH and answers like gcsfs: paths
+without 'gs://' in its listings and walks, no append. Everything kdjax reads
+and writes through etils.epath (run.json, metrics.jsonl, TensorBoard events,
+the report, checkpoint bookkeeping, the probe of check_workdir) then goes
+through epath's real gs:// code path (its fsspec backend, as with gcsfs).
+
+Orbax also takes the gs:// path as it is and runs its own GCS code path
+(epath for its metadata, commit-file instead of rename, its GCS deleter);
+only TensorStore's array I/O, which would speak HTTP to storage.googleapis.com,
+is pointed at the same local directory (gcs_utils.get_kvstore_for_gcs), and
+the bucket's hierarchical-namespace lookup (a Cloud API call) answers 'no'.
+"""
+
+import json
+import os
+import sys
+
+import pytest
+from etils import epath
+from fsspec.implementations.dirfs import DirFileSystem
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.spec import AbstractFileSystem
+from orbax.checkpoint._src.path import gcs_utils
+
+from kdjax import checkpoint, metrics_writer, modes, storage, train
+from kdjax import config as config_lib
+
+WORKDIR = "gs://fake-bucket/run"
+
+
+class _FakeGCS(DirFileSystem):
+  """gs://BUCKET/PATH -> ROOT/BUCKET/PATH; lists 'BUCKET/PATH' names like gcsfs."""
+
+  protocol = ("gs", "gcs")
+  cachable = False  # A new ROOT per test.
+  root = ""
+
+  def __init__(self, *args, **kwargs):  # gcsfs options (finalize_on_close).
+    del args, kwargs
+    # No directories on GCS: writing a/b/c needs no a/b first.
+    super().__init__(path=_FakeGCS.root, fs=LocalFileSystem(auto_mkdir=True))
+
+  def walk(self, path, *args, **kwargs):
+    # gcsfs walks with fsspec's generic walk: top-down pruning works.
+    yield from AbstractFileSystem.walk(self, path, *args, **kwargs)
+
+  def open(self, path, mode="rb", **kwargs):
+    if "a" in mode:
+      raise NotImplementedError("Cloud Storage objects cannot be appended to")
+    return super().open(path, mode=mode, **kwargs)
+
+
+def _clear_epath_cache():
+  epath.backend._FileSystemSpecBackend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+  """The local directory that gs://... maps to."""
+  root = tmp_path / "gcs"
+  root.mkdir()
+  monkeypatch.setattr(_FakeGCS, "root", str(root))
+  registry = sys.modules["fsspec.registry"]._registry  # pylint: disable=protected-access
+  monkeypatch.setitem(registry, "gcs", _FakeGCS)
+  monkeypatch.setitem(registry, "gs", _FakeGCS)
+
+  def local_kvstore(path):
+    bucket, rest = gcs_utils.parse_gcs_path(path, add_trailing_slash=False)
+    return {"driver": "file", "path": os.path.join(root, bucket, rest)}
+
+  monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs", local_kvstore)
+  monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled",
+                      lambda path: False)
+  _clear_epath_cache()
+  yield root
+  _clear_epath_cache()
+
+
+def test_fake_gcs_answers_like_gcsfs(fake_gcs):
+  """The properties the rest relies on: URL paths, bare listings, no append."""
+  path = epath.Path(WORKDIR) / "a" / "x.txt"
+  path.write_text("x")
+  assert (fake_gcs / "fake-bucket" / "run" / "a" / "x.txt").read_text() == "x"
+  roots = [os.fspath(root) for root, _, _ in epath.Path(WORKDIR).walk()]
+  assert roots[0] == "fake-bucket/run"  # Why kdjax.storage.walk exists.
+  assert [r for r, _, _ in storage.walk(WORKDIR)] == [WORKDIR, WORKDIR + "/a"]
+  with pytest.raises(NotImplementedError):
+    path.open("a")
+
+
+def test_gcs_workdir_end_to_end(fake_gcs, digits_config, caplog):
+  """Teacher run, resume past a corrupt checkpoint, report, pipeline skip."""
+  local = fake_gcs / "fake-bucket" / "run"
+  teacher = WORKDIR + "/teacher"
+  config = config_lib.set_fields(digits_config, {
+      "mode": "teacher", "checkpoint.keep": 3})
+  modes.run(config, teacher)
+
+  # 1. Every file landed under the bucket's directory, none on local disk.
+  assert not os.path.exists("gs:") and not os.path.exists("gs:/")
+  summary = json.loads((local / "teacher" / "run.json").read_text())
+  assert summary["steps"] == 6 and summary["role"] == "teacher"
+  steps = [int(d) for d in os.listdir(local / "teacher" / "checkpoints")
+           if d.isdigit()]
+  assert sorted(steps) == [2, 4, 6]
+  # Orbax took its GCS path: a commit file per step instead of a rename.
+  assert (local / "teacher" / "checkpoints" / "6" / "commit_success.txt"
+          ).exists()
+  records = metrics_writer.read_metrics(teacher)
+  assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6]
+  assert [r["step"] for r in records if r["split"] == "eval"] == [3, 6]
+  events = os.listdir(local / "teacher" / "tensorboard")
+  assert len(events) == 1 and events[0].startswith("events.out.tfevents")
+  assert checkpoint.read_meta(teacher)["role"] == "teacher"
+  assert checkpoint.params_bytes(teacher) > 0
+
+  # 2. The same command again, after the newest checkpoint went bad: the
+  # corrupt step is set aside (a rename on the bucket) and training resumes
+  # from the one before, appending to metrics.jsonl.
+  for f in (local / "teacher" / "checkpoints" / "6").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"\x13" * max(f.stat().st_size, 1))
+  storage.remove(teacher + "/run.json")
+  config.teacher.train.num_steps = 8
+  with caplog.at_level("INFO"):
+    modes.run(config, teacher)
+  messages = [r.getMessage() for r in caplog.records]
+  assert any("step 6" in m and "unreadable" in m for m in messages), messages
+  assert any("Resumed teacher from step 4" in m for m in messages), messages
+  names = os.listdir(local / "teacher" / "checkpoints")
+  assert any(n.startswith("6.unreadable-") for n in names), names
+  assert {"4", "6", "8"} <= set(names)
+  assert "2" not in names  # checkpoint.keep=3: Orbax's GCS deleter ran.
+  records = metrics_writer.read_metrics(teacher)
+  assert [r["step"] for r in records if r["split"] == "train"] == [
+      2, 4, 6, 6, 8]  # The first run's lines, then the resumed run's.
+  assert len(os.listdir(local / "teacher" / "tensorboard")) == 2
+  assert json.loads((local / "teacher" / "run.json").read_text())[
+      "steps"] == 8
+
+  # 3. The report of the workdir, written to the bucket.
+  config.mode = "evaluate"
+  report = modes.run(config, WORKDIR)
+  assert report["teacher"]["run_dir"] == "teacher"
+  assert report["teacher"]["checkpoint_bytes"] == checkpoint.params_bytes(
+      teacher)
+  on_disk = json.loads((local / "report.json").read_text())
+  assert on_disk["teacher"]["accuracy"] == report["teacher"]["accuracy"]
+  assert "kdjax report" in (local / "report.md").read_text()
+  assert (local / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+  # 4. The pipeline's "already finished" check reads run.json on the bucket.
+  def must_not_train(*args):
+    raise AssertionError(f"trained again: {args}")
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(train, "train", must_not_train)
+    assert modes._train_unless_done(config, teacher) == {}  # pylint: disable=protected-access
+
+
+def test_check_workdir_probes_the_bucket(fake_gcs, monkeypatch):
+  written = []
+  write_text = storage.write_text
+  monkeypatch.setattr(storage, "write_text",
+                      lambda path, text: written.append(path) or write_text(
+                          path, text))
+  config_lib.check_workdir(WORKDIR)
+  # A probe object was written in the workdir, and removed again.
+  (probe,) = written
+  assert probe.startswith(WORKDIR + "/.kdjax-write-probe-")
+  assert not storage.exists(probe)
+  assert not [f for f in fake_gcs.rglob("*") if f.is_file()]
+
+
+@pytest.mark.parametrize("workdir,match", [
+    ("s3://bucket/run", r"s3:// is not supported"),
+    ("gs://", r"give a bucket and a path"),
+    ("gs://bucket", r"give a bucket and a path"),
+    ("gs:///run", r"give a bucket and a path"),
+])
+def test_check_workdir_refuses_bad_urls(fake_gcs, workdir, match):
+  with pytest.raises(config_lib.WorkdirError, match=match):
+    config_lib.check_workdir(workdir)
+
+
+def test_check_workdir_says_to_install_the_gcs_extra(monkeypatch):
+  """Without gcsfs, epath raises ImportError for gs://: the error says what to add."""
+  registry = sys.modules["fsspec.registry"]._registry  # pylint: disable=protected-access
+  monkeypatch.delitem(registry, "gcs", raising=False)
+  monkeypatch.setitem(sys.modules, "gcsfs", None)  # import gcsfs fails.
+  _clear_epath_cache()
+  try:
+    with pytest.raises(config_lib.WorkdirError,
+                       match=r"needs gcsfs.*pip install -e '\.\[gcs\]'"):
+      config_lib.check_workdir(WORKDIR)
+  finally:
+    _clear_epath_cache()
+
+
+def test_check_workdir_names_the_bucket_when_it_cannot_write(fake_gcs,
+                                                             monkeypatch):
+  def denied(self, *args, **kwargs):
+    raise PermissionError("403 does not have storage.objects.create access")
+  monkeypatch.setattr(_FakeGCS, "open", denied)
+  with pytest.raises(config_lib.WorkdirError,
+                     match=r"gs://fake-bucket exists.*roles/storage\.objectUser"):
+    config_lib.check_workdir(WORKDIR)
