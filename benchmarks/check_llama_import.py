@@ -122,15 +122,20 @@ def main() -> int:
 
   # Tokenizer: ids without special tokens.
   ids = []
-  for text in LINES + ["Hello", "<|im_start|>user\nHi<|im_end|>",
-                      "In 1599, 2 men  sang\n\n  3.14"]:
+  for text in LINES + ["Hello", "<|im_start|>user\nHi<|im_end|>"]:
     ours = tokenizer.encode(text).ids
     theirs = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
     print(f"ids equal: {ours == theirs} ({len(ours)} tokens) {text[:30]!r}")
     ok &= ours == theirs
     ids.append(ours)
-  digits = "In 1599, 2 men"
-  print(f"digits: ours {tokenizer.encode(digits).tokens}, transformers "
+  # Expected to differ where whitespace precedes a digit: the file's
+  # pre-tokenizer is llama.cpp's 'smollm' (every digit isolated first, then
+  # GPT-2's regex, as SmolLM's own tokenizer.json does with
+  # Digits(individual_digits=True) + ByteLevel); transformers' GGUF
+  # converter uses ByteLevel alone. Printed, not counted.
+  digits = "In 1599, 2 men  sang\n\n  3.14"
+  print(f"digits after whitespace (known converter difference): ours "
+        f"{tokenizer.encode(digits).tokens}, transformers "
         f"{hf_tokenizer.tokenize(digits)}")
   print(f"'Hello' with default special tokens: ours "
         f"{tokenizer.encode('Hello').ids}, transformers "

@@ -19,7 +19,8 @@ kernels so heads stay a named axis instead of a reshape:
 Numerics follow transformers' Llama: RoPE in the "rotate_half" layout (the
 first half of each head's dims pairs with the second half), RMSNorm in float32
 with the weight multiplying (no +1), softmax in float32. `dtype` is the
-compute dtype of activations and matmul inputs; params stay float32.
+compute dtype of activations (the residual stream included) and matmul
+inputs; params stay float32 and logits come out float32.
 
 Decoding keeps a KV cache in the Flax "cache" collection (as flax's lm1b
 example does): `init_cache(model, batch)` gives an empty one, then
