@@ -19,12 +19,16 @@ INSTALL_REQUIRES = [
     "importlib_resources",  # tensorflow-datasets imports it without declaring it
     "safetensors>=0.4",  # HF checkpoint import (numpy loader, no PyTorch)
     "tokenizers>=0.19",  # WordPiece/BPE tokenizers from HF tokenizer.json
+    "gguf>=0.10",  # Llama-family weights and tokenizers from GGUF files
 ]
 
 EXTRAS_REQUIRE = {
     # jax[tpu] brings libtpu (213 MB), which compiles for Cloud TPU topologies
     # without a TPU: tests/test_aot.py checks the AOT memory/FLOPs report.
     "test": ["pytest>=8", "hypothesis>=6.100", "jax[tpu]==0.10.2"],
+    # gs:// workdirs: etils.epath via gcsfs; Orbax's GCS deletes import
+    # google.cloud.storage. launch/tpu.py installs it on the workers.
+    "gcs": ["gcsfs", "google-cloud-storage"],
 }
 
 setuptools.setup(

@@ -15,7 +15,8 @@ import ml_collections
 from kdjax import checkpoint, models, objectives, parallel, storage
 from kdjax.objectives import HARD_LABEL_SOURCES
 
-MODES = ("teacher", "scratch", "distill", "evaluate", "pipeline", "aot_check")
+MODES = ("teacher", "scratch", "distill", "evaluate", "pipeline", "aot_check",
+         "generate_text")
 ROLES = ("teacher", "student")
 
 
@@ -43,8 +44,9 @@ def set_fields(config: ml_collections.ConfigDict, changes: dict[str, Any]
 def model_kwargs(config: ml_collections.ConfigDict, role: str) -> dict[str, Any]:
   """The model fields of `config.<role>.model` with num_classes from the data."""
   kwargs = dict(config[role].model.to_dict())
-  kwargs.pop("name")
-  kwargs.setdefault("num_classes", config.data.num_classes)
+  name = kwargs.pop("name")
+  if not models.is_language_model(name):
+    kwargs.setdefault("num_classes", config.data.num_classes)
   return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 
@@ -68,10 +70,24 @@ def _normalise(spec: dict[str, Any]) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class TeacherSpec:
-  """One frozen teacher: its model spec, checkpoint dir and the config field named in errors."""
+  """One frozen teacher: its model spec, checkpoint dir and the config field named in errors.
+
+  A pretrained teacher (config.teacher.pretrained) has no checkpoint: its
+  weights are imported from `init_from` as they are.
+  """
   model: dict[str, Any]
   path: str
   field: str
+  init_from: str = ""
+
+  @property
+  def pretrained(self) -> bool:
+    return bool(self.init_from)
+
+
+def pretrained_teacher(config: ml_collections.ConfigDict) -> bool:
+  """The teacher is imported weights (config.teacher.init_from), never trained."""
+  return bool(config.teacher.get("pretrained", False))
 
 
 def model_from_spec(spec: dict[str, Any]):
@@ -83,7 +99,9 @@ def teacher_specs(config: ml_collections.ConfigDict, workdir: str
                   ) -> list[TeacherSpec]:
   """config.teacher, then config.distill.extra_teachers, in that order."""
   specs = [TeacherSpec(model_spec(config, "teacher"),
-                       teacher_dir(config, workdir), "teacher")]
+                       teacher_dir(config, workdir), "teacher",
+                       config.teacher.init_from if pretrained_teacher(config)
+                       else "")]
   for i, extra in enumerate(config.distill.get("extra_teachers", ())):
     model = dict(extra["model"])
     model.setdefault("num_classes", config.data.num_classes)
@@ -129,7 +147,11 @@ def _check_model(config, role: str) -> None:
     _fail(f"{role}.model.name", model_cfg.name,
           f"allowed: {sorted(models.MODELS)}")
   declared = model_cfg.get("num_classes")
-  if declared is not None and declared != config.data.num_classes:
+  if models.is_language_model(model_cfg.name):
+    if not config.data.get("seq_length", 0):
+      _fail("data.seq_length", config.data.get("seq_length"),
+            f"must be > 0 tokens for the language model config.{role}.model")
+  elif declared is not None and declared != config.data.num_classes:
     raise ConfigError(
         f"config.{role}.model.num_classes={declared} disagrees with "
         f"config.data.num_classes={config.data.num_classes}; drop the model "
@@ -139,11 +161,15 @@ def _check_model(config, role: str) -> None:
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.{role}.model: {e}") from e
   init_from = config[role].get("init_from", "")
-  if init_from and not (init_from.startswith("hf_bert:")
-                        and model_cfg.name == "bert"):
+  kind = init_from.partition(":")[0]
+  if init_from and (kind, model_cfg.name) not in (("hf_bert", "bert"),
+                                                  ("llama", "llama")):
     _fail(f"{role}.init_from", init_from,
-          "'' (random init) or 'hf_bert:<HF BERT dir>' ('hf_bert:' = "
-          "all-MiniLM-L6-v2) for a 'bert' model")
+          "'' (random init), 'hf_bert:<HF BERT dir>' ('hf_bert:' = "
+          "all-MiniLM-L6-v2) for a 'bert' model, or 'llama:<HF dir or "
+          ".gguf>' ('llama:' = SmolLM2-135M-Instruct) for a 'llama' model")
+  if config[role].get("pretrained", False) and not init_from:
+    _fail(f"{role}.pretrained", True, f"needs config.{role}.init_from")
 
 
 def _check_train(config, role: str, devices: int | None = None) -> None:
@@ -175,7 +201,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   if config.parallel.backend not in parallel.BACKENDS:
     _fail("parallel.backend", config.parallel.backend,
           f"allowed: {parallel.BACKENDS}")
-  if config.data.num_classes <= 1:
+  if (config.data.num_classes <= 1
+      and not models.is_language_model(config.student.model.name)):
     _fail("data.num_classes", config.data.num_classes, "must be >= 2")
   if config.data.get("tokenizer_dir", ""):
     if not os.path.exists(os.path.join(config.data.tokenizer_dir,
@@ -197,11 +224,12 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   if config.checkpoint.every_steps <= 0 or config.checkpoint.keep <= 0:
     _fail("checkpoint", dict(config.checkpoint), "every_steps and keep must be > 0")
 
-  models_used = ("teacher",) if config.mode == "teacher" else (
+  models_used = ("teacher",) if config.mode in ("teacher", "generate_text") else (
       "student",) if config.mode == "scratch" else ("teacher", "student")
   trained = {"teacher": ("teacher",), "scratch": ("student",),
              "distill": ("student",), "evaluate": (),
-             "pipeline": ("teacher", "student"), "aot_check": ()}[config.mode]
+             "pipeline": ("teacher", "student"), "aot_check": (),
+             "generate_text": ()}[config.mode]
   for role in models_used:
     _check_model(config, role)
   for role in trained:
@@ -227,8 +255,9 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
             f"needs fields {sorted(missing)} (and optionally weight)")
   if config.mode == "distill":
     for spec in teacher_specs(config, workdir):
-      check_checkpoint_model(spec.model, spec.path, spec.field)
-  if config.mode == "evaluate":
+      if not spec.pretrained:
+        check_checkpoint_model(spec.model, spec.path, spec.field)
+  if config.mode == "evaluate" and not pretrained_teacher(config):
     check_teacher_checkpoint(config, teacher_dir(config, workdir))
   _check_distributed(config)
   if config.mode == "aot_check":

@@ -140,7 +140,7 @@ def _num_params(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def _group_key(run: dict) -> str:
+def group_key(run: dict) -> str:
   """'distill (full data)', 'distill[jsd] (3% of data)', 'scratch (...)'."""
   fraction = run["train_fraction"]
   data = "full data" if fraction >= 1.0 else f"{fraction:.0%} of data"
@@ -185,7 +185,7 @@ def write_report(config, workdir: str) -> dict[str, Any]:
       speeds[arch] = inference_examples_per_second(student_apply, params,
                                                    data["inputs"])
     students.append({
-        "group": _group_key(run), "method": run["role"],
+        "group": group_key(run), "method": run["role"],
         "variant": run.get("variant", ""), "seed": run["seed"],
         "train_fraction": run["train_fraction"], "objective": run["objective"],
         **classification_metrics(logits, labels, teacher_logits),

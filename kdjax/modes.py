@@ -17,6 +17,7 @@ from absl import logging
 
 from kdjax import config as config_lib
 from kdjax import evaluate, storage, train
+from kdjax.data import pipeline
 
 
 def _run_config(config: ml_collections.ConfigDict, mode: str, **changes
@@ -58,7 +59,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
   '{workdir}/teacher_<name>').
   """
   teacher_dir = config_lib.teacher_dir(config, workdir)
-  if not config.teacher.checkpoint_dir:
+  if not (config.teacher.checkpoint_dir
+          or config_lib.pretrained_teacher(config)):
     _train_unless_done(_run_config(config, "teacher"), teacher_dir)
   for extra in config.pipeline.get("extra_teachers", ()):
     _train_unless_done(
@@ -66,6 +68,10 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
         storage.join(workdir, f"teacher_{extra['name']}"))
   config = _run_config(config, config.mode, **{
       "teacher.checkpoint_dir": teacher_dir})
+
+  if config.pipeline.get("generate_text", False):  # For seqkd variants.
+    from kdjax import seqkd  # pylint: disable=g-import-not-at-top
+    seqkd.generate_text(config, workdir)
 
   runs = [("scratch", "scratch", {}), ("distill", "distill", {})]
   for variant in config.pipeline.get("variants", ()):
@@ -87,6 +93,14 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config_lib.validate(run, workdir)
         _train_unless_done(run, storage.join(workdir, tag, name,
                                              f"seed_{seed}"))
+  return write_report(config, workdir)
+
+
+def write_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The classification or language-model report of every run in workdir."""
+  if pipeline.is_language_modelling(config.data):
+    from kdjax import lm_eval  # pylint: disable=g-import-not-at-top
+    return lm_eval.write_lm_report(config, workdir)
   return evaluate.write_report(config, workdir)
 
 
@@ -104,5 +118,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.mode == "pipeline":
     return run_pipeline(config, workdir)
   if config.mode == "evaluate":
-    return evaluate.write_report(config, workdir)
+    return write_report(config, workdir)
+  if config.mode == "generate_text":
+    from kdjax import seqkd  # pylint: disable=g-import-not-at-top
+    return seqkd.generate_text(config, workdir)
   return train.train(config, workdir)

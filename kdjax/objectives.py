@@ -40,9 +40,16 @@ TASK_TERM = "ce"
 
 @flax.struct.dataclass
 class ModelOutputs:
-  """What a forward pass hands the objective: logits and sown intermediates."""
-  logits: jax.Array
+  """What a forward pass hands the objective: logits and sown intermediates.
+
+  A language model may hand over its final hidden states [B, L, D] and LM
+  head [D, V] instead of logits (logits=None), so the token loss can apply
+  the head chunk by chunk (kdjax.token_loss).
+  """
+  logits: jax.Array | None
   intermediates: dict[str, Any] = flax.struct.field(default_factory=dict)
+  hidden: jax.Array | None = None
+  head: jax.Array | None = None
 
 
 def make_schedule(start: float, end: float | None, kind: str,

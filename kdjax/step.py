@@ -20,8 +20,10 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from kdjax import models
 from kdjax import parallel
 from kdjax import prompt as prompt_lib
+from kdjax import token_loss
 from kdjax.objectives import ModelOutputs
 
 # apply(params, inputs, train, dropout_rng, capture_features) -> ModelOutputs
@@ -67,6 +69,22 @@ def make_apply_fn(model) -> ApplyFn:
   return apply
 
 
+def make_lm_apply_fn(model) -> ApplyFn:
+  """Like make_apply_fn for a language model, but returns its final hidden
+  states and LM head instead of logits (see kdjax.token_loss)."""
+  head_kernel = models.lm_head_kernel_fn(model)
+
+  def apply(params, inputs, train, dropout_rng, capture_features=False):
+    if capture_features:
+      raise ValueError("Feature terms are not supported for language models "
+                       "(config.distill.features must be empty).")
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+    hidden = model.apply({"params": params}, inputs, train, rngs=rngs,
+                         method=model.hidden_states)
+    return ModelOutputs(None, hidden=hidden, head=head_kernel(params))
+  return apply
+
+
 def _split_micro_batches(batch: dict[str, jax.Array], k: int):
   def split(x):
     if x.shape[0] % k:
@@ -81,7 +99,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
                teacher_applies: Sequence[ApplyFn], objective,
                tx: optax.GradientTransformation, axis: parallel.DataAxis,
                grad_accum_steps: int = 1,
-               trainable_mask: Any = None) -> tuple[TrainState, dict]:
+               trainable_mask: Any = None,
+               token_chunk_size: int | None = None
+               ) -> tuple[TrainState, dict]:
   """One optimizer step on this device's piece of the global batch.
 
   `batch` holds 'inputs', 'labels' ([B] for classification, [B, L] for tokens)
@@ -94,6 +114,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   all train): frozen params get no gradient (stop_gradient, so XLA skips
   their weight gradients) and come back bit-identical (prompt.apply_updates);
   the optimizer must be `prompt.freeze`d with the same mask.
+
+  `token_chunk_size` (language models, with make_lm_apply_fn): not None =
+  the applies return hidden states + LM heads and kdjax.token_loss applies
+  the heads, all at once (0) or chunk by chunk over the sequence (> 0), never
+  holding [B, L, V] logits.
   """
   mask = batch.get("mask")
   if mask is None:
@@ -113,6 +138,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
                              apply(p, micro["inputs"], False, None, capture))
                 for apply, p in zip(teacher_applies, teachers_params)]
     student = student_apply(params, micro["inputs"], True, micro_rng, capture)
+    if token_chunk_size is not None:
+      return token_loss.token_objective(
+          objective, student.hidden, student.head,
+          [t.hidden for t in teachers], [t.head for t in teachers],
+          micro["labels"], micro["mask"], state.step,
+          chunk_size=token_chunk_size, global_count=global_count)
     per_example, terms = objective(student, teachers, micro["labels"],
                                    state.step, aux_params)
     w = micro["mask"]

@@ -20,9 +20,8 @@ from absl import logging
 
 from kdjax import checkpoint, features, objectives, optim, parallel, step
 from kdjax import config as config_lib
-from kdjax import evaluate
 from kdjax import preemption
-from kdjax import prompt
+from kdjax import pretrained, prompt, tasks
 from kdjax import storage
 from kdjax.data import pipeline
 from kdjax.metrics_writer import MetricsWriter
@@ -38,21 +37,30 @@ def role_of(mode: str) -> str:
   return "teacher" if mode == "teacher" else "student"
 
 
-def load_teachers(config: ml_collections.ConfigDict, workdir: str, mesh):
+def load_teachers(config: ml_collections.ConfigDict, workdir: str, mesh,
+                  make_apply_fn=step.make_apply_fn):
   """Every teacher's model and params, restored and replicated (P()) on the mesh.
 
   Teachers are frozen: their params are placed once, never donated, never in
-  the optimizer state or the student's checkpoint.
+  the optimizer state or the student's checkpoint. A pretrained teacher
+  (config.teacher.pretrained) is imported from config.teacher.init_from.
   """
   applies, params = [], []
   for spec in config_lib.teacher_specs(config, workdir):
-    config_lib.check_checkpoint_model(spec.model, spec.path, spec.field)
     model = config_lib.model_from_spec(spec.model)
     abstract = jax.eval_shape(
         lambda m=model: m.init(jax.random.key(0), pipeline.dummy_inputs(config.data))["params"])
-    applies.append(step.make_apply_fn(model))
-    params.append(parallel.replicate(
-        checkpoint.restore_params(spec.path, abstract), mesh))
+    if spec.pretrained:
+      loaded = pretrained.load_pretrained(
+          abstract, spec.init_from,
+          model_fields={k: v for k, v in spec.model.items() if k != "name"},
+          layers=tuple(config.teacher.get("init_layers", ())),
+          field=spec.field)
+    else:
+      config_lib.check_checkpoint_model(spec.model, spec.path, spec.field)
+      loaded = checkpoint.restore_params(spec.path, abstract)
+    applies.append(make_apply_fn(model))
+    params.append(parallel.replicate(loaded, mesh))
   return tuple(applies), tuple(params)
 
 
@@ -76,29 +84,6 @@ def init_params(model, config, seed: int):
   """Initial params; one compiled init instead of dozens of eager ops."""
   init = jax.jit(lambda key: model.init(key, pipeline.dummy_inputs(config.data))["params"])
   return init(jax.random.key(seed))
-
-
-def load_pretrained(params, init_from: str):
-  """Params with pretrained weights written in, as `config.<role>.init_from` says.
-
-  '' keeps the random init. 'hf_bert:<dir>' loads the BERT encoder of an HF
-  directory (config.json + model.safetensors) into a BertClassifier's
-  `encoder`; 'hf_bert:' alone is all-MiniLM-L6-v2 (hf_bert.minilm_dir()).
-  The head and any soft prompt keep their random init.
-  """
-  if not init_from:
-    return params
-  from kdjax.models import bert  # pylint: disable=g-import-not-at-top
-  from kdjax.models.import_ import hf_bert  # pylint: disable=g-import-not-at-top
-  kind, _, path = init_from.partition(":")
-  if kind != "hf_bert" or "encoder" not in params:
-    raise config_lib.ConfigError(
-        f"init_from={init_from!r}: only 'hf_bert:<dir>' (or 'hf_bert:' for "
-        "MiniLM) into a 'bert' model is supported.")
-  path = path or hf_bert.minilm_dir()
-  fields = dict(hf_bert.load_config(path), add_pooler="pooler" in params["encoder"])
-  encoder = hf_bert.load_params(path, fields)
-  return bert.with_encoder(params, jax.tree.map(jnp.asarray, encoder))
 
 
 def trainable_mask(params, trainable, field: str):
@@ -139,8 +124,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   seed = int(config.seed)
   mesh = parallel.make_mesh()
 
-  source = pipeline.get_source(config.data, config.data.train_split)
-  num_records = pipeline.train_num_records(source, config.data)
+  if mode == "teacher" and config_lib.pretrained_teacher(config):
+    raise config_lib.ConfigError(
+        "config.teacher.pretrained=True: the teacher is imported from "
+        f"config.teacher.init_from={config.teacher.init_from!r}, there is "
+        "nothing to train in mode='teacher'.")
+  task = tasks.for_config(config)
+  num_records = task.num_train_records()
   steps_per_epoch = num_records // train_cfg.batch_size
   if steps_per_epoch == 0:
     raise config_lib.ConfigError(
@@ -150,16 +140,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     train_cfg.num_epochs * steps_per_epoch)
 
   model = config_lib.build_model(config, role)
-  apply_fn = step.make_apply_fn(model)
+  apply_fn = task.make_apply_fn(model)
   tx = optim.make_optimizer(train_cfg, total_steps)
   teacher_applies, teachers_params = (), ()
   if mode == "distill":
-    teacher_applies, teachers_params = load_teachers(config, workdir, mesh)
+    teacher_applies, teachers_params = load_teachers(config, workdir, mesh,
+                                                     task.make_apply_fn)
   objective = objectives.from_config(config, mode, total_steps=total_steps,
                                      num_teachers=len(teachers_params))
 
-  params = load_pretrained(init_params(model, config, seed),
-                           config[role].get("init_from", ""))
+  params = pretrained.load_pretrained(
+      init_params(model, config, seed), config[role].get("init_from", ""),
+      model_fields=config_lib.model_kwargs(config, role),
+      layers=tuple(config[role].get("init_layers", ())), field=role)
   aux_params = init_feature_projections(config, objective, model,
                                         teacher_applies, teachers_params, seed)
   mask = trainable_mask(params, train_cfg.get("trainable", ()),
@@ -169,15 +162,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   state = parallel.replicate(
       step.create_train_state(params, tx, jax.random.key(seed + 1), aux_params),
       mesh)
-  data_iter = iter(pipeline.train_dataset(
-      source, config.data, global_batch_size=train_cfg.batch_size, seed=seed,
-      augment=bool(train_cfg.augment)))
+  data_iter = task.train_iterator(global_batch_size=train_cfg.batch_size,
+                                  seed=seed, augment=bool(train_cfg.augment))
 
   meta = {"model": config_lib.model_spec(config, role), "role": mode,
           "objective": objectives.describe(objective), "seed": seed,
           "train_fraction": float(config.data.train_fraction),
           "num_classes": int(config.data.num_classes),
           "variant": config.get("variant", ""),
+          "init_from": config[role].get("init_from", ""),
           "num_trainable_params": prompt.count_params(params, mask)}
   ckpt = checkpoint.Checkpointer(
       workdir, save_every_steps=config.checkpoint.every_steps,
@@ -191,11 +184,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   per_device = functools.partial(
       step.train_step, student_apply=apply_fn, teacher_applies=teacher_applies,
       objective=objective, tx=tx, axis=parallel.DataAxis(config.parallel.backend),
-      grad_accum_steps=int(train_cfg.grad_accum_steps), trainable_mask=mask)
+      grad_accum_steps=int(train_cfg.grad_accum_steps), trainable_mask=mask,
+      token_chunk_size=task.token_chunk_size(train_cfg))
   run_step = parallel.map_over_devices(per_device, mesh, config.parallel.backend)
 
-  eval_source = pipeline.get_source(config.data, config.data.eval_split)
-  eval_data = pipeline.load_split(eval_source, config.data)
   eval_every = int(config.eval_every_steps or steps_per_epoch)
   log_every = int(config.log_every_steps)
   logging.info("%s: %s, %d params, %d steps (%d per epoch), objective %s",
@@ -242,9 +234,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if done % log_every == 0 or done == total_steps:
         writer.progress(done, check_pending(done))
       if done % eval_every == 0 or done == total_steps:
-        evaluated[done] = evaluate.classification_metrics(
-            evaluate.predict_logits(apply_fn, state.params, eval_data["inputs"],
-                                    mesh), eval_data["labels"], brief=True)
+        evaluated[done] = task.evaluate(model, state.params, mesh)
         writer.write(done, "eval", evaluated[done])
       preempted = stop.reached(done)
       if ckpt.should_save(done) or done == total_steps or preempted:
@@ -260,12 +250,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt.close()
     writer.close()
 
-  final = evaluated.get(total_steps) or evaluate.classification_metrics(
-      evaluate.predict_logits(apply_fn, state.params, eval_data["inputs"],
-                              mesh), eval_data["labels"], brief=True)
+  final = evaluated.get(total_steps) or task.evaluate(model, state.params,
+                                                      mesh)
   summary = {**meta, "steps": total_steps, "num_params": count_params(params),
              "eval": final, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
   if jax.process_index() == 0:  # A local or gs:// workdir (kdjax.storage).
     storage.write_json(os.path.join(workdir, RUN_FILE), summary)
-  logging.info("%s finished: eval accuracy %.4f", mode, final["accuracy"])
+  logging.info("%s finished: eval %s %.4f", mode, task.headline,
+               final[task.headline])
   return summary

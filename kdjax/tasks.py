@@ -1,0 +1,102 @@
+"""What the training loop needs from a task: its data and its held-out check.
+
+The loop (kdjax.train) is the same for classification and language
+modelling; these two classes hold what differs. A config is a language-model
+config when config.data.seq_length > 0 (kdjax.data.lm's packed sequences).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+
+from kdjax import evaluate, lm_eval, step
+from kdjax.data import lm as lm_data
+from kdjax.data import pipeline
+from kdjax import models
+
+
+class Classification:
+  """Examples with one label each; accuracy on config.data.eval_split."""
+  headline = "accuracy"
+  higher_is_better = True
+
+  def __init__(self, config):
+    self.data_config = config.data
+    self._source = pipeline.get_source(config.data, config.data.train_split)
+    self._eval = None
+
+  def num_train_records(self) -> int:
+    return pipeline.train_num_records(self._source, self.data_config)
+
+  def train_iterator(self, *, global_batch_size: int, seed: int,
+                     augment: bool) -> Iterator[dict[str, np.ndarray]]:
+    return iter(pipeline.train_dataset(
+        self._source, self.data_config, global_batch_size=global_batch_size,
+        seed=seed, augment=augment))
+
+  def make_apply_fn(self, model) -> step.ApplyFn:
+    return step.make_apply_fn(model)
+
+  def token_chunk_size(self, train_config) -> int | None:
+    del train_config
+    return None
+
+  def evaluate(self, model, params, mesh) -> dict[str, float]:
+    if self._eval is None:  # Loaded on first use, once.
+      self._eval = pipeline.load_split(pipeline.get_source(
+          self.data_config, self.data_config.eval_split), self.data_config)
+    logits = evaluate.predict_logits(step.make_apply_fn(model), params,
+                                     self._eval["inputs"], mesh)
+    return evaluate.classification_metrics(logits, self._eval["labels"],
+                                           brief=True)
+
+
+class LanguageModelling:
+  """Packed token sequences; perplexity on config.data.eval_split.
+
+  Training goes through kdjax.token_loss: models hand over hidden states and
+  LM heads, and `<role>.train.loss_chunk_size` > 0 applies the heads chunk
+  by chunk (memory-safe at large vocabularies).
+  """
+  headline = "perplexity"
+  higher_is_better = False
+
+  def __init__(self, config):
+    self.data_config = config.data
+    self._eval = None
+
+  def num_train_records(self) -> int:
+    return lm_data.num_train_sequences(self.data_config)
+
+  def train_iterator(self, *, global_batch_size: int, seed: int,
+                     augment: bool) -> Iterator[dict[str, np.ndarray]]:
+    del augment  # No augmentation for text.
+    return iter(lm_data.lm_train_dataset(
+        self.data_config, global_batch_size=global_batch_size, seed=seed))
+
+  def make_apply_fn(self, model) -> step.ApplyFn:
+    return step.make_lm_apply_fn(model)
+
+  def token_chunk_size(self, train_config) -> int | None:
+    return int(train_config.get("loss_chunk_size", 0))
+
+  def evaluate(self, model, params, mesh) -> dict[str, float]:
+    if self._eval is None:
+      self._eval = lm_data.lm_eval_arrays(self.data_config)
+    metrics = lm_eval.token_metrics(
+        step.make_apply_fn(model), params, self._eval, mesh,
+        batch_size=int(self.data_config.get("eval_batch_size", 8)))
+    return {k: metrics[k] for k in ("perplexity", "accuracy")}
+
+
+def for_config(config) -> Any:
+  if pipeline.is_language_modelling(config.data):
+    return LanguageModelling(config)
+  return Classification(config)
+
+
+def is_language_model_config(config) -> bool:
+  return (pipeline.is_language_modelling(config.data)
+          and models.is_language_model(config.student.model.name))
