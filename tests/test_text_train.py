@@ -13,7 +13,6 @@ import os
 import jax
 import numpy as np
 import pytest
-from flax import serialization
 
 from kdjax import checkpoint, modes, prompt, train
 from kdjax import config as config_lib
@@ -101,20 +100,38 @@ def test_prompt_runs_leave_backbone_bit_identical(smoke_run, run_name):
   for path, value in flat:
     assert _bits_equal(value, want[path]), jax.tree_util.keystr(path)
 
-  # Prompt-only checkpoint: the trained leaves alone, loaded back onto the
-  # frozen backbone, give exactly the trained model.
-  mask = prompt.trainable_mask(params, ("prompt", "head"))
-  trained, frozen = prompt.split(params, mask)
-  assert set(trained) == {"prompt", "head"} and "encoder" in frozen
-  blob = serialization.msgpack_serialize(trained)
-  assert len(blob) < 50_000  # Kilobytes (the full model is ~90 MB).
-  assert run["num_trainable_params"] == prompt.count_params(params, mask)
-  restored = prompt.merge(
-      serialization.msgpack_restore(blob),
-      {"encoder": pretrained})
+  # The run exported its trained leaves (prompt + head) alone; rebuilt from
+  # that file and a freshly imported MiniLM, the model is the trained one.
+  export = os.path.join(workdir, "full_data", run_name, "seed_0",
+                        prompt.EXPORT_FILE)
+  assert os.path.getsize(export) < 50_000  # Kilobytes; the model is ~90 MB.
+  note, trained = prompt.read_export(export)
+  assert set(trained) == {"prompt", "head"}
+  assert note["init_from"] == config.teacher.init_from  # The MiniLM.
+  assert note["num_params"] == run["num_trainable_params"] == 20 * 384 + 770
+  model, rebuilt = prompt.rebuild(export, pipeline.dummy_inputs(config.data))
+  assert model == config_lib.model_from_spec(
+      {k: tuple(v) if isinstance(v, list) else v
+       for k, v in run["model"].items()})
   for (p1, a), (p2, b) in zip(jax.tree_util.tree_leaves_with_path(params),
-                              jax.tree_util.tree_leaves_with_path(restored)):
-    assert p1 == p2 and _bits_equal(a, b)
+                              jax.tree_util.tree_leaves_with_path(rebuilt)):
+    assert p1 == p2 and _bits_equal(a, b), jax.tree_util.keystr(p1)
+  source = pipeline.get_source(config.data, config.data.eval_split)
+  tokens = pipeline.load_split(source, config.data)["inputs"][:32]
+  forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  np.testing.assert_array_equal(forward(rebuilt, tokens),
+                                forward(params, tokens))
+
+
+def test_exports_only_where_a_trainable_mask_is_set(smoke_run):
+  _, workdir, _ = smoke_run
+  for run in ("scratch", "distill"):  # The BiLSTM trains everything.
+    assert not os.path.exists(os.path.join(
+        workdir, "full_data", run, "seed_0", prompt.EXPORT_FILE))
+  note, trained = prompt.read_export(os.path.join(workdir, "teacher"))
+  assert set(trained) == {"encoder", "head"}
+  assert set(trained["encoder"]) == {"layer_5"}  # Its top layer only.
+  assert note["role"] == "teacher"
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -232,19 +232,59 @@ class BertClassifier(BertFields):
   real tokens (prompt positions excluded, as the sentence embedding of
   all-MiniLM-L6-v2 is computed), 'cls' (the [CLS] state) or 'pooler' (BERT's
   tanh pooler on [CLS]). Prompt tuning trains `prompt` (and `head`) only: see
-  kdjax/prompt.py for the optimizer mask.
+  kdjax/prompt.py for the optimizer mask, the initialisations and the
+  prompt-only export. With `instruction_ids` the model reads every input
+  with a fixed instruction after [CLS] (an instruction-prompted teacher on
+  the same batches as its student); mean pooling then includes the
+  instruction's tokens, as it would for the text "<instruction> <review>".
   """
   num_classes: int = 2
   pooling: str = "mean"
   num_prompts: int = 0
   prompt_init_std: float = 0.05  # About the spread of BERT word embeddings.
+  # How the engine initialises the prompt once pretrained weights are in
+  # (prompt.init_from_config): 'random' (normal, prompt_init_std), 'vocab'
+  # (sampled word embeddings) or 'labels' (prompt_init_words first, then
+  # sampled vocabulary). The module itself always inits randomly.
+  prompt_init: str = "random"
+  prompt_init_words: tuple[str, ...] = ()
+  # Token ids inserted after [CLS] of every input: a fixed natural-language
+  # task instruction ("[CLS] is this movie review fresh or rotten? <review>
+  # [SEP]"), so the same batch feeds an instructed teacher and a student.
+  instruction_ids: tuple[int, ...] = ()
   head_dropout_rate: float = 0.0
+
+  def __post_init__(self):
+    # Checked at construction, so config validation names the bad field.
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"pooling={self.pooling!r}; allowed: {POOLINGS}.")
+    if self.prompt_init not in prompt_lib.PROMPT_INITS:
+      raise ValueError(f"prompt_init={self.prompt_init!r}; allowed: "
+                       f"{prompt_lib.PROMPT_INITS}.")
+    if self.prompt_init != "random" and not self.num_prompts:
+      raise ValueError(f"prompt_init={self.prompt_init!r} needs num_prompts "
+                       "> 0 (there is no prompt to initialise).")
+    if self.prompt_init == "labels" and (
+        not self.prompt_init_words
+        or isinstance(self.prompt_init_words, str)
+        or not all(isinstance(w, str) and w.strip()
+                   for w in self.prompt_init_words)):
+      raise ValueError(
+          f"prompt_init='labels' needs prompt_init_words, a tuple of "
+          f"non-empty class-label words such as ('rotten', 'fresh'); got "
+          f"{self.prompt_init_words!r}.")
+    if not all(isinstance(i, int) and 0 <= i < self.vocab_size
+               for i in self.instruction_ids):
+      raise ValueError(f"instruction_ids must be token ids in [0, "
+                       f"{self.vocab_size}); got {self.instruction_ids!r}.")
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, tokens: jax.Array, *, train: bool = False,
                attention_mask: jax.Array | None = None) -> jax.Array:
-    if self.pooling not in POOLINGS:
-      raise ValueError(f"pooling={self.pooling!r}; allowed: {POOLINGS}.")
+    if self.instruction_ids:
+      tokens, attention_mask = insert_instruction(
+          tokens, attention_mask, self.instruction_ids, self.pad_id)
     fields = self.encoder_fields()
     if self.pooling == "pooler":
       fields["add_pooler"] = True
@@ -263,6 +303,26 @@ class BertClassifier(BertFields):
     self.sow("intermediates", "pooled", pooled)
     pooled = nn.Dropout(self.head_dropout_rate, deterministic=not train)(pooled)
     return nn.Dense(self.num_classes, name="head")(pooled)
+
+
+def insert_instruction(tokens: jax.Array, attention_mask: jax.Array | None,
+                       instruction_ids, pad_id: int = 0
+                       ) -> tuple[jax.Array, jax.Array]:
+  """Inserts fixed token ids after the first token ([CLS]) of every row.
+
+  Returns (tokens [B, L + K], attention mask [B, L + K], the instruction
+  always attended). Equals tokenising "<instruction> <text>" whenever the
+  text was not truncated (tests/test_prompt.py).
+  """
+  batch = tokens.shape[0]
+  mask = (tokens != pad_id if attention_mask is None
+          else attention_mask.astype(bool))
+  ids = jnp.broadcast_to(jnp.asarray(instruction_ids, tokens.dtype),
+                         (batch, len(instruction_ids)))
+  tokens = jnp.concatenate([tokens[:, :1], ids, tokens[:, 1:]], axis=1)
+  mask = jnp.concatenate(
+      [mask[:, :1], jnp.ones(ids.shape, bool), mask[:, 1:]], axis=1)
+  return tokens, mask
 
 
 def with_encoder(params: dict[str, Any], encoder_params: dict[str, Any]
