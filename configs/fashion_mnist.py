@@ -23,6 +23,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   # | aot_check (compile for config.aot.topology; see below).
   config.mode = "pipeline"
   config.seed = 0  # Student init, dropout and data order (single-run modes).
+  config.variant = ""  # Pipeline variant name of this run (set by the pipeline).
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "fashion_mnist_idx"  # A shipped builder or any tfds name.
@@ -75,6 +76,20 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.distill.extra_teachers = ()
   config.distill.teacher_weight = 1.0
   config.distill.combine = "ensemble"  # ensemble (probability space) | sum (of losses).
+  # A teacher cache dir (mode=cache_teacher) to distill from instead of a
+  # teacher: the teacher is never loaded; '' = the online teacher.
+  config.distill.teacher_cache = ""
+
+  # mode='cache_teacher' (kdjax/teacher_cache.py): the frozen teacher's top k
+  # log-probs at config.distill.temperature, per token or example.
+  config.cache = ml_collections.ConfigDict()
+  config.cache.dir = ""  # '' = WORKDIR/teacher_cache.
+  config.cache.split = ""  # '' = data.train_split (its train_fraction subset).
+  config.cache.k = 64  # Entries kept per token/example (<= vocab/classes).
+  config.cache.dtype = "bfloat16"  # Of the log-probs: bfloat16 | float32.
+  config.cache.records_per_shard = 256  # Sequences/examples per shard file.
+  config.cache.batch_size = 0  # Teacher batch; 0 = student.train.batch_size.
+  config.cache.chunk_size = 0  # LM positions per head chunk; 0 = all at once.
 
   config.pipeline = ml_collections.ConfigDict()
   config.pipeline.seeds = (0, 1, 2)  # One scratch and one distilled student each.
