@@ -6,6 +6,7 @@ import flax.linen as nn
 
 from kdjax.models.bert import BertClassifier
 from kdjax.models.cnn import CNN
+from kdjax.models.gpt import GPT
 from kdjax.models.llama import Llama
 from kdjax.models.lstm import LSTMClassifier
 from kdjax.models.mlp import MLP
@@ -18,6 +19,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "transformer": TransformerClassifier,
     "bert": BertClassifier,  # Import weights with models/import_/hf_bert.py.
     "llama": Llama,  # Decoder LM; import weights with models/import_/llama.py.
+    "gpt": GPT,  # Causal LM: logits [batch, length, vocab]; no num_classes.
 }
 
 
@@ -41,8 +43,10 @@ def is_language_model(name: str) -> bool:
 
 def lm_head_kernel_fn(model: nn.Module):
   """params -> the [D, V] LM head of a language model (for kdjax.token_loss)."""
-  from kdjax.models import llama  # pylint: disable=g-import-not-at-top
+  from kdjax.models import gpt, llama  # pylint: disable=g-import-not-at-top
   if isinstance(model, Llama):
     return llama.lm_head_kernel
+  if isinstance(model, GPT):
+    return gpt.lm_head_kernel
   raise ValueError(f"{type(model).__name__} has no hidden_states/LM head "
                    "split; only 'llama' models train through the token loss.")

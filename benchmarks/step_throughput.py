@@ -1,0 +1,546 @@
+"""kdjax's fused distillation step vs PyTorch on the reference workload.
+
+    python benchmarks/step_throughput.py [--repeats=3] [--steps=2]
+    python benchmarks/step_throughput.py --check   # kdjax == torch numerically
+
+The reference workload (performance issue): GPT decoder (pre-LN, learned
+positions, tied embeddings, GELU MLP 4x), vocabulary 8192, sequence 256, batch
+16, float32, AdamW lr 1e-3, loss 0.5 * T^2 * KL(teacher_T || student_T) +
+0.5 * CE with T = 2; teacher width 512 / 8 layers / 8 heads, student width 256
+/ 4 layers / 4 heads.
+
+Contenders, each in its own worker subprocess with the SAME environment
+(allocator via LD_PRELOAD, thread counts), driven in turn by this process so
+their repetitions interleave (the machine is shared; ratios come from one run):
+  kdjax fused    kdjax.step.train_step through parallel.map_over_devices on a
+                 1-device mesh, objectives.distillation(alpha=0.5, T=2): the
+                 path a user runs. Teacher forward inside the step.
+  kdjax unfused  the teacher forward as its own jitted call whose logits come
+                 back to the host (np.asarray) and feed the same train_step
+                 with a teacher that just returns them.
+  torch eager    plain PyTorch of the identical model and loss (SDPA causal
+                 attention, torch.optim.AdamW).
+  torch.compile  the same, forward + loss under torch.compile (backward via
+                 AOTAutograd), optimizer eager.
+Also printed: XLA's FLOP count of the fused step (compiled.cost_analysis()) as
+FLOP/s against this machine's float32 matmul rate (jnp.dot and torch.matmul of
+4096 x 4096). PyTorch is a benchmark-only dependency, never imported by kdjax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+# Run from a checkout: import this repo's kdjax even without `pip install -e`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+VOCAB, SEQ, BATCH, TEMPERATURE, ALPHA, LR, WEIGHT_DECAY = (
+    8192, 256, 16, 2.0, 0.5, 1e-3, 0.01)
+TEACHER = dict(width=512, num_layers=8, num_heads=8)
+STUDENT = dict(width=256, num_layers=4, num_heads=4)
+MATMUL_N = 4096
+WORKERS = ("kdjax_fused", "kdjax_unfused", "torch_eager", "torch_compile")
+LABELS = {"kdjax_fused": "kdjax fused step", "kdjax_unfused": "kdjax unfused "
+          "(teacher logits via host)", "torch_eager": "PyTorch eager",
+          "torch_compile": "PyTorch torch.compile"}
+
+
+def _batch(batch=BATCH, seq=SEQ, seed=0):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  tokens = np.random.default_rng(seed).integers(0, VOCAB, (batch, seq + 1))
+  return tokens[:, :-1].astype(np.int32), tokens[:, 1:].astype(np.int32)
+
+
+# ----------------------------------------------------------------------------
+# kdjax side.
+# ----------------------------------------------------------------------------
+
+
+def _kdjax_parts():
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from kdjax import models, objectives, optim  # pylint: disable=g-import-not-at-top
+  teacher = models.get_model("gpt", vocab_size=VOCAB, max_length=SEQ, **TEACHER)
+  student = models.get_model("gpt", vocab_size=VOCAB, max_length=SEQ, **STUDENT)
+  distill = ml_collections.ConfigDict(dict(
+      alpha=ALPHA, temperature=TEMPERATURE, hard_labels="dataset", terms=()))
+  objective = objectives.distillation(distill, num_teachers=1, total_steps=1)
+  tx = optim.make_optimizer(ml_collections.ConfigDict(dict(
+      optimizer="adamw", learning_rate=LR, weight_decay=WEIGHT_DECAY,
+      warmup_steps=0, schedule="constant")), total_steps=1)
+  tokens = jax.numpy.zeros((1, SEQ), jax.numpy.int32)
+  init = jax.jit(lambda model, key: model.init(key, tokens)["params"],
+                 static_argnums=0)
+  return teacher, student, objective, tx, init(teacher, jax.random.key(0)), \
+      init(student, jax.random.key(1))
+
+
+class KdjaxWorker:
+  """kdjax's real step (fused or with the teacher's logits through the host)."""
+
+  def __init__(self, fused: bool):
+    import functools  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+    from kdjax import parallel, step  # pylint: disable=g-import-not-at-top
+    from kdjax.objectives import ModelOutputs  # pylint: disable=g-import-not-at-top
+    self.jax = jax
+    teacher, student, objective, tx, t_params, s_params = _kdjax_parts()
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    axis = parallel.DataAxis("shard_map")
+    self.tokens, self.labels = _batch()
+    if fused:
+      student_apply = step.make_apply_fn(student)
+      teacher_applies = (step.make_apply_fn(teacher),)
+      self.frozen = parallel.replicate((t_params,), mesh)
+    else:
+      inner = step.make_apply_fn(student)
+
+      def student_apply(params, inputs, train, rng, capture=False):
+        return inner(params, inputs["tokens"], train, rng, capture)
+
+      def cached_teacher(params, inputs, train, rng, capture=False):
+        del params, train, rng, capture
+        return ModelOutputs(inputs["teacher_logits"])
+      teacher_applies = (cached_teacher,)
+      self.frozen = parallel.replicate(({},), mesh)
+      teacher_apply = step.make_apply_fn(teacher)
+      self.teacher_forward = jax.jit(
+          lambda p, x: teacher_apply(p, x, False, None).logits)
+      self.teacher_params = jax.device_put(t_params, jax.devices()[0])
+    per_device = functools.partial(
+        step.train_step, student_apply=student_apply,
+        teacher_applies=teacher_applies, objective=objective, tx=tx,
+        axis=axis)
+    self.fused = fused
+    self.run_step = parallel.map_over_devices(per_device, mesh, "shard_map")
+    self.state = parallel.replicate(step.create_train_state(
+        s_params, tx, jax.random.key(2)), mesh)
+    # The same program map_over_devices compiles, for XLA's cost analysis.
+    self.cost_fn = jax.jit(jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS), P()),
+        out_specs=(P(), P())))
+    self.shard = lambda b: parallel.shard_batch(b, mesh)
+
+  def _host_batch(self):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    if self.fused:
+      return {"inputs": self.tokens, "labels": self.labels}
+    logits = np.asarray(self.teacher_forward(self.teacher_params, self.tokens))
+    return {"inputs": {"tokens": self.tokens, "teacher_logits": logits},
+            "labels": self.labels}
+
+  def run(self, steps: int) -> dict:
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+      self.state, metrics = self.run_step(self.state, self._host_batch(),
+                                          self.frozen)
+    metrics = self.jax.device_get(metrics)
+    return {"seconds_per_step": (time.perf_counter() - start) / steps,
+            "cpu_seconds_per_step": (time.process_time() - cpu) / steps,
+            "loss": float(metrics["loss"] / metrics["count"])}
+
+  def info(self) -> dict:
+    """XLA's FLOPs of the step and the jnp.dot float32 rate on this machine."""
+    jax, jnp = self.jax, self.jax.numpy
+    compiled = self.cost_fn.lower(self.state, self.shard(self._host_batch()),
+                                  self.frozen).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {"flops": float(cost["flops"]), "jax": jax.__version__,
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+  def matmul(self) -> dict:
+    """FLOP/s of one float32 MATMUL_N^2 jnp.dot (compiled on first call)."""
+    jax, jnp = self.jax, self.jax.numpy
+    if not hasattr(self, "_matmul"):
+      self._matmul = (jax.jit(jnp.dot),
+                      jax.random.normal(jax.random.key(0), (MATMUL_N,) * 2),
+                      jax.random.normal(jax.random.key(1), (MATMUL_N,) * 2))
+      self._matmul[0](*self._matmul[1:]).block_until_ready()
+    fn, a, b = self._matmul
+    start = time.perf_counter()
+    fn(a, b).block_until_ready()
+    return {"matmul_flops_per_s": 2 * MATMUL_N**3 / (time.perf_counter() - start)}
+
+
+# ----------------------------------------------------------------------------
+# PyTorch side (benchmark only).
+# ----------------------------------------------------------------------------
+
+
+def _torch_model_classes():
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
+  class Block(nn.Module):
+    """Pre-LN block; the same math as kdjax.models.gpt.DecoderBlock."""
+
+    def __init__(self, width, heads):
+      super().__init__()
+      self.heads = heads
+      self.ln_attention = nn.LayerNorm(width, eps=1e-6)  # Flax's default eps.
+      self.qkv = nn.Linear(width, 3 * width)
+      self.out = nn.Linear(width, width)
+      self.ln_mlp = nn.LayerNorm(width, eps=1e-6)
+      self.mlp_in = nn.Linear(width, 4 * width)
+      self.mlp_out = nn.Linear(4 * width, width)
+
+    def forward(self, x):
+      b, l, d = x.shape
+      q, k, v = self.qkv(self.ln_attention(x)).split(d, dim=-1)
+      q, k, v = (t.view(b, l, self.heads, d // self.heads).transpose(1, 2)
+                 for t in (q, k, v))
+      h = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+      x = x + self.out(h.transpose(1, 2).reshape(b, l, d))
+      h = self.mlp_in(self.ln_mlp(x))
+      return x + self.mlp_out(F.gelu(h, approximate="tanh"))  # = flax nn.gelu
+
+  class GPT(nn.Module):
+    """Token ids [B, L] -> logits [B, L, V], tied embeddings."""
+
+    def __init__(self, width, num_layers, num_heads):
+      super().__init__()
+      self.embed = nn.Embedding(VOCAB, width)
+      self.positions = nn.Parameter(torch.zeros(SEQ, width))
+      self.blocks = nn.ModuleList(Block(width, num_heads)
+                                  for _ in range(num_layers))
+      self.ln_final = nn.LayerNorm(width, eps=1e-6)
+      for p in self.parameters():  # N(0, 0.02) matrices, as kdjax's GPT.
+        if p.dim() > 1:
+          nn.init.normal_(p, std=0.02)
+      for m in self.modules():
+        if isinstance(m, nn.Linear):
+          nn.init.zeros_(m.bias)
+
+    def forward(self, tokens):
+      x = self.embed(tokens) + self.positions[:tokens.shape[1]]
+      for block in self.blocks:
+        x = block(x)
+      return self.ln_final(x) @ self.embed.weight.T
+
+  def loss_fn(teacher, student, tokens, labels):
+    with torch.no_grad():
+      teacher_logits = teacher(tokens)
+    logits = student(tokens)
+    log_q = F.log_softmax(logits / TEMPERATURE, dim=-1)
+    log_p = F.log_softmax(teacher_logits / TEMPERATURE, dim=-1)
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+    ce = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1),
+                         reduction="none")
+    return (ALPHA * TEMPERATURE**2 * kl.reshape(-1) + (1 - ALPHA) * ce).mean()
+
+  return GPT, loss_fn
+
+
+class TorchWorker:
+  """The identical model, loss and optimizer in plain PyTorch."""
+
+  def __init__(self, compiled: bool):
+    import torch  # pylint: disable=g-import-not-at-top
+    self.torch = torch
+    torch.manual_seed(0)
+    gpt, loss_fn = _torch_model_classes()
+    self.teacher = gpt(**TEACHER).eval()
+    for p in self.teacher.parameters():
+      p.requires_grad_(False)
+    self.student = gpt(**STUDENT).train()
+    self.opt = torch.optim.AdamW(self.student.parameters(), lr=LR,
+                                 weight_decay=WEIGHT_DECAY)
+    self.loss_fn = torch.compile(loss_fn) if compiled else loss_fn
+    tokens, labels = _batch()
+    self.tokens = torch.from_numpy(tokens).long()
+    self.labels = torch.from_numpy(labels).long()
+
+  def _step(self):
+    self.opt.zero_grad(set_to_none=True)
+    loss = self.loss_fn(self.teacher, self.student, self.tokens, self.labels)
+    loss.backward()
+    self.opt.step()
+    return loss
+
+  def run(self, steps: int) -> dict:
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+      loss = self._step()
+    loss = float(loss)
+    return {"seconds_per_step": (time.perf_counter() - start) / steps,
+            "cpu_seconds_per_step": (time.process_time() - cpu) / steps,
+            "loss": loss}
+
+  def info(self) -> dict:
+    return {"torch": self.torch.__version__,
+            "torch_threads": self.torch.get_num_threads()}
+
+  def matmul(self) -> dict:
+    """FLOP/s of one float32 MATMUL_N^2 torch.matmul."""
+    torch = self.torch
+    if not hasattr(self, "_matmul"):
+      self._matmul = (torch.randn(MATMUL_N, MATMUL_N),
+                      torch.randn(MATMUL_N, MATMUL_N))
+      torch.matmul(*self._matmul)
+    start = time.perf_counter()
+    torch.matmul(*self._matmul)
+    return {"matmul_flops_per_s": 2 * MATMUL_N**3 / (time.perf_counter() - start)}
+
+
+def worker_main(kind: str) -> None:
+  """Line protocol on stdin/stdout: 'run N' | 'info' | 'matmul' | 'quit' -> JSON."""
+  start = time.perf_counter()
+  if kind.startswith("kdjax"):
+    worker = KdjaxWorker(fused=kind == "kdjax_fused")
+  else:
+    worker = TorchWorker(compiled=kind == "torch_compile")
+  first = worker.run(1)  # Compile / warm up.
+  out = sys.stdout
+  sys.stdout = sys.stderr  # Keep library prints off the protocol channel.
+  print(json.dumps({"ready": time.perf_counter() - start, **first}),
+        file=out, flush=True)
+  for line in sys.stdin:
+    command = line.split()
+    if not command or command[0] == "quit":
+      break
+    if command[0] == "run":
+      result = worker.run(int(command[1]))
+    else:
+      result = getattr(worker, command[0])()
+    print(json.dumps(result), file=out, flush=True)
+
+
+# ----------------------------------------------------------------------------
+# Equivalence check: the same parameters give the same loss in both.
+# ----------------------------------------------------------------------------
+
+
+def check_equivalence() -> None:
+  """kdjax's objective on kdjax's GPT == the torch loss, same weights, batch 2."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from kdjax import step  # pylint: disable=g-import-not-at-top
+  teacher, student, objective, _, t_params, s_params = _kdjax_parts()
+  tokens, labels = _batch(batch=2)
+  t_out = step.make_apply_fn(teacher)(t_params, tokens, False, None)
+  s_out = step.make_apply_fn(student)(s_params, tokens, True, None)
+  per_token, _ = objective(s_out, [t_out], labels, jax.numpy.zeros((), int))
+  jax_loss = float(per_token.mean())
+
+  gpt, loss_fn = _torch_model_classes()
+
+  def to_torch(params, sizes):
+    model = gpt(**sizes)
+    p = jax.tree.map(np.asarray, params)
+    d = sizes["width"]
+    state = {"embed.weight": p["embed"]["embedding"],
+             "positions": p["positions"],
+             "ln_final.weight": p["ln_final"]["scale"],
+             "ln_final.bias": p["ln_final"]["bias"]}
+    for i in range(sizes["num_layers"]):
+      b = p[f"block_{i}"]
+      state.update({
+          f"blocks.{i}.ln_attention.weight": b["ln_attention"]["scale"],
+          f"blocks.{i}.ln_attention.bias": b["ln_attention"]["bias"],
+          f"blocks.{i}.qkv.weight": b["qkv_kernel"].reshape(d, 3 * d).T,
+          f"blocks.{i}.qkv.bias": b["qkv_bias"].reshape(3 * d),
+          f"blocks.{i}.out.weight": b["out_kernel"].reshape(d, d).T,
+          f"blocks.{i}.out.bias": b["out_bias"],
+          f"blocks.{i}.ln_mlp.weight": b["ln_mlp"]["scale"],
+          f"blocks.{i}.ln_mlp.bias": b["ln_mlp"]["bias"],
+          f"blocks.{i}.mlp_in.weight": b["mlp_in"]["kernel"].T,
+          f"blocks.{i}.mlp_in.bias": b["mlp_in"]["bias"],
+          f"blocks.{i}.mlp_out.weight": b["mlp_out"]["kernel"].T,
+          f"blocks.{i}.mlp_out.bias": b["mlp_out"]["bias"]})
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
+                           for k, v in state.items()})
+    return model
+
+  torch_loss = float(loss_fn(to_torch(t_params, TEACHER),
+                             to_torch(s_params, STUDENT),
+                             torch.from_numpy(tokens).long(),
+                             torch.from_numpy(labels).long()).detach())
+  print(f"loss at the same weights, batch 2: kdjax {jax_loss:.6f}, "
+        f"torch {torch_loss:.6f}, |diff| {abs(jax_loss - torch_loss):.2e}")
+  if not abs(jax_loss - torch_loss) < 1e-4 * abs(torch_loss):
+    raise SystemExit("kdjax and torch compute different losses.")
+
+
+# ----------------------------------------------------------------------------
+# Driver.
+# ----------------------------------------------------------------------------
+
+
+def _jemalloc() -> str | None:
+  paths = glob.glob("/usr/lib/*/libjemalloc.so.2") + glob.glob(
+      "/usr/lib/libjemalloc.so.2")
+  return paths[0] if paths else None
+
+
+def worker_env(allocator: str) -> tuple[dict[str, str], str]:
+  """One environment for every worker: allocator and thread counts."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  threads = str(os.cpu_count())
+  for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    env.setdefault(name, threads)
+  preload = env.get("LD_PRELOAD", "")
+  if allocator == "jemalloc":
+    path = _jemalloc()
+    if path is None:
+      raise SystemExit("--allocator=jemalloc: libjemalloc.so.2 not found "
+                       "(apt-get install libjemalloc2).")
+    if "jemalloc" not in preload:
+      env["LD_PRELOAD"] = f"{path}:{preload}" if preload else path
+    env.setdefault("MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1")
+  elif allocator == "glibc":
+    env["LD_PRELOAD"] = ":".join(p for p in preload.split(":")
+                                 if p and "jemalloc" not in p)
+    env.pop("MALLOC_CONF", None)
+  name = ("jemalloc (" + env.get("MALLOC_CONF", "") + ")"
+          if "jemalloc" in env.get("LD_PRELOAD", "") else "glibc malloc")
+  return env, name
+
+
+def _machine() -> str:
+  model = "unknown CPU"
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next(l.split(":", 1)[1].strip() for l in f
+                   if l.startswith("model name"))
+    with open("/proc/meminfo") as f:
+      ram = int(f.readline().split()[1]) / 2**20
+  except (OSError, StopIteration):
+    ram = float("nan")
+  return f"{os.cpu_count()} cores, {model}, {ram:.0f} GiB RAM, {platform.platform()}"
+
+
+class Worker:
+  """A worker subprocess speaking the line protocol."""
+
+  def __init__(self, kind: str, env: dict[str, str]):
+    self.kind = kind
+    self.proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), f"--worker={kind}"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    self.ready = self._read()
+
+  def _read(self) -> dict:
+    line = self.proc.stdout.readline()
+    if not line:
+      raise SystemExit(f"worker {self.kind} died (exit {self.proc.wait()}).")
+    return json.loads(line)
+
+  def ask(self, command: str) -> dict:
+    self.proc.stdin.write(command + "\n")
+    self.proc.stdin.flush()
+    return self._read()
+
+  def close(self):
+    self.proc.stdin.write("quit\n")
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=2,
+                      help="timed steps per repetition (after warm-up)")
+  parser.add_argument("--warmup", type=int, default=1,
+                      help="untimed steps after compiling, per worker")
+  parser.add_argument("--allocator", choices=("jemalloc", "glibc", "inherit"),
+                      default="jemalloc")
+  parser.add_argument("--only", default=",".join(WORKERS),
+                      help=f"comma-separated subset of {WORKERS}")
+  parser.add_argument("--worker", help=argparse.SUPPRESS)
+  parser.add_argument("--check", action="store_true",
+                      help="only check that kdjax and torch losses agree")
+  args = parser.parse_args()
+  if args.worker:
+    return worker_main(args.worker)
+  if args.check:
+    return check_equivalence()
+
+  kinds = [k for k in args.only.split(",") if k]
+  unknown = set(kinds) - set(WORKERS)
+  if unknown:
+    raise SystemExit(f"--only: unknown {sorted(unknown)}; allowed: {WORKERS}.")
+  env, allocator = worker_env(args.allocator)
+  workers = {}
+  for kind in kinds:  # Started one at a time: compiles do not overlap.
+    workers[kind] = Worker(kind, env)
+    print(f"{kind}: ready in {workers[kind].ready['ready']:.0f} s, first loss "
+          f"{workers[kind].ready['loss']:.4f}", flush=True)
+    if args.warmup:
+      workers[kind].ask(f"run {args.warmup}")
+  info = {}
+  for kind in ("kdjax_fused", "torch_eager"):
+    if kind in workers:
+      info.update(workers[kind].ask("info"))
+  times = {kind: [] for kind in kinds}
+  cpu_times = {kind: [] for kind in kinds}
+  matmul = {"jnp.dot": [], "torch.matmul": []}
+  for r in range(args.repeats):  # Interleaved: load changes hit all alike.
+    for kind, worker in workers.items():
+      result = worker.ask(f"run {args.steps}")
+      times[kind].append(result["seconds_per_step"])
+      cpu_times[kind].append(result["cpu_seconds_per_step"])
+      print(f"repeat {r}: {kind} {result['seconds_per_step']:.3f} s/step "
+            f"({result['cpu_seconds_per_step']:.2f} CPU s), loss "
+            f"{result['loss']:.4f}", flush=True)
+    for name, kind in (("jnp.dot", "kdjax_fused"),
+                       ("torch.matmul", "torch_eager")):
+      if kind in workers:
+        matmul[name].append(workers[kind].ask("matmul")["matmul_flops_per_s"])
+  for worker in workers.values():
+    worker.close()
+
+  median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+  cpu = {k: sorted(v)[len(v) // 2] for k, v in cpu_times.items()}
+  peak = {k: sorted(v)[len(v) // 2] for k, v in matmul.items() if v}
+  tokens = BATCH * SEQ
+  print(f"\nMachine: {_machine()}")
+  print(f"Allocator: {allocator}; threads: OMP/MKL {env['OMP_NUM_THREADS']}, "
+        f"XLA all cores; each framework in its own worker subprocess with "
+        f"the same environment, repetitions interleaved")
+  print(f"Workload: vocab {VOCAB}, seq {SEQ}, batch {BATCH} ({tokens} tokens/"
+        f"step), float32, AdamW; median of {args.repeats} x {args.steps} "
+        f"steps after {args.warmup} warm-up step(s)")
+  if "xla_flags" in info:
+    print(f"jax {info['jax']}, XLA_FLAGS={info['xla_flags']!r}; "
+          f"torch {info.get('torch', '-')}")
+  print(f"Load average at the end: {os.getloadavg()[0]:.1f} (other jobs "
+        f"share the {os.cpu_count()} cores; CPU s/step = process CPU time, "
+        f"which spin-waiting threads inflate)")
+  print("\n| path | s/step | tokens/s | vs torch eager | vs torch.compile "
+        "| CPU s/step |")
+  print("|---|---|---|---|---|---|")
+  for kind in kinds:
+    s = median[kind]
+    eager = (f"{median['torch_eager'] / s:.2f}x" if "torch_eager" in median
+             else "-")
+    comp = (f"{median['torch_compile'] / s:.2f}x" if "torch_compile" in median
+            else "-")
+    print(f"| {LABELS[kind]} | {s:.3f} | {tokens / s:,.0f} | {eager} | {comp} "
+          f"| {cpu[kind]:.2f} |")
+  if {"kdjax_fused", "kdjax_unfused"} <= set(median):
+    print(f"\nfused / unfused speed: "
+          f"{median['kdjax_unfused'] / median['kdjax_fused']:.2f}x")
+  if "flops" in info:
+    rate = info["flops"] / median["kdjax_fused"]
+    print(f"\nkdjax fused step: {info['flops'] / 1e9:.1f} GFLOP by XLA's cost "
+          f"analysis -> {rate / 1e9:.1f} GFLOP/s")
+    for name, flops_per_s in peak.items():
+      print(f"  float32 {MATMUL_N}^2 {name} (median, measured between the "
+            f"repetitions): {flops_per_s / 1e9:.1f} GFLOP/s -> step at "
+            f"{100 * rate / flops_per_s:.0f}% of it")
+
+
+if __name__ == "__main__":
+  main()

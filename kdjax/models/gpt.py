@@ -1,0 +1,136 @@
+"""GPT-style causal decoder: the reference model of the performance issue.
+
+Pre-LayerNorm blocks, learned positions, GELU MLP of 4x width, tied input and
+output embeddings (logits = h @ E^T), causal self-attention. No dropout.
+
+Written for speed on CPU (where the reference workload is measured):
+  * one fused QKV projection whose einsum writes q, k, v head-major
+    ([B, H, L, Dh]) so both attention products are plain batched matmuls;
+  * causal attention over query blocks: query block i only multiplies the key
+    blocks 0..i, so fully masked blocks are never computed;
+  * softmax normalised AFTER the probabilities-times-values product (one
+    divide over [B, H, L, Dh] instead of [B, H, L, L]), with the row maximum
+    under stop_gradient (softmax is shift invariant, so the gradient is exact
+    and XLA skips the max's backward).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_INIT = nn.initializers.normal(0.02)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                     block_size: int = 128) -> jax.Array:
+  """softmax(q k^T / sqrt(Dh) + causal mask) v for head-major [B, H, L, Dh].
+
+  Query block [s, s + block_size) attends keys [0, s + block_size): the
+  blocks above the diagonal are skipped, not masked.
+  """
+  length, head_dim = q.shape[-2], q.shape[-1]
+  q = q * jnp.asarray(head_dim**-0.5, q.dtype)
+  outputs = []
+  for start in range(0, length, block_size):
+    stop = min(start + block_size, length)
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, start:stop], k[:, :, :stop],
+                        preferred_element_type=jnp.float32)
+    query_pos = jnp.arange(start, stop)[:, None]
+    allowed = jnp.arange(stop)[None, :] <= query_pos
+    scores = jnp.where(allowed, scores, -jnp.inf)
+    # The diagonal is always allowed, so every row has a finite maximum.
+    row_max = lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    unnormalised = jnp.exp(scores - row_max)
+    denominator = jnp.sum(unnormalised, axis=-1, keepdims=True)
+    out = jnp.einsum("bhqk,bhkd->bhqd", unnormalised.astype(v.dtype),
+                     v[:, :, :stop], preferred_element_type=jnp.float32)
+    outputs.append((out / denominator).astype(q.dtype))
+  return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=2)
+
+
+class DecoderBlock(nn.Module):
+  """x + attn(LN(x)), then x + MLP(LN(x)); causal, no dropout."""
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"width={width} is not divisible by "
+                       f"num_heads={self.num_heads}.")
+    head_dim = width // self.num_heads
+    h = nn.LayerNorm(dtype=self.dtype, name="ln_attention")(x)
+    qkv_kernel = self.param("qkv_kernel", _INIT,
+                            (width, 3, self.num_heads, head_dim))
+    qkv_bias = self.param("qkv_bias", nn.initializers.zeros,
+                          (3, self.num_heads, 1, head_dim))
+    qkv = jnp.einsum("bld,dthk->tbhlk", h, qkv_kernel.astype(self.dtype))
+    qkv = qkv + qkv_bias.astype(self.dtype)[:, None]
+    attended = causal_attention(qkv[0], qkv[1], qkv[2])
+    out_kernel = self.param("out_kernel", _INIT,
+                            (self.num_heads, head_dim, width))
+    out_bias = self.param("out_bias", nn.initializers.zeros, (width,))
+    x = x + (jnp.einsum("bhlk,hkd->bld", attended,
+                        out_kernel.astype(self.dtype)) + out_bias)
+    h = nn.LayerNorm(dtype=self.dtype, name="ln_mlp")(x)
+    h = nn.Dense(4 * width, dtype=self.dtype, kernel_init=_INIT,
+                 name="mlp_in")(h)
+    h = nn.Dense(width, dtype=self.dtype, kernel_init=_INIT,
+                 name="mlp_out")(nn.gelu(h))
+    x = x + h
+    self.sow("intermediates", "output", x)
+    return x
+
+
+class GPT(nn.Module):
+  """Token ids [batch, length] -> next-token logits [batch, length, vocab].
+
+  `dtype` is the compute dtype (parameters stay float32). Each block's output
+  is sown into 'intermediates' at `block_{i}/output` for feature distillation.
+  """
+  vocab_size: int
+  width: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  max_length: int = 256
+  dtype: Any = jnp.float32
+
+  def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+    return self._forward(tokens, logits=True)
+
+  def hidden_states(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+    """Final (normalised) hidden states [B, L, width]: logits = h @ head.
+
+    For kdjax.token_loss, which applies `lm_head_kernel(params)` itself
+    (chunked over the sequence) instead of building [B, L, vocab] logits.
+    """
+    return self._forward(tokens, logits=False)
+
+  @nn.compact
+  def _forward(self, tokens: jax.Array, *, logits: bool) -> jax.Array:
+    # No dropout: train and eval compute the same function.
+    if tokens.ndim != 2:
+      raise ValueError(f"GPT expects token ids [batch, length], got shape "
+                       f"{tokens.shape}.")
+    if tokens.shape[1] > self.max_length:
+      raise ValueError(f"Sequence length {tokens.shape[1]} exceeds the "
+                       f"model's max_length={self.max_length}.")
+    embed = nn.Embed(self.vocab_size, self.width, embedding_init=_INIT,
+                     dtype=self.dtype, name="embed")
+    positions = self.param("positions", _INIT, (self.max_length, self.width))
+    x = embed(tokens) + positions[:tokens.shape[1]].astype(self.dtype)
+    for i in range(self.num_layers):
+      x = DecoderBlock(self.num_heads, self.dtype, name=f"block_{i}")(x)
+    x = nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
+    return embed.attend(x) if logits else x  # Tied output embedding.
+
+
+def lm_head_kernel(params: Any) -> jax.Array:
+  """The [width, vocab] output head: the transposed (tied) input embedding."""
+  return params["embed"]["embedding"].T
