@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from kdjax import losses
 from kdjax import models
 from kdjax import parallel
 from kdjax import prompt as prompt_lib
@@ -148,14 +149,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
                                    state.step, aux_params)
     w = micro["mask"]
     loss = jnp.sum(per_example * w) / global_count
-    predictions = jnp.argmax(student.logits, -1)
+    predictions = losses.argmax(student.logits)  # Shares the loss's max.
     metrics = {"loss": jnp.sum(per_example * w),
                "correct": jnp.sum((predictions == micro["labels"]) * w),
                "count": jnp.sum(w)}
     metrics.update({name: jnp.sum(v * w) for name, v in terms.items()})
     if teachers:
       metrics["agreement"] = jnp.sum(
-          (predictions == jnp.argmax(teachers[0].logits, -1)) * w)
+          (predictions == losses.argmax(teachers[0].logits)) * w)
     return loss, metrics
 
   grad_fn = jax.grad(loss_and_metrics, has_aux=True)

@@ -629,3 +629,14 @@ def test_invalid_options_raise(call):
   s = t = np.zeros((2, 8), np.float32)
   with pytest.raises(ValueError):
     call(s, t)
+
+
+def test_argmax_is_jnp_argmax_including_ties_and_masked_entries():
+  # Integer-valued logits make ties common; -inf entries are masked vocab.
+  rng = np.random.default_rng(0)
+  x = rng.integers(-3, 3, (3, 5, 7)).astype(np.float32)
+  x[rng.random(x.shape) < 0.2] = -np.inf
+  x[0, 0] = -np.inf
+  x[0, 0, 4] = 1.0
+  np.testing.assert_array_equal(losses.argmax(jnp.asarray(x)),
+                                jnp.argmax(jnp.asarray(x), axis=-1))
