@@ -85,7 +85,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.cache = ml_collections.ConfigDict()
   config.cache.dir = ""  # '' = WORKDIR/teacher_cache.
   config.cache.split = ""  # '' = data.train_split (its train_fraction subset).
-  config.cache.k = 64  # Entries kept per token/example (<= vocab/classes).
+  config.cache.k = 64  # Kept per token/example (capped at vocab/classes).
   config.cache.dtype = "bfloat16"  # Of the log-probs: bfloat16 | float32.
   config.cache.records_per_shard = 256  # Sequences/examples per shard file.
   config.cache.batch_size = 0  # Teacher batch; 0 = student.train.batch_size.

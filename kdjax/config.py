@@ -16,7 +16,7 @@ from kdjax import checkpoint, models, objectives, parallel, storage
 from kdjax.objectives import HARD_LABEL_SOURCES
 
 MODES = ("teacher", "scratch", "distill", "evaluate", "pipeline", "aot_check",
-         "generate_text")
+         "generate_text", "cache_teacher")
 ROLES = ("teacher", "student")
 
 
@@ -130,7 +130,8 @@ def check_checkpoint_model(expected_spec: dict[str, Any], path: str,
                     for k, (a, b) in sorted(diff.items()))
         + f". Set config.{field}.model to the checkpoint's model or point "
         f"config.{field}.checkpoint_dir at a matching teacher.")
-  if meta.get("num_classes") not in (None, expected.get("num_classes")):
+  if "num_classes" in expected and meta.get("num_classes") not in (
+      None, expected["num_classes"]):  # Language models have no classes.
     raise ConfigError(
         f"The teacher checkpoint in {path!r} has {meta['num_classes']} classes, "
         f"config.data.num_classes is {expected.get('num_classes')}.")
@@ -224,12 +225,13 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   if config.checkpoint.every_steps <= 0 or config.checkpoint.keep <= 0:
     _fail("checkpoint", dict(config.checkpoint), "every_steps and keep must be > 0")
 
-  models_used = ("teacher",) if config.mode in ("teacher", "generate_text") else (
+  models_used = ("teacher",) if config.mode in (
+      "teacher", "generate_text", "cache_teacher") else (
       "student",) if config.mode == "scratch" else ("teacher", "student")
   trained = {"teacher": ("teacher",), "scratch": ("student",),
              "distill": ("student",), "evaluate": (),
              "pipeline": ("teacher", "student"), "aot_check": (),
-             "generate_text": ()}[config.mode]
+             "generate_text": (), "cache_teacher": ()}[config.mode]
   for role in models_used:
     _check_model(config, role)
   for role in trained:
@@ -253,11 +255,14 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
     if missing:
       _fail(f"distill.extra_teachers[{i}]", dict(extra),
             f"needs fields {sorted(missing)} (and optionally weight)")
-  if config.mode == "distill":
+  from kdjax import teacher_cache  # pylint: disable=g-import-not-at-top
+  teacher_cache.validate(config)  # config.cache, distill.teacher_cache.
+  if config.mode == "distill" and not teacher_cache.enabled(config):
     for spec in teacher_specs(config, workdir):
       if not spec.pretrained:
         check_checkpoint_model(spec.model, spec.path, spec.field)
-  if config.mode == "evaluate" and not pretrained_teacher(config):
+  if config.mode in ("evaluate", "cache_teacher") and not pretrained_teacher(
+      config):
     check_teacher_checkpoint(config, teacher_dir(config, workdir))
   _check_distributed(config)
   if config.mode == "aot_check":

@@ -1,4 +1,5 @@
-"""Mode dispatch: teacher, scratch, distill, evaluate, or the whole pipeline.
+"""Mode dispatch: teacher, scratch, distill, evaluate, cache_teacher, or the
+whole pipeline.
 
 The pipeline lays its runs out under one workdir, which is also what the
 report reads:
@@ -122,4 +123,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.mode == "generate_text":
     from kdjax import seqkd  # pylint: disable=g-import-not-at-top
     return seqkd.generate_text(config, workdir)
+  if config.mode == "cache_teacher":
+    from kdjax import teacher_cache  # pylint: disable=g-import-not-at-top
+    return teacher_cache.build(config, workdir)
   return train.train(config, workdir)

@@ -24,6 +24,7 @@ from kdjax import losses
 from kdjax import models
 from kdjax import parallel
 from kdjax import prompt as prompt_lib
+from kdjax import teacher_cache
 from kdjax import token_loss
 from kdjax.objectives import ModelOutputs
 
@@ -106,8 +107,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   """One optimizer step on this device's piece of the global batch.
 
   `batch` holds 'inputs', 'labels' ([B] for classification, [B, L] for tokens)
-  and optionally 'mask' (shape of labels; 1 = counts). Teachers are frozen:
-  their forward runs under stop_gradient and they get no optimizer state.
+  and optionally 'mask' (shape of labels; 1 = counts) and cached teacher
+  entries (kdjax.teacher_cache.BATCH_KEY; they replace the teachers).
+  Teachers are frozen: their forward runs under stop_gradient and they get
+  no optimizer state.
   Returns the new state and metric SUMS over the global batch (divide by
   metrics['count'] for means).
 
@@ -139,6 +142,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
                              apply(p, micro["inputs"], False, None, capture))
                 for apply, p in zip(teacher_applies, teachers_params)]
     student = student_apply(params, micro["inputs"], True, micro_rng, capture)
+    if teacher_cache.BATCH_KEY in micro:  # Cached top-k entries, no forward.
+      teachers = [teacher_cache.teacher_outputs(
+          micro[teacher_cache.BATCH_KEY],
+          None if token_chunk_size is not None else student.logits.shape[-1])]
     if token_chunk_size is not None:
       return token_loss.token_objective(
           objective, student.hidden, student.head,

@@ -31,10 +31,11 @@ class Classification:
     return pipeline.train_num_records(self._source, self.data_config)
 
   def train_iterator(self, *, global_batch_size: int, seed: int,
-                     augment: bool) -> Iterator[dict[str, np.ndarray]]:
+                     augment: bool, teacher_cache=None
+                     ) -> Iterator[dict[str, np.ndarray]]:
     return iter(pipeline.train_dataset(
         self._source, self.data_config, global_batch_size=global_batch_size,
-        seed=seed, augment=augment))
+        seed=seed, augment=augment, teacher_cache=teacher_cache))
 
   def make_apply_fn(self, model) -> step.ApplyFn:
     return step.make_apply_fn(model)
@@ -71,10 +72,12 @@ class LanguageModelling:
     return lm_data.num_train_sequences(self.data_config)
 
   def train_iterator(self, *, global_batch_size: int, seed: int,
-                     augment: bool) -> Iterator[dict[str, np.ndarray]]:
+                     augment: bool, teacher_cache=None
+                     ) -> Iterator[dict[str, np.ndarray]]:
     del augment  # No augmentation for text.
     return iter(lm_data.lm_train_dataset(
-        self.data_config, global_batch_size=global_batch_size, seed=seed))
+        self.data_config, global_batch_size=global_batch_size, seed=seed,
+        teacher_cache=teacher_cache))
 
   def make_apply_fn(self, model) -> step.ApplyFn:
     return step.make_lm_apply_fn(model)

@@ -19,6 +19,11 @@ teachers). `direct_objective` is the same computation on the full logits, kept
 as the reference for tests and the memory benchmark; both share everything but
 the chunking.
 
+A teacher may also come as precomputed per-token entries instead of hidden
+states + head (kdjax.teacher_cache: hidden = a CachedTeacher, head = None):
+they are chunked with the sequence and handed to the objective as the
+teacher's ModelOutputs.hidden, with no head applied.
+
 One deliberate difference from multiplying by the mask: masked tokens are
 selected out (`jnp.where`), so a masked position whose per-token value is not
 finite (e.g. a padding label of -100, as Hugging Face datasets write it)
@@ -108,8 +113,8 @@ def chunked_objective(objective, student_hidden: Array, student_head: Array,
     return jnp.moveaxis(x, 1, 0)
 
   hidden_chunks = to_chunks(student_hidden)
-  data_chunks = ([to_chunks(h) for h in teacher_hiddens], to_chunks(labels),
-                 to_chunks(mask))
+  data_chunks = ([jax.tree.map(to_chunks, h) for h in teacher_hiddens],
+                 to_chunks(labels), to_chunks(mask))
   # Under shard_map a replicated head meeting sharded hidden states is cast to
   # varying where they meet; inside the loop that cast's transpose would be
   # one all-reduce of the head gradient per chunk. Cast once, outside, so the
@@ -118,7 +123,8 @@ def chunked_objective(objective, student_hidden: Array, student_head: Array,
   axes = _varying_axes(hidden_chunks, data_chunks, student_head,
                        teacher_heads, step, global_count)
   student_head = _cast_varying(student_head, axes)
-  teacher_heads = [_cast_varying(w, axes) for w in teacher_heads]
+  teacher_heads = [w if w is None else _cast_varying(w, axes)
+                   for w in teacher_heads]
   global_count = _cast_varying(jnp.asarray(global_count, jnp.float32), axes)
   loss, sums = _chunked_loss(objective, axes, hidden_chunks, student_head,
                              teacher_heads, data_chunks, step, global_count)
@@ -220,6 +226,7 @@ def _token_sums(objective, hidden, head, teacher_hiddens, teacher_heads,
   """Masked sums of the objective and metrics over the given tokens."""
   student_logits = logits_from_hidden(hidden, head)
   teachers = [ModelOutputs(lax.stop_gradient(logits_from_hidden(h, w)))
+              if w is not None else ModelOutputs(None, hidden=h)  # Cached.
               for h, w in zip(teacher_hiddens, teacher_heads)]
   per_token, terms = objective(ModelOutputs(student_logits), teachers, labels,
                                step)
@@ -229,8 +236,9 @@ def _token_sums(objective, hidden, head, teacher_hiddens, teacher_heads,
           "count": jnp.sum(mask)}
   sums.update({name: _masked_sum(v, mask) for name, v in terms.items()})
   if teachers:
-    sums["agreement"] = _masked_sum(
-        predictions == jnp.argmax(teachers[0].logits, -1), mask)
+    top1 = (teachers[0].hidden.top1 if teachers[0].logits is None
+            else jnp.argmax(teachers[0].logits, -1))
+    sums["agreement"] = _masked_sum(predictions == top1, mask)
   return sums
 
 
@@ -286,6 +294,13 @@ def _check_inputs(objective, student_hidden, student_head, teacher_hiddens,
                      f"{labels.shape}.")
   vocab = _check_pair("student", student_hidden, student_head, labels.shape)
   for i, (hidden, head) in enumerate(zip(teacher_hiddens, teacher_heads)):
+    if head is None:  # Precomputed per-token entries (module doc).
+      for leaf in jax.tree.leaves(hidden):
+        if leaf.shape[:2] != labels.shape:
+          raise ValueError(f"teacher {i} per-token entries must be [batch, "
+                           f"length, ...] with [batch, length] = "
+                           f"{labels.shape}, got {leaf.shape}.")
+      continue
     teacher_vocab = _check_pair(f"teacher {i}", hidden, head, labels.shape)
     if teacher_vocab != vocab:
       raise ValueError(f"teacher {i} head has vocabulary {teacher_vocab}, the "

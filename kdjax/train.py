@@ -22,7 +22,7 @@ from kdjax import checkpoint, features, objectives, optim, parallel, step
 from kdjax import config as config_lib
 from kdjax import preemption
 from kdjax import pretrained, prompt, tasks
-from kdjax import storage
+from kdjax import storage, teacher_cache
 from kdjax.data import pipeline
 from kdjax.metrics_writer import MetricsWriter
 
@@ -143,11 +143,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   apply_fn = task.make_apply_fn(model)
   tx = optim.make_optimizer(train_cfg, total_steps)
   teacher_applies, teachers_params = (), ()
-  if mode == "distill":
+  # distill from config.distill.teacher_cache: checked against this config;
+  # no teacher is loaded.
+  cache = teacher_cache.for_training(config, mode)
+  if mode == "distill" and cache is None:
     teacher_applies, teachers_params = load_teachers(config, workdir, mesh,
                                                      task.make_apply_fn)
-  objective = objectives.from_config(config, mode, total_steps=total_steps,
-                                     num_teachers=len(teachers_params))
+  objective = (cache.objective(config, total_steps) if cache is not None else
+               objectives.from_config(config, mode, total_steps=total_steps,
+                                      num_teachers=len(teachers_params)))
 
   params = pretrained.load_pretrained(
       init_params(model, config, seed), config[role].get("init_from", ""),
@@ -164,7 +168,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       step.create_train_state(params, tx, jax.random.key(seed + 1), aux_params),
       mesh)
   data_iter = task.train_iterator(global_batch_size=train_cfg.batch_size,
-                                  seed=seed, augment=bool(train_cfg.augment))
+                                  seed=seed, augment=bool(train_cfg.augment),
+                                  teacher_cache=cache)
 
   meta = {"model": config_lib.model_spec(config, role), "role": mode,
           "objective": objectives.describe(objective), "seed": seed,

@@ -159,14 +159,14 @@ def _per_process_batches(num_processes: int):
   original = pipeline.train_dataset
 
   def global_batches(source, data_config, *, global_batch_size, seed,
-                     augment=False):
+                     augment=False, teacher_cache=None):
     parts = []
     for p in range(num_processes):
       with mock.patch.object(jax, "process_index", lambda p=p: p), \
           mock.patch.object(jax, "process_count", lambda: num_processes):
         parts.append(original(source, data_config,
                               global_batch_size=global_batch_size, seed=seed,
-                              augment=augment))
+                              augment=augment, teacher_cache=teacher_cache))
     return grain.experimental.ZipIterDataset(parents=parts).map(
         lambda batches: {k: np.concatenate([b[k] for b in batches])
                          for k in batches[0]})

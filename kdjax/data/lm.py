@@ -603,23 +603,29 @@ def num_train_sequences(data_config) -> int:
 
 
 class _ReadSequences(grain.transforms.Map):
-  """A batch of sequence indices -> {'inputs', 'labels', 'mask'}."""
+  """A batch of sequence indices -> {'inputs', 'labels', 'mask'}, plus the
+  sequences' cached teacher entries with a kdjax.teacher_cache.TeacherCache."""
 
-  def __init__(self, packed: PackedSplit):
-    self._packed = packed
+  def __init__(self, packed: PackedSplit, teacher_cache=None):
+    self._packed, self._teacher_cache = packed, teacher_cache
 
   def map(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-    return self._packed.batch(rows)
+    batch = self._packed.batch(rows)
+    if self._teacher_cache is not None:
+      batch.update(self._teacher_cache.batch_entries(rows))
+    return batch
 
 
-def lm_train_dataset(data_config, *, global_batch_size: int, seed: int
-                     ) -> grain.IterDataset:
+def lm_train_dataset(data_config, *, global_batch_size: int, seed: int,
+                     teacher_cache=None) -> grain.IterDataset:
   """Infinite host-local batches of this process's share, reshuffled per epoch.
 
   Batches: {'inputs': int32 [B, L], 'labels': int32 [B, L], 'mask': float32
   [B, L]}, B = global_batch_size // jax.process_count(). Process p reads
   sequences p, p + P, p + 2P, ... of the training subset; its iterator's
-  get_state()/set_state() is the data position for the checkpoint.
+  get_state()/set_state() is the data position for the checkpoint. With
+  `teacher_cache`, batches also carry the cached teacher entries of their
+  sequences (read by the same indices).
   """
   num_processes = jax.process_count()
   if global_batch_size % num_processes:
@@ -639,7 +645,7 @@ def lm_train_dataset(data_config, *, global_batch_size: int, seed: int
   # batched as indices, read in one gather per batch.
   ds = grain.MapDataset.source(share).shuffle(seed=seed).repeat(None)
   ds = ds.batch(global_batch_size // num_processes, drop_remainder=True)
-  return ds.map(_ReadSequences(packed)).to_iter_dataset()
+  return ds.map(_ReadSequences(packed, teacher_cache)).to_iter_dataset()
 
 
 def lm_eval_arrays(data_config, split: str | None = None, *,

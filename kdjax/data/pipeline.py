@@ -152,13 +152,21 @@ def preprocess_batch(records, data_config) -> dict[str, np.ndarray]:
 
 
 class ReadBatch(grain.transforms.Map):
-  """A batch of record indices -> a preprocessed batch (one bulk read)."""
+  """A batch of record indices -> a preprocessed batch (one bulk read).
 
-  def __init__(self, source, data_config):
+  With a teacher cache (kdjax.teacher_cache.TeacherCache), the batch also
+  carries the cached teacher entries of the same records.
+  """
+
+  def __init__(self, source, data_config, teacher_cache=None):
     self._source, self._config = source, data_config
+    self._teacher_cache = teacher_cache
 
   def map(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    return preprocess_batch(_records(self._source, indices), self._config)
+    batch = preprocess_batch(_records(self._source, indices), self._config)
+    if self._teacher_cache is not None:
+      batch.update(self._teacher_cache.batch_entries(indices))
+    return batch
 
 
 class RandomShiftFlip(grain.transforms.RandomMap):
@@ -188,14 +196,18 @@ def train_indices(num_records: int, data_config) -> np.ndarray:
   The subset is a fixed permutation's prefix: the same for every seed and
   process, so runs with different seeds see the same examples.
   """
+  indices = train_subset(num_records, data_config)
+  return indices[jax.process_index()::jax.process_count()]
+
+
+def train_subset(num_records: int, data_config) -> np.ndarray:
+  """The (possibly fractional) training subset of every process, sorted."""
   fraction = float(data_config.train_fraction)
   if fraction < 1.0:
     rng = np.random.default_rng(int(data_config.subset_seed))
-    indices = np.sort(rng.permutation(num_records)[
+    return np.sort(rng.permutation(num_records)[
         :subset_size(num_records, fraction)])
-  else:
-    indices = np.arange(num_records)
-  return indices[jax.process_index()::jax.process_count()]
+  return np.arange(num_records)
 
 
 def subset_size(num_records: int, fraction: float) -> int:
@@ -203,8 +215,13 @@ def subset_size(num_records: int, fraction: float) -> int:
 
 
 def train_dataset(source, data_config, *, global_batch_size: int, seed: int,
-                  augment: bool = False) -> grain.IterDataset:
-  """Infinite, per-epoch reshuffled batches of this process's share."""
+                  augment: bool = False,
+                  teacher_cache=None) -> grain.IterDataset:
+  """Infinite, per-epoch reshuffled batches of this process's share.
+
+  With `teacher_cache`, each batch carries its records' cached teacher
+  entries (ReadBatch).
+  """
   num_processes = jax.process_count()
   if global_batch_size % num_processes:
     raise ValueError(f"Global batch size {global_batch_size} is not divisible "
@@ -214,7 +231,7 @@ def train_dataset(source, data_config, *, global_batch_size: int, seed: int,
   ds = grain.MapDataset.source(train_indices(len(source), data_config))
   ds = ds.shuffle(seed=seed).repeat(None)
   ds = ds.batch(global_batch_size // num_processes, drop_remainder=True)
-  ds = ds.map(ReadBatch(source, data_config))
+  ds = ds.map(ReadBatch(source, data_config, teacher_cache))
   if augment:
     ds = ds.random_map(RandomShiftFlip(int(data_config.augment_max_shift),
                                        bool(data_config.augment_flip)),
