@@ -49,4 +49,5 @@ def lm_head_kernel_fn(model: nn.Module):
   if isinstance(model, GPT):
     return gpt.lm_head_kernel
   raise ValueError(f"{type(model).__name__} has no hidden_states/LM head "
-                   "split; only 'llama' models train through the token loss.")
+                   "split; only 'llama' and 'gpt' models train through the "
+                   "token loss.")
