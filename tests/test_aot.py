@@ -57,7 +57,9 @@ def test_digits_compiles_for_v5e_2x2_and_prints_the_table(digits_config,
   assert set(reports) == {"teacher", "distill"}
   for r in reports.values():
     assert r["devices"] == 4 and r["batch_size"] == 64
-    assert 0 < r["temporaries"] and 0 < r["arguments"] < 16 * aot.GIB
+    # A digits-sized step may fuse every intermediate on TPU: temporaries
+    # can be 0 (they are since the loss stopped materialising log-softmaxes).
+    assert 0 <= r["temporaries"] and 0 < r["arguments"] < 16 * aot.GIB
     assert r["flops"] > 0
   distill = reports["distill"]
   assert distill["teacher_bytes"] > distill["state_bytes"]  # CNN vs tiny MLP.
