@@ -29,6 +29,8 @@ EXTRAS_REQUIRE = {
     # gs:// workdirs: etils.epath via gcsfs; Orbax's GCS deletes import
     # google.cloud.storage. launch/tpu.py installs it on the workers.
     "gcs": ["gcsfs", "google-cloud-storage"],
+    # benchmarks/step_throughput.py's PyTorch reference (never imported by kdjax).
+    "bench": ["torch==2.13.0"],
 }
 
 setuptools.setup(
