@@ -92,6 +92,20 @@ def test_epochs_cover_the_set_and_reshuffle(data_dir):
   assert key(other_seed) == key(epoch1)  # The subset does not depend on the seed.
 
 
+@pytest.mark.parametrize("n,batch,seed", [(10, 3, 0), (17, 17, 2**32 - 1),
+                                           (50, 8, 7)])
+def test_index_batches_are_exactly_grains_shuffle_repeat_batch(n, batch, seed):
+  # The fast path must not change which examples a run sees, nor in what order
+  # (earlier runs and checkpoints stay reproducible); epochs cross batches.
+  import grain  # pylint: disable=g-import-not-at-top
+  indices = np.arange(n) * 3 + 1
+  reference = grain.MapDataset.source(indices).shuffle(seed=seed).repeat(
+      None).batch(batch, drop_remainder=True)
+  fast = pipeline.ShuffledIndexBatches(indices, batch, seed)
+  for k in list(range(4 * n // batch + 2)) + [5 * n]:
+    np.testing.assert_array_equal(fast[k], reference[k])
+
+
 def test_iterator_state_restores_the_data_position(data_dir):
   config = _data_config(data_dir)
   source = pipeline.get_source(config, "train")
