@@ -84,9 +84,23 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
   """Builds global batch arrays (split on the data axis) from this host's piece."""
   sharding = batch_sharded(mesh)
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x),
-      local_batch)
+
+  def put(x):
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+      return x  # Already placed (put_batch prefetched it).
+    return jax.make_array_from_process_local_data(sharding, x)
+  return jax.tree.map(put, local_batch)
+
+
+def put_batch(local_batch: Any, mesh: Mesh, backend: str) -> Any:
+  """This host's batch placed for `map_over_devices`' step, asynchronously.
+
+  Lets a loop copy batch n+1 to the devices while step n runs. The pmap
+  backend splits and transfers the batch itself, so it stays on the host.
+  """
+  if backend == "shard_map":
+    return shard_batch(local_batch, mesh)
+  return local_batch
 
 
 def map_over_devices(per_device_fn: Callable, mesh: Mesh, backend: str, *,

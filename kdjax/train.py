@@ -231,19 +231,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return means
 
   stop = preemption.Watcher()  # SIGTERM -> save at an agreed step, exit 0.
+  place = functools.partial(parallel.put_batch, mesh=mesh,
+                            backend=config.parallel.backend)
+  batch = None  # The next step's batch, placed while the step before runs.
   try:
     for current in range(start_step, total_steps):
-      batch = next(data_iter)
+      if batch is None:
+        batch = place(next(data_iter))
       state, metrics = run_step(state, batch, teachers_params)
+      batch = None
       pending.append(metrics)
       done = current + 1
+      preempted = stop.reached(done)
+      saving = ckpt.should_save(done) or done == total_steps or preempted
+      if not saving:  # Prefetch, unless the data position is about to be saved.
+        batch = place(next(data_iter))
       if done % log_every == 0 or done == total_steps:
         writer.progress(done, check_pending(done))
       if done % eval_every == 0 or done == total_steps:
         evaluated[done] = task.evaluate(model, state.params, mesh)
         writer.write(done, "eval", evaluated[done])
-      preempted = stop.reached(done)
-      if ckpt.should_save(done) or done == total_steps or preempted:
+      if saving:
         check_pending(done)
         ckpt.save(done, state, data_iter, meta)
         last_good_step = done
