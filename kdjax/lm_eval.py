@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 from typing import Any
 
 import jax
@@ -216,6 +217,7 @@ def write_lm_report(config, workdir: str) -> dict[str, Any]:
   report = {
       "task": "language_modelling", "dataset": config.data.name,
       "eval_split": split, "num_eval_tokens": teacher_entry["tokens"],
+      "train_eval_split": config.data.eval_split,
       "teacher_model": config_lib.model_spec(config, "teacher"),
       "student_model": config_lib.model_spec(config, "student"),
       "teacher": teacher_entry, "students": students, "groups": groups,
@@ -239,7 +241,8 @@ def render_markdown(report: dict[str, Any]) -> str:
       "w/ teacher | KL to teacher | params | non-embedding params | "
       "generation tokens/s |",
       "|---|---|---|---|---|---|---|---|---|---|",
-      f"| teacher ({t['source']}) | - | - | {t['perplexity']:.2f} | "
+      f"| teacher ({os.path.basename(t['source'])}) | - | - | "
+      f"{t['perplexity']:.2f} | "
       f"{t['accuracy']:.4f} | - | - | {t['num_params']:,} | "
       f"{t['num_non_embedding_params']:,} | "
       f"{t['generation_tokens_per_second']:.1f} |"]
@@ -257,7 +260,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def _write_png(report: dict[str, Any], workdir: str) -> None:
-  """Training loss and held-out perplexity over steps, every student run."""
+  """Training CE and validation perplexity over steps, every student run."""
   import io  # pylint: disable=g-import-not-at-top
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -267,19 +270,21 @@ def _write_png(report: dict[str, Any], workdir: str) -> None:
   for s in report["students"]:
     records = read_metrics(storage.join(workdir, s["run_dir"]))
     label = f"{s['group']} s{s['seed']}"
-    train = [r for r in records if r["split"] == "train" and "loss" in r]
+    # CE on the next token: comparable across objectives (the loss is not).
+    train = [r for r in records if r["split"] == "train" and "ce" in r]
     evals = [r for r in records if r["split"] == "eval" and "perplexity" in r]
     if train:
-      ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train],
+      ax_loss.plot([r["step"] for r in train], [r["ce"] for r in train],
                    label=label)
     if evals:
       ax_ppl.plot([r["step"] for r in evals], [r["perplexity"] for r in evals],
                   marker="o", label=label)
   ax_ppl.axhline(report["teacher"]["perplexity"], color="k", ls="--",
-                 label="teacher")
-  ax_loss.set(title="training loss", xlabel="step")
-  ax_ppl.set(title=f"held-out perplexity ({report['eval_split']})",
-             xlabel="step", yscale="log")
+                 label=f"teacher ({report['eval_split']})")
+  ax_loss.set(title="training CE on the next token (batch mean)",
+              xlabel="step")
+  ax_ppl.set(title=f"perplexity on {report.get('train_eval_split', 'eval')} "
+             "during training", xlabel="step", yscale="log")
   for ax in (ax_loss, ax_ppl):
     ax.legend(fontsize=7)
   fig.tight_layout()
