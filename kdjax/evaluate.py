@@ -116,7 +116,7 @@ def find_runs(workdir: str) -> list[tuple[str, dict[str, Any]]]:
   return sorted(runs, key=lambda r: r[0])
 
 
-def _load_params(config, role: str, run_dir: str, spec=None):
+def load_params(config, role: str, run_dir: str, spec=None):
   """A run's model (from `spec`, its run.json's, else the config's) and params."""
   model = (config_lib.model_from_spec(
       {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
@@ -127,7 +127,7 @@ def _load_params(config, role: str, run_dir: str, spec=None):
 
 
 @functools.lru_cache(maxsize=16)
-def _apply_fn(model):
+def cached_apply_fn(model):
   """One apply function per model, so _jitted_forward's cache hits."""
   return step.make_apply_fn(model)
 
@@ -136,7 +136,7 @@ def _run_json(run_dir: str) -> dict[str, Any]:
   return storage.read_json(storage.join(run_dir, "run.json"), default={})
 
 
-def _num_params(params) -> int:
+def num_params(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
@@ -156,15 +156,15 @@ def write_report(config, workdir: str) -> dict[str, Any]:
   labels = data["labels"]
 
   teacher_path = config_lib.teacher_dir(config, workdir)
-  teacher_model, teacher_params = _load_params(config, "teacher", teacher_path)
+  teacher_model, teacher_params = load_params(config, "teacher", teacher_path)
   teacher_apply = step.make_apply_fn(teacher_model)
   teacher_logits = predict_logits(teacher_apply, teacher_params, data["inputs"],
                                   mesh)
   teacher_entry = {
       **classification_metrics(teacher_logits, labels),
-      "num_params": _num_params(teacher_params),
+      "num_params": num_params(teacher_params),
       "num_trainable_params": _run_json(teacher_path).get(
-          "num_trainable_params", _num_params(teacher_params)),
+          "num_trainable_params", num_params(teacher_params)),
       "checkpoint_bytes": checkpoint.params_bytes(teacher_path),
       "inference_examples_per_second": inference_examples_per_second(
           teacher_apply, teacher_params, data["inputs"]),
@@ -176,9 +176,9 @@ def write_report(config, workdir: str) -> dict[str, Any]:
     if run["role"] not in ("scratch", "distill"):
       continue
     # Each run's own model (pipeline variants may train another student).
-    student_model, params = _load_params(config, "student", run_dir,
+    student_model, params = load_params(config, "student", run_dir,
                                          run.get("model"))
-    student_apply = _apply_fn(student_model)
+    student_apply = cached_apply_fn(student_model)
     logits = predict_logits(student_apply, params, data["inputs"], mesh)
     arch = json.dumps(run.get("model"), sort_keys=True)
     if arch not in speeds:  # Time each architecture once.
@@ -190,9 +190,9 @@ def write_report(config, workdir: str) -> dict[str, Any]:
         "train_fraction": run["train_fraction"], "objective": run["objective"],
         **classification_metrics(logits, labels, teacher_logits),
         "model": run.get("model", {}).get("name", ""),
-        "num_params": _num_params(params),
+        "num_params": num_params(params),
         "num_trainable_params": run.get("num_trainable_params",
-                                        _num_params(params)),
+                                        num_params(params)),
         "checkpoint_bytes": checkpoint.params_bytes(run_dir),
         "inference_examples_per_second": speeds[arch], "arch": arch,
         "run_dir": storage.relpath(run_dir, workdir)})

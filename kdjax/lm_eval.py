@@ -27,7 +27,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from kdjax import checkpoint, generate, parallel, pretrained, step, storage
+from kdjax import checkpoint, evaluate, generate, parallel, pretrained, step
+from kdjax import storage
 from kdjax import config as config_lib
 from kdjax.data import lm as lm_data
 from kdjax.models import llama as llama_lib
@@ -121,20 +122,6 @@ def load_teacher(config, workdir: str):
   return model, checkpoint.restore_params(path, jax.eval_shape(init))
 
 
-def _load_run(config, run_dir: str, run: dict):
-  spec = {k: tuple(v) if isinstance(v, list) else v
-          for k, v in run["model"].items()}
-  model = config_lib.model_from_spec(spec)
-  from kdjax.data import pipeline  # pylint: disable=g-import-not-at-top
-  abstract = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), pipeline.dummy_inputs(config.data))["params"])
-  return model, checkpoint.restore_params(run_dir, abstract)
-
-
-def _num_params(params) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
 def generation_speed(model, params, arrays, *, batch: int, prompt_length: int,
                      new_tokens: int) -> float:
   """Greedy tokens/s of a llama model on one device, prompts from `arrays`."""
@@ -144,11 +131,6 @@ def generation_speed(model, params, arrays, *, batch: int, prompt_length: int,
   params = jax.device_put(params, jax.local_devices()[0])
   return generate.tokens_per_second(model, params, prompt,
                                     max_new_tokens=new_tokens)
-
-
-@functools.lru_cache(maxsize=8)
-def _apply_fn(model):
-  return step.make_apply_fn(model)
 
 
 def write_lm_report(config, workdir: str) -> dict[str, Any]:
@@ -162,13 +144,13 @@ def write_lm_report(config, workdir: str) -> dict[str, Any]:
                     new_tokens=int(config.report.get("generation_tokens", 32)))
 
   teacher_model, teacher_params = load_teacher(config, workdir)
-  teacher_apply = _apply_fn(teacher_model)
+  teacher_apply = evaluate.cached_apply_fn(teacher_model)
   logging.info("Report: teacher on %d %s sequences.", len(arrays["inputs"]),
                split)
   teacher_entry = {
       **token_metrics(teacher_apply, teacher_params, arrays, mesh,
                       batch_size=eval_batch),
-      "num_params": _num_params(teacher_params),
+      "num_params": evaluate.num_params(teacher_params),
       "num_non_embedding_params":
           pretrained.count_non_embedding_params(teacher_params),
       "generation_tokens_per_second": generation_speed(
@@ -179,12 +161,12 @@ def write_lm_report(config, workdir: str) -> dict[str, Any]:
   }
   teacher_params = parallel.replicate(teacher_params, mesh)
 
-  from kdjax import evaluate  # pylint: disable=g-import-not-at-top
   students, speeds = [], {}
   for run_dir, run in evaluate.find_runs(workdir):
     if run["role"] not in ("scratch", "distill"):
       continue
-    model, params = _load_run(config, run_dir, run)
+    model, params = evaluate.load_params(config, "student", run_dir,
+                                         run["model"])
     logging.info("Report: %s", run_dir)
     arch = json.dumps(run["model"], sort_keys=True)
     if arch not in speeds:
@@ -193,10 +175,10 @@ def write_lm_report(config, workdir: str) -> dict[str, Any]:
         "group": evaluate.group_key(run), "method": run["role"],
         "variant": run.get("variant", ""), "seed": run["seed"],
         "objective": run["objective"],
-        **token_metrics(_apply_fn(model), params, arrays, mesh,
+        **token_metrics(evaluate.cached_apply_fn(model), params, arrays, mesh,
                         teacher_apply=teacher_apply,
                         teacher_params=teacher_params, batch_size=eval_batch),
-        "num_params": _num_params(params),
+        "num_params": evaluate.num_params(params),
         "num_non_embedding_params":
             pretrained.count_non_embedding_params(params),
         "init_from": run.get("init_from", ""),

@@ -48,7 +48,8 @@ class Classification:
     if self._eval is None:  # Loaded on first use, once.
       self._eval = pipeline.load_split(pipeline.get_source(
           self.data_config, self.data_config.eval_split), self.data_config)
-    logits = evaluate.predict_logits(step.make_apply_fn(model), params,
+    # One apply function per model: the compiled forward is cached on it.
+    logits = evaluate.predict_logits(evaluate.cached_apply_fn(model), params,
                                      self._eval["inputs"], mesh)
     return evaluate.classification_metrics(logits, self._eval["labels"],
                                            brief=True)
@@ -89,7 +90,7 @@ class LanguageModelling:
     if self._eval is None:
       self._eval = lm_data.lm_eval_arrays(self.data_config)
     metrics = lm_eval.token_metrics(
-        step.make_apply_fn(model), params, self._eval, mesh,
+        evaluate.cached_apply_fn(model), params, self._eval, mesh,
         batch_size=int(self.data_config.get("eval_batch_size", 8)))
     return {k: metrics[k] for k in ("perplexity", "accuracy")}
 
