@@ -88,7 +88,6 @@ class KdjaxWorker:
   def __init__(self, fused: bool):
     import functools  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
-    from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
     from kdjax import parallel, step  # pylint: disable=g-import-not-at-top
     from kdjax.objectives import ModelOutputs  # pylint: disable=g-import-not-at-top
     self.jax = jax
@@ -124,9 +123,7 @@ class KdjaxWorker:
     self.state = parallel.replicate(step.create_train_state(
         s_params, tx, jax.random.key(2)), mesh)
     # The same program map_over_devices compiles, for XLA's cost analysis.
-    self.cost_fn = jax.jit(jax.shard_map(
-        per_device, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS), P()),
-        out_specs=(P(), P())))
+    self.cost_fn = parallel.jit_over_mesh(per_device, mesh)
     self.shard = lambda b: parallel.shard_batch(b, mesh)
 
   def _host_batch(self):
@@ -518,20 +515,28 @@ def main():
   print(f"Load average at the end: {os.getloadavg()[0]:.1f} (other jobs "
         f"share the {os.cpu_count()} cores; CPU s/step = process CPU time, "
         f"which spin-waiting threads inflate)")
+  def speedup(reference: str, kind: str) -> str:
+    """Median over repetitions of reference time / kind time, with the range:
+    each repetition's contenders ran back to back, so its ratio shares the
+    load of that moment."""
+    if reference not in times:
+      return "-"
+    ratios = sorted(a / b for a, b in zip(times[reference], times[kind]))
+    return (f"{ratios[len(ratios) // 2]:.2f}x "
+            f"({ratios[0]:.2f}-{ratios[-1]:.2f})")
+
   print("\n| path | s/step | tokens/s | vs torch eager | vs torch.compile "
         "| CPU s/step |")
   print("|---|---|---|---|---|---|")
   for kind in kinds:
     s = median[kind]
-    eager = (f"{median['torch_eager'] / s:.2f}x" if "torch_eager" in median
-             else "-")
-    comp = (f"{median['torch_compile'] / s:.2f}x" if "torch_compile" in median
-            else "-")
-    print(f"| {LABELS[kind]} | {s:.3f} | {tokens / s:,.0f} | {eager} | {comp} "
+    print(f"| {LABELS[kind]} | {s:.3f} | {tokens / s:,.0f} | "
+          f"{speedup('torch_eager', kind)} | {speedup('torch_compile', kind)} "
           f"| {cpu[kind]:.2f} |")
+  print("(s/step, tokens/s, CPU: medians; speed-ups: median and range of the "
+        "per-repetition ratios)")
   if {"kdjax_fused", "kdjax_unfused"} <= set(median):
-    print(f"\nfused / unfused speed: "
-          f"{median['kdjax_unfused'] / median['kdjax_fused']:.2f}x")
+    print(f"\nfused / unfused speed: {speedup('kdjax_unfused', 'kdjax_fused')}")
   if "flops" in info:
     rate = info["flops"] / median["kdjax_fused"]
     print(f"\nkdjax fused step: {info['flops'] / 1e9:.1f} GFLOP by XLA's cost "

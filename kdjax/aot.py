@@ -201,11 +201,7 @@ def build_step(config, mode: str, mesh, workdir: str = "") -> StepPlan:
       objective=objective, tx=tx, axis=parallel.DataAxis("shard_map"),
       grad_accum_steps=int(train_cfg.grad_accum_steps))
   # parallel.map_over_devices' shard_map program, as a jit we can lower.
-  program = jax.jit(
-      jax.shard_map(per_device, mesh=mesh,
-                    in_specs=(P(), P(parallel.DATA_AXIS), P()),
-                    out_specs=(P(), P())),
-      donate_argnums=(0,))
+  program = parallel.jit_over_mesh(per_device, mesh)
 
   batch_size = int(train_cfg.batch_size)
   sharded = NamedSharding(mesh, P(parallel.DATA_AXIS))

@@ -145,3 +145,44 @@ def test_matches_hand_written_full_batch_adam_step():
   _assert_same_params(state.params, expected)
   np.testing.assert_allclose(float(metrics["loss"]) / GLOBAL_BATCH,
                              expected_loss, rtol=1e-5)
+
+
+def _per_device_step(tx):
+  teacher, student, _, _ = _init()
+  return functools.partial(
+      step.train_step, student_apply=step.make_apply_fn(student),
+      teacher_applies=(step.make_apply_fn(teacher),), objective=_hinton(),
+      tx=tx, axis=parallel.DataAxis("shard_map"))
+
+
+def test_one_device_program_has_no_collectives():
+  """On one device map_over_devices compiles a plain jit: shard_map's no-op
+  all-reduce of every gradient cost ~5% of a CPU step (benchmarks/README)."""
+  _, _, teacher_params, student_params = _init()
+  tx = optax.adam(1e-2)
+  batch = _batches()[0]
+  hlo = {}
+  for n in (1, 2):
+    mesh = parallel.make_mesh(jax.devices()[:n])
+    program = parallel.jit_over_mesh(_per_device_step(tx), mesh)
+    state = parallel.replicate(
+        step.create_train_state(student_params, tx, jax.random.key(0)), mesh)
+    hlo[n] = program.lower(state, parallel.shard_batch(batch, mesh),
+                           parallel.replicate((teacher_params,), mesh)
+                           ).compile().as_text()
+  assert "all-reduce" not in hlo[1]
+  assert "all-reduce" in hlo[2]  # The check can see a collective at all.
+
+
+def test_data_axis_is_identity_outside_a_mapped_axis():
+  axis = parallel.DataAxis("shard_map")
+  values = {"a": jnp.arange(3.0)}
+
+  @jax.jit
+  def outside(x):
+    assert not axis.is_mapped()
+    return axis.sum(x), axis.sum_gradients(x), axis.index()
+  summed, grads, index = outside(values)
+  np.testing.assert_array_equal(summed["a"], values["a"])
+  np.testing.assert_array_equal(grads["a"], values["a"])
+  assert int(index) == 0
