@@ -104,6 +104,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.checkpoint.every_steps = 1000  # Save every N steps (and at the end).
   config.checkpoint.keep = 2  # Keep the newest K.
   config.checkpoint.async_save = True  # Write in the background.
+  # A run whose every checkpoint is damaged stops (nothing is deleted);
+  # True sets them aside and starts over from step 0.
+  config.checkpoint.restart_if_unreadable = False
 
   # Several processes (hosts). On a Cloud TPU VM nothing needs setting: the
   # slice's workers are found automatically. Elsewhere set the three fields

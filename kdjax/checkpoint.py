@@ -15,14 +15,17 @@ through kdjax.storage (etils.epath).
 
 from __future__ import annotations
 
+import errno
+import json
 import time
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from kdjax import storage
@@ -31,7 +34,99 @@ CHECKPOINT_SUBDIR = "checkpoints"
 
 
 class CheckpointMismatchError(ValueError):
-  """A checkpoint was written for a different model or config than asked for."""
+  """A checkpoint was written by another run (model, optimizer, config) than
+  this one. Every checkpoint is left in place."""
+
+
+class UnreadableCheckpointError(RuntimeError):
+  """Checkpoints exist but none can be restored (every one is damaged, or a
+  storage error persisted). Nothing was set aside or overwritten."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """Writing a checkpoint failed (e.g. the disk is full). The checkpoints
+  written before it are intact."""
+
+
+# What an error while reading a checkpoint means. Only CORRUPT errors set a
+# step aside; TRANSIENT ones are retried; anything else stops the run with
+# every checkpoint in place. Classified over the exception's whole chain.
+CORRUPT, TRANSIENT, OTHER = "corrupt", "transient", "other"
+
+# Damaged files: missing, truncated, zero bytes, undecodable.
+CORRUPT_ERROR_TYPES = (FileNotFoundError, NotADirectoryError, EOFError,
+                       json.JSONDecodeError, UnicodeDecodeError)
+# Tensorstore (Orbax's array store) raises ValueError("<STATUS>: ...").
+# Measured here: a truncated or zero-byte data file gives OUT_OF_RANGE, a
+# zero-byte OCDBT manifest DATA_LOSS, a deleted one NOT_FOUND.
+CORRUPT_STATUSES = ("DATA_LOSS:", "NOT_FOUND:", "OUT_OF_RANGE:")
+# Orbax, when an item's directory is missing from a step.
+CORRUPT_MESSAGES = ("was not found in the checkpoint",)
+# Storage that may answer next time: a network file system or an object
+# store that timed out, throttled or hiccuped.
+TRANSIENT_ERROR_TYPES = (ConnectionError, TimeoutError, InterruptedError,
+                         BlockingIOError)
+TRANSIENT_ERRNOS = frozenset({
+    errno.EAGAIN, errno.EINTR, errno.EIO, errno.ESTALE, errno.ETIMEDOUT,
+    errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EBUSY,
+    errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTUNREACH})
+TRANSIENT_STATUSES = ("UNAVAILABLE:", "DEADLINE_EXCEEDED:", "ABORTED:")
+TRANSIENT_HTTP_CODES = frozenset({408, 429, 500, 502, 503, 504})  # gcsfs.
+
+# Transient errors: this many retries, waiting RETRY_SECONDS * 2**attempt.
+RETRIES = 4
+RETRY_SECONDS = 1.0
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+  seen = []
+  while error is not None and error not in seen:
+    seen.append(error)
+    error = error.__cause__ or error.__context__
+  return seen
+
+
+def classify_read_error(error: BaseException) -> str:
+  """CORRUPT, TRANSIENT or OTHER: what an error while reading a step means."""
+  chain = _chain(error)
+  for e in chain:
+    message = str(e)
+    if (isinstance(e, TRANSIENT_ERROR_TYPES)
+        or (isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS)
+        or getattr(e, "code", None) in TRANSIENT_HTTP_CODES
+        or any(s in message for s in TRANSIENT_STATUSES)):
+      return TRANSIENT
+  for e in chain:
+    message = str(e)
+    if (isinstance(e, CORRUPT_ERROR_TYPES)
+        or any(message.lstrip("'\"").startswith(s) for s in CORRUPT_STATUSES)
+        or any(s in message for s in CORRUPT_MESSAGES)):
+      return CORRUPT
+  return OTHER
+
+
+def _short(error: BaseException) -> str:
+  return f"{type(error).__name__}: {str(error)[:300]}"
+
+
+def with_retries(what: str, read: Callable[[], Any]) -> Any:
+  """read(), retried with backoff while it fails with a TRANSIENT error."""
+  for attempt in range(RETRIES + 1):
+    try:
+      return read()
+    except Exception as e:  # pylint: disable=broad-except
+      if classify_read_error(e) != TRANSIENT:
+        raise
+      if attempt == RETRIES:
+        raise UnreadableCheckpointError(
+            f"{what} failed {RETRIES + 1} times with a storage error that "
+            f"may be transient ({_short(e)}). Nothing was set aside: check "
+            "the storage (network, bucket permissions, quota) and rerun the "
+            "same command.") from e
+      delay = RETRY_SECONDS * 2 ** attempt
+      logging.warning("%s failed (%s); retrying in %.1f s (%d of %d).", what,
+                      _short(e), delay, attempt + 1, RETRIES)
+      time.sleep(delay)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -39,18 +134,26 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 class Checkpointer:
-  """CheckpointManager for one run: save every N steps, keep K, resume, fall back."""
+  """CheckpointManager for one run: save every N steps, keep K, resume.
+
+  Resuming never silently loses training: only a step proven damaged
+  (classify_read_error) is set aside for the one before it; a checkpoint of
+  another run or a persistent storage error stops the run with every
+  checkpoint in place.
+  """
 
   def __init__(self, workdir: str, *, save_every_steps: int, keep: int,
                async_save: bool = True):
     self.directory = checkpoint_dir(workdir)
     self._every = save_every_steps
+    self._last_saved = None  # The newest step known to be written.
+    self._pending = None  # A step being written in the background.
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=0, max_to_keep=keep,
             enable_async_checkpointing=async_save, create=True),
-        item_names=("params", "train", "data", "meta"))
+        item_names=ITEM_NAMES)
 
   def __enter__(self):
     return self
@@ -59,8 +162,10 @@ class Checkpointer:
     self.close()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
@@ -70,27 +175,49 @@ class Checkpointer:
     return step % self._every == 0
 
   def save(self, step: int, state, data_iterator, meta: dict[str, Any]) -> bool:
-    """Saves params, train state, data position and meta (async where safe)."""
+    """Saves params, train state, data position and meta (async where safe).
+
+    A failed write, including one that failed in the background since the
+    last call, raises CheckpointSaveError.
+    """
+    self.wait()  # Surfaces a background failure of the previous save.
     train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
              "aux_params": state.aux_params}
-    return self._manager.save(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            train=ocp.args.StandardSave(train),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
-            meta=ocp.args.JsonSave(meta)),
-        force=True)  # The policy is should_save's, not Orbax's.
+    try:
+      saved = self._manager.save(
+          step,
+          args=ocp.args.Composite(
+              params=ocp.args.StandardSave(state.params),
+              train=ocp.args.StandardSave(train),
+              data=grain.checkpoint.CheckpointSave(data_iterator),
+              meta=ocp.args.JsonSave(meta)),
+          force=True)  # The policy is should_save's, not Orbax's.
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from e
+    self._pending = step
+    return saved
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until a background save is written; raises if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      step, self._pending = self._pending, None
+      raise self._save_error(step, e) from e
+    if self._pending is not None:
+      self._last_saved, self._pending = self._pending, None
 
-  def read_meta(self) -> dict[str, Any] | None:
-    """The meta of the newest readable checkpoint, or None."""
-    return _newest_meta(self._manager)
+  def _save_error(self, step, error: BaseException) -> CheckpointSaveError:
+    kept = (f"the checkpoint of step {self._last_saved} is intact"
+            if self._last_saved is not None else
+            f"checkpoints written before are intact ({self.all_steps()})")
+    return CheckpointSaveError(
+        f"Writing the checkpoint of step {step} to {self.directory} failed "
+        f"({_short(error)}); {kept}. Free space or fix the storage, then "
+        "rerun the same command: it resumes from the newest checkpoint.")
 
   def _set_aside(self, step: int) -> str:
-    """Renames an unreadable step so it neither blocks a re-save nor is retried."""
+    """Renames a damaged step so it neither blocks a re-save nor is retried."""
     source = storage.join(self.directory, str(step))
     # Process 0 renames; the others wait until it has (and agree on the name).
     # On GCS a rename copies every object, then deletes the originals: if
@@ -103,50 +230,194 @@ class Checkpointer:
     self._manager.reload()
     return target
 
-  def restore_latest(self, abstract_state, data_iterator):
+  def restore_latest(self, abstract_state, data_iterator, *,
+                     run_meta: dict[str, Any] | None = None,
+                     check_meta: Callable[[dict[str, Any]], None] | None = None,
+                     restart_if_unreadable: bool = False):
     """Restores the newest readable checkpoint into (state, iterator).
 
-    A corrupt or truncated newest checkpoint is skipped with a warning and the
-    one before it is used. Returns (state, step) or (None, None) if there is
-    none to restore.
+    Per step, newest first: its meta is passed to check_meta (which raises
+    CheckpointMismatchError for another run's checkpoint) and its stored
+    array tree is compared with abstract_state (run_meta['optimizer'] names
+    this run's optimizer in the error); then it is restored. A
+    damaged step is tried no further; the damaged steps newer than the one
+    restored are set aside with a warning. If every step is damaged,
+    raises UnreadableCheckpointError (all left in place) unless
+    restart_if_unreadable, which sets them all aside and starts over.
+    Returns (state, step) or (None, None) if there is nothing to restore.
     """
+    damaged: list[tuple[int, BaseException]] = []
     for step in sorted(self.all_steps(), reverse=True):
-      error = None
+      outcome, error, restored = OTHER, None, None
       try:
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_state.params),
-                train=ocp.args.StandardRestore({
-                    "step": abstract_state.step,
-                    "opt_state": abstract_state.opt_state,
-                    "rng": abstract_state.rng,
-                    "aux_params": abstract_state.aux_params}),
-                data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        restored = self._restore_step(step, abstract_state, data_iterator,
+                                      run_meta or {}, check_meta)
+        outcome = "ok"
       except Exception as e:  # pylint: disable=broad-except
         error = e
-      if not _on_every_process(error is None):  # All fall back, or none.
-        e = error or RuntimeError("unreadable on another process")
-        aside = self._set_aside(step)
-        logging.warning("Checkpoint at step %d in %s is unreadable (%s: %s); "
-                        "moved to %s, falling back to the one before it.",
-                        step, self.directory, type(e).__name__, str(e)[:300],
-                        aside)
+        outcome = CORRUPT if classify_read_error(e) == CORRUPT else OTHER
+      outcome = _agree(outcome)
+      if outcome == OTHER:  # Another run's checkpoint, or an unknown error.
+        raise error or UnreadableCheckpointError(
+            f"Restoring step {step} in {self.directory} failed on another "
+            "process (see its log); every checkpoint is left in place.")
+      if outcome == CORRUPT:
+        damaged.append((step, error or RuntimeError(
+            "damaged as read by another process")))
         continue
-      train = restored["train"]
-      state = abstract_state.replace(
-          step=train["step"], params=restored["params"],
-          opt_state=train["opt_state"], rng=train["rng"],
-          aux_params=train["aux_params"])
-      return state, step
+      for bad_step, bad in damaged:
+        aside = self._set_aside(bad_step)
+        logging.warning(
+            "Checkpoint at step %d in %s is damaged (%s); moved it to %s and "
+            "resumed from step %d.", bad_step, self.directory, _short(bad),
+            aside, step)
+      self._last_saved = step
+      return restored, step
+    if not damaged:
+      return None, None
+    listing = "; ".join(f"step {s}: {_short(e)}" for s, e in damaged)
+    if not restart_if_unreadable:
+      raise UnreadableCheckpointError(
+          f"Every checkpoint in {self.directory} is damaged ({listing}). "
+          "Nothing was moved or deleted. To start this run over from step 0 "
+          "(setting them aside), pass "
+          "--config.checkpoint.restart_if_unreadable=True.")
+    for bad_step, _ in damaged:
+      logging.warning("Setting aside damaged step %d: %s (restart_if_"
+                      "unreadable=True).", bad_step, self._set_aside(bad_step))
     return None, None
 
+  def _restore_step(self, step: int, abstract_state, data_iterator,
+                    run_meta: dict[str, Any], check_meta):
+    where = f"Reading checkpoint step {step} in {self.directory}"
+    meta = with_retries(where, lambda: self._manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    stored = with_retries(where, lambda: {
+        item: _stored_arrays(storage.join(self.directory, str(step), item))
+        for item in ("params", "train")})
+    check_structure(  # Before the config: names the arrays that differ.
+        {"params": stored["params"], **dict(stored["train"])},
+        _train_items(abstract_state, params=True),
+        found_optimizer=meta.get("optimizer", "?"),
+        expected_optimizer=run_meta.get("optimizer", "?"),
+        directory=self.directory)
+    if check_meta is not None:
+      check_meta(meta)
+    restored = with_retries(where, lambda: self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state.params),
+            train=ocp.args.StandardRestore(_train_items(abstract_state)),
+            data=grain.checkpoint.CheckpointRestore(data_iterator))))
+    train = restored["train"]
+    return abstract_state.replace(
+        step=train["step"], params=restored["params"],
+        opt_state=train["opt_state"], rng=train["rng"],
+        aux_params=train["aux_params"])
 
-def _on_every_process(ok: bool) -> bool:
-  """True if `ok` holds on every process (a collective when there are several)."""
+
+ITEM_NAMES = ("params", "train", "data", "meta")
+
+
+def _train_items(state, params: bool = False) -> dict[str, Any]:
+  items = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
+           "aux_params": state.aux_params}
+  return {"params": state.params, **items} if params else items
+
+
+def _stored_arrays(item_dir: str):
+  """The tree of shapes and dtypes an item stores (reads no array data)."""
+  tree = ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir))
+  if tree is None:
+    raise FileNotFoundError(f"No array metadata in {item_dir}.")
+  return tree
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _signatures(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+  """'opt_state/0/mu/dense/kernel' -> (shape, dtype) of every array leaf.
+
+  Works on arrays, ShapeDtypeStructs and Orbax's stored ArrayMetadata; a
+  typed PRNG key counts as its raw uint32 data (what is stored).
+  """
+  out = {}
+  leaves, _ = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: x is None)
+  for path, leaf in leaves:
+    if leaf is None:
+      continue
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+      leaf = jax.eval_shape(jax.random.key_data, leaf)
+      dtype = leaf.dtype
+    shape = tuple(getattr(leaf, "shape", ()))
+    dtype = str(np.dtype(dtype)) if dtype is not None else type(leaf).__name__
+    out["/".join(_key_name(k) for k in path)] = (shape, dtype)
+  return out
+
+
+def _state_kinds(paths, param_names: set[str]) -> str:
+  """'count, mu, nu' for Adam: the optimizer's own names in its state paths."""
+  names = {part for p in paths for part in p.split("/")[1:]
+           if not part.isdigit() and part not in param_names}
+  return ", ".join(sorted(names)) or "no state"
+
+
+def check_structure(found_tree, expected_tree, *, found_optimizer: str,
+                    expected_optimizer: str, directory: str) -> None:
+  """Raises CheckpointMismatchError naming what differs between the arrays a
+  checkpoint stores and those this run builds (model, optimizer, trainable
+  mask, feature projections, parameter dtypes)."""
+  found, expected = _signatures(found_tree), _signatures(expected_tree)
+  if found == expected:
+    return
+  problems = []
+  param_names = {part for tree in (found, expected) for p in tree
+                 if p.startswith("params/") for part in p.split("/")[1:]}
+  group = lambda p: p.split("/", 1)[0]
+  for part in sorted({group(p) for p in set(found) | set(expected)}):
+    a = {p: v for p, v in found.items() if group(p) == part}
+    b = {p: v for p, v in expected.items() if group(p) == part}
+    if a == b:
+      continue
+    if part == "opt_state" and set(a) != set(b):
+      problems.append(
+          f"opt_state: checkpoint has {found_optimizer} "
+          f"({_state_kinds(a, param_names)}), this run builds "
+          f"{expected_optimizer} ({_state_kinds(b, param_names)})")
+      continue
+    missing, extra = sorted(set(b) - set(a)), sorted(set(a) - set(b))
+    changed = sorted(p for p in set(a) & set(b) if a[p] != b[p])
+    details = [f"{p}: checkpoint has {a[p][0]} {a[p][1]}, this run builds "
+               f"{b[p][0]} {b[p][1]}" for p in changed[:3]]
+    if extra:
+      details.append(f"only in the checkpoint: {', '.join(extra[:3])}"
+                     + (f" (+{len(extra) - 3})" if len(extra) > 3 else ""))
+    if missing:
+      details.append(f"only in this run: {', '.join(missing[:3])}"
+                     + (f" (+{len(missing) - 3})" if len(missing) > 3 else ""))
+    problems.append(f"{part}: " + "; ".join(details))
+  raise CheckpointMismatchError(
+      f"The checkpoint in {directory} was written by a different run: "
+      + " | ".join(problems) + ". Every checkpoint is left in place. Use "
+      "another --workdir for this config, or rerun with the config that "
+      "wrote it.")
+
+
+def _agree(outcome: str) -> str:
+  """The worst outcome over all processes ('ok' < CORRUPT < OTHER)."""
   if jax.process_count() == 1:
-    return ok
-  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+    return outcome
+  rank = {"ok": 0, CORRUPT: 1, OTHER: 2}
+  worst = int(np.max(multihost_utils.process_allgather(
+      np.int32(rank[outcome]))))
+  return {v: k for k, v in rank.items()}[worst]
 
 
 def _from_process_0(value):
@@ -173,52 +444,81 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def restore_params(workdir_or_checkpoints: str, abstract_params,
-                   step: int | None = None):
-  """Loads only the parameters of a run (e.g. a teacher), newest readable step."""
+def _checkpoints_of(workdir_or_checkpoints: str) -> str:
   directory = workdir_or_checkpoints
   if directory.rstrip("/").rsplit("/", 1)[-1] != CHECKPOINT_SUBDIR:
     directory = checkpoint_dir(directory)
+  return directory
+
+
+def _read_only(directory: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      directory, item_names=ITEM_NAMES,
+      options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def latest_step(workdir_or_checkpoints: str) -> int | None:
+  """The newest step of a run's checkpoints, or None if it has none."""
+  directory = _checkpoints_of(workdir_or_checkpoints)
+  if not storage.is_dir(directory):
+    return None
+  with _read_only(directory) as manager:
+    return manager.latest_step()
+
+
+def restore_params(workdir_or_checkpoints: str, abstract_params,
+                   step: int | None = None):
+  """Loads only the parameters of a run (e.g. a teacher) at `step` (newest).
+
+  Never falls back to an older step: parameters that cannot be read raise
+  UnreadableCheckpointError naming the step (a teacher silently older than
+  the one asked for would change every result).
+  """
+  directory = _checkpoints_of(workdir_or_checkpoints)
   # Orbax refuses a checkpoint saved on another topology (e.g. by several
   # hosts) unless the target says where the arrays go.
   abstract_params = _placed_where_unsharded(abstract_params)
-  with ocp.CheckpointManager(
-      directory, item_names=("params", "train", "data", "meta"),
-      options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-    steps = [step] if step is not None else sorted(manager.all_steps(),
-                                                   reverse=True)
-    last_error = None
-    for s in steps:
-      try:
-        return manager.restore(s, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params)))["params"]
-      except Exception as e:  # pylint: disable=broad-except
-        logging.warning("Parameters at step %d in %s are unreadable (%s); "
-                        "trying the one before.", s, directory, e)
-        last_error = e
-  raise FileNotFoundError(f"No readable checkpoint in {directory}"
-                          + (f" (last error: {last_error})" if last_error else ""))
+  with _read_only(directory) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {directory}.")
+    where = f"Reading the parameters of step {step} in {directory}"
+    try:
+      return with_retries(where, lambda: manager.restore(
+          step, args=ocp.args.Composite(
+              params=ocp.args.StandardRestore(abstract_params))))["params"]
+    except UnreadableCheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      kind = ("damaged" if classify_read_error(e) == CORRUPT
+              else "unreadable")
+      raise UnreadableCheckpointError(
+          f"{where} failed: the checkpoint is {kind} ({_short(e)}). kdjax "
+          "does not fall back to an older step for parameters; restore "
+          "the files, or point to another checkpoint.") from e
 
 
 def read_meta(workdir: str) -> dict[str, Any] | None:
-  """The meta item of a run's newest checkpoint, or None if it has none."""
+  """The meta item of a run's newest checkpoint, or None if it has none.
+
+  An unreadable meta raises UnreadableCheckpointError (no older step is
+  read in its place).
+  """
   directory = checkpoint_dir(workdir)
   if not storage.is_dir(directory):
     return None
-  with ocp.CheckpointManager(
-      directory, item_names=("params", "train", "data", "meta"),
-      options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-    return _newest_meta(manager)
-
-
-def _newest_meta(manager: ocp.CheckpointManager) -> dict[str, Any] | None:
-  for step in sorted(manager.all_steps(), reverse=True):
+  with _read_only(directory) as manager:
+    step = manager.latest_step()
+    if step is None:
+      return None
+    where = f"Reading the meta of checkpoint step {step} in {directory}"
     try:
-      return manager.restore(step, args=ocp.args.Composite(
-          meta=ocp.args.JsonRestore()))["meta"]
-    except Exception:  # pylint: disable=broad-except
-      continue  # restore_latest() warns about unreadable steps.
-  return None
+      return with_retries(where, lambda: manager.restore(step, args=(
+          ocp.args.Composite(meta=ocp.args.JsonRestore())))["meta"])
+    except UnreadableCheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise UnreadableCheckpointError(f"{where} failed ({_short(e)}).") from e
 
 
 def params_bytes(workdir: str) -> int:

@@ -339,20 +339,11 @@ def load_teacher(config, workdir: str):
         "model": spec.model, "init_from": spec.init_from,
         "weights_sha256": _path_sha256(path) if path else ""}
   config_lib.check_checkpoint_model(spec.model, spec.path, spec.field)
-  directory = checkpoint.checkpoint_dir(spec.path)
-  steps = sorted((int(d) for d in storage.listdir(directory) if d.isdigit()),
-                 reverse=True)
-  for i, s in enumerate(steps):
-    try:
-      params = checkpoint.restore_params(spec.path, abstract, step=s)
-    except FileNotFoundError:
-      if i == len(steps) - 1:
-        raise
-      continue
-    return model, params, {
-        "model": spec.model, "checkpoint_dir": spec.path,
-        "checkpoint_step": s, "checkpoint_meta": checkpoint.read_meta(spec.path)}
-  raise FileNotFoundError(f"No checkpoint steps in {directory}.")
+  step = checkpoint.latest_step(spec.path)  # Never an older one instead.
+  params = checkpoint.restore_params(spec.path, abstract, step=step)
+  return model, params, {
+      "model": spec.model, "checkpoint_dir": spec.path,
+      "checkpoint_step": step, "checkpoint_meta": checkpoint.read_meta(spec.path)}
 
 
 def _topk_function(apply_fn, mesh, *, language_model: bool, k: int,

@@ -7,7 +7,6 @@ or 'distill') and resumes from WORKDIR/checkpoints if a run was interrupted.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -21,7 +20,7 @@ from absl import logging
 from kdjax import checkpoint, features, objectives, optim, parallel, step
 from kdjax import config as config_lib
 from kdjax import preemption
-from kdjax import pretrained, prompt, tasks
+from kdjax import pretrained, prompt, resume, tasks
 from kdjax import storage, teacher_cache
 from kdjax.data import pipeline
 from kdjax.metrics_writer import MetricsWriter
@@ -101,21 +100,6 @@ def count_params(params: Any) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def _check_resumable(ckpt: checkpoint.Checkpointer, meta: dict, workdir: str):
-  """Refuses to continue a checkpoint of a different model or training run."""
-  found = ckpt.read_meta()
-  if found is None:
-    return
-  for key in ("model", "role", "objective", "seed", "train_fraction"):
-    a = json.loads(json.dumps(found.get(key)))
-    b = json.loads(json.dumps(meta.get(key)))
-    if a != b:
-      raise checkpoint.CheckpointMismatchError(
-          f"{workdir!r} holds a checkpoint of a different run ({key}: "
-          f"checkpoint has {a!r}, this config has {b!r}). Use a new --workdir, "
-          "or delete that directory to start over.")
-
-
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains the teacher or a student as config.mode says; returns a summary."""
   mode = config.mode
@@ -177,12 +161,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           "num_classes": int(config.data.num_classes),
           "variant": config.get("variant", ""),
           "init_from": config[role].get("init_from", ""),
-          "num_trainable_params": prompt.count_params(params, mask)}
+          "num_trainable_params": prompt.count_params(params, mask),
+          "optimizer": train_cfg.optimizer,
+          "config": resume.describe_run(config)}
   ckpt = checkpoint.Checkpointer(
       workdir, save_every_steps=config.checkpoint.every_steps,
       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-  _check_resumable(ckpt, meta, workdir)
-  restored, restored_step = ckpt.restore_latest(state, data_iter)
+  try:
+    restored, restored_step = ckpt.restore_latest(
+        state, data_iter, run_meta=meta,
+        check_meta=lambda found: resume.check_same_run(found, meta, workdir),
+        restart_if_unreadable=config.checkpoint.restart_if_unreadable)
+  except BaseException:
+    ckpt.close()
+    raise
   if restored is not None:
     state = restored
     logging.info("Resumed %s from step %d in %s.", mode, restored_step, workdir)
@@ -270,6 +262,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     prompt.export_trainable(workdir, state.params, mask, meta,
                             config[role].get("init_from", ""))
   summary = {**meta, "steps": total_steps, "num_params": count_params(params),
+             "resumed_from_step": restored_step,
              "eval": final, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
   if jax.process_index() == 0:  # A local or gs:// workdir (kdjax.storage).
     storage.write_json(os.path.join(workdir, RUN_FILE), summary)

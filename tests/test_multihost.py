@@ -3,6 +3,7 @@ collectives on loopback) against 1 process x 8 devices; crash and preemption
 with 2 processes; fail-fast messages of the distributed runtime and workdir.
 """
 
+import json
 import os
 import re
 import signal
@@ -220,11 +221,15 @@ def test_two_processes_survive_sigterm_then_sigkill(
   second.kill()  # Both hosts lost at once.
   assert not os.path.exists(os.path.join(workdir, train.RUN_FILE))
   assert f"Resumed distill from step {agreed[0]}" in second.output(0)
+  killed_at = _saved_steps(workdir)[-1]
+  assert killed_at > agreed[0]
 
   third = TwoProcesses(workdir, teacher_dir, data_dir, cache_dir,
                        str(tmp_path / "third"))
   third.check(third.wait())
-  assert os.path.exists(os.path.join(workdir, train.RUN_FILE))
+  assert f"Resumed distill from step {killed_at}" in third.output(0)
+  with open(os.path.join(workdir, train.RUN_FILE)) as f:
+    assert json.load(f)["resumed_from_step"] == killed_at
   config = _digits(data_dir, **_overrides(teacher_dir))
   _assert_same(_student(config, workdir), _student(config, reference),
                rtol=1e-6, atol=1e-7)

@@ -1,4 +1,6 @@
-"""End to end on real data (sklearn digits): pipeline, report, resume, fallbacks, NaN."""
+"""End to end on real data (sklearn digits): pipeline, report, SIGKILL resume, NaN.
+
+The other resume faults are in test_resume.py."""
 
 import json
 import os
@@ -77,45 +79,6 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
-def _corrupt(step_dir):
-  """Overwrites every data file of a checkpoint step with garbage of the same size."""
-  for root, _, files in os.walk(step_dir):
-    for name in files:
-      path = os.path.join(root, name)
-      size = os.path.getsize(path)
-      with open(path, "wb") as f:
-        f.write(b"\x13" * max(size, 1))
-
-
-def test_corrupt_newest_checkpoint_falls_back_with_a_warning(
-    digits_config, tmp_path, caplog):
-  digits_config.mode = "teacher"
-  digits_config.teacher.train.num_steps = 6
-  digits_config.checkpoint.keep = 3
-  modes.run(digits_config, str(tmp_path))
-  ckpt_dir = tmp_path / "checkpoints"
-  assert sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) == [2, 4, 6]
-  _corrupt(ckpt_dir / "6")
-  os.remove(tmp_path / train.RUN_FILE)
-  digits_config.teacher.train.num_steps = 8  # Continue past the corrupt one.
-  with caplog.at_level("INFO"):
-    modes.run(digits_config, str(tmp_path))
-  assert any("step 6" in r.getMessage() and "unreadable" in r.getMessage()
-             for r in caplog.records)
-  assert any("Resumed teacher from step 4" in r.getMessage()
-             for r in caplog.records)
-
-
-def test_workdir_of_another_model_is_refused(digits_config, tmp_path):
-  digits_config.mode = "teacher"
-  modes.run(digits_config, str(tmp_path))
-  os.remove(tmp_path / train.RUN_FILE)
-  digits_config.teacher.model.dense_features = 64
-  with pytest.raises(checkpoint.CheckpointMismatchError,
-                     match="holds a checkpoint of a different run"):
-    modes.run(digits_config, str(tmp_path))
-
-
 def _main_command(workdir, num_steps):
   return [sys.executable, "-m", "kdjax.main", "--config=configs/digits.py:tiny",
           f"--workdir={workdir}", "--config.mode=teacher",
@@ -152,6 +115,8 @@ def test_killed_run_resumes_to_the_same_parameters(data_dir, tmp_path):
                  check=True, capture_output=True)
   subprocess.run(_main_command(reference, num_steps), cwd=REPO, env=env,
                  check=True, capture_output=True)
+  with open(interrupted / train.RUN_FILE) as f:  # Resumed, not restarted.
+    assert json.load(f)["resumed_from_step"] == killed_at
   import digits
   config = digits.get_config("tiny")
   resumed = _params(config, "teacher", str(interrupted))
