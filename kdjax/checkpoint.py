@@ -394,14 +394,15 @@ def check_structure(found_tree, expected_tree, *, found_optimizer: str,
       continue
     missing, extra = sorted(set(b) - set(a)), sorted(set(a) - set(b))
     changed = sorted(p for p in set(a) & set(b) if a[p] != b[p])
-    details = [f"{p}: checkpoint has {a[p][0]} {a[p][1]}, this run builds "
-               f"{b[p][0]} {b[p][1]}" for p in changed[:3]]
+    inner = lambda p: p.split("/", 1)[-1]
+    listed = lambda paths: ", ".join(inner(p) for p in paths[:3]) + (
+        f" (+{len(paths) - 3} more)" if len(paths) > 3 else "")
+    details = [f"{inner(p)}: checkpoint has {a[p][0]} {a[p][1]}, this run "
+               f"builds {b[p][0]} {b[p][1]}" for p in changed[:3]]
     if extra:
-      details.append(f"only in the checkpoint: {', '.join(extra[:3])}"
-                     + (f" (+{len(extra) - 3})" if len(extra) > 3 else ""))
+      details.append(f"only in the checkpoint: {listed(extra)}")
     if missing:
-      details.append(f"only in this run: {', '.join(missing[:3])}"
-                     + (f" (+{len(missing) - 3})" if len(missing) > 3 else ""))
+      details.append(f"only in this run: {listed(missing)}")
     problems.append(f"{part}: " + "; ".join(details))
   raise CheckpointMismatchError(
       f"The checkpoint in {directory} was written by a different run: "

@@ -118,28 +118,29 @@ def test_gcs_workdir_end_to_end(fake_gcs, digits_config, caplog):
   assert checkpoint.params_bytes(teacher) > 0
 
   # 2. The same command again, after the newest checkpoint went bad: the
-  # corrupt step is set aside (a rename on the bucket) and training resumes
-  # from the one before, appending to metrics.jsonl.
+  # damaged step is set aside (a rename on the bucket) and training resumes
+  # from the one before, appending to metrics.jsonl. checkpoint.keep may
+  # change on a resume; keeping 2 shows Orbax's GCS deleter at work.
   for f in (local / "teacher" / "checkpoints" / "6").rglob("*"):
     if f.is_file():
       f.write_bytes(b"\x13" * max(f.stat().st_size, 1))
   storage.remove(teacher + "/run.json")
-  config.teacher.train.num_steps = 8
+  config.checkpoint.keep = 2
   with caplog.at_level("INFO"):
     modes.run(config, teacher)
   messages = [r.getMessage() for r in caplog.records]
-  assert any("step 6" in m and "unreadable" in m for m in messages), messages
+  assert any("step 6" in m and "damaged" in m for m in messages), messages
   assert any("Resumed teacher from step 4" in m for m in messages), messages
   names = os.listdir(local / "teacher" / "checkpoints")
   assert any(n.startswith("6.unreadable-") for n in names), names
-  assert {"4", "6", "8"} <= set(names)
-  assert "2" not in names  # checkpoint.keep=3: Orbax's GCS deleter ran.
+  assert {"4", "6"} <= set(names)
+  assert "2" not in names  # checkpoint.keep=2: Orbax's GCS deleter ran.
   records = metrics_writer.read_metrics(teacher)
   assert [r["step"] for r in records if r["split"] == "train"] == [
-      2, 4, 6, 6, 8]  # The first run's lines, then the resumed run's.
+      2, 4, 6, 6]  # The first run's lines, then the resumed run's.
   assert len(os.listdir(local / "teacher" / "tensorboard")) == 2
-  assert json.loads((local / "teacher" / "run.json").read_text())[
-      "steps"] == 8
+  summary = json.loads((local / "teacher" / "run.json").read_text())
+  assert summary["steps"] == 6 and summary["resumed_from_step"] == 4
 
   # 3. The report of the workdir, written to the bucket.
   config.mode = "evaluate"
