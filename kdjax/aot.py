@@ -31,15 +31,17 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from kdjax import errors
+
 GIB = 1024 ** 3
 MIB = 1024 ** 2
 
 
-class AotError(RuntimeError):
+class AotError(errors.KdjaxError, RuntimeError):
   """The check could not run (e.g. no libtpu); the message says what to do."""
 
 
-class AotDoesNotFitError(RuntimeError):
+class AotDoesNotFitError(errors.KdjaxError, RuntimeError):
   """A step would not fit in the chip's memory; the message holds the table."""
 
 

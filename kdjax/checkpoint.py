@@ -28,22 +28,22 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from kdjax import storage
+from kdjax import errors, storage
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.KdjaxError, ValueError):
   """A checkpoint was written by another run (model, optimizer, config) than
   this one. Every checkpoint is left in place."""
 
 
-class UnreadableCheckpointError(RuntimeError):
+class UnreadableCheckpointError(errors.KdjaxError, RuntimeError):
   """Checkpoints exist but none can be restored (every one is damaged, or a
   storage error persisted). Nothing was set aside or overwritten."""
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(errors.KdjaxError, RuntimeError):
   """Writing a checkpoint failed (e.g. the disk is full). The checkpoints
   written before it are intact."""
 

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from kdjax import checkpoint, models, objectives, parallel, storage
+from kdjax import checkpoint, errors, models, objectives, parallel, storage
 from kdjax.objectives import HARD_LABEL_SOURCES
 
 MODES = ("teacher", "scratch", "distill", "evaluate", "pipeline", "aot_check",
@@ -20,7 +20,7 @@ MODES = ("teacher", "scratch", "distill", "evaluate", "pipeline", "aot_check",
 ROLES = ("teacher", "student")
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.KdjaxError, ValueError):
   """A config field holds a value kdjax cannot run with."""
 
 

@@ -30,6 +30,8 @@ from typing import Mapping
 import jax
 from absl import logging
 
+from kdjax import errors
+
 ENV_ADDRESS = "KDJAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "KDJAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "KDJAX_PROCESS_ID"
@@ -42,7 +44,7 @@ _TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063",
                     "0x006f", "0x0076")
 
 
-class DistributedInitError(RuntimeError):
+class DistributedInitError(errors.KdjaxError, RuntimeError):
   """The distributed runtime could not start; the message says what to change."""
 
 

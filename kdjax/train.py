@@ -21,14 +21,14 @@ from kdjax import checkpoint, features, objectives, optim, parallel, step
 from kdjax import config as config_lib
 from kdjax import preemption
 from kdjax import pretrained, prompt, resume, tasks
-from kdjax import storage, teacher_cache
+from kdjax import errors, storage, teacher_cache
 from kdjax.data import pipeline
 from kdjax.metrics_writer import MetricsWriter
 
 RUN_FILE = "run.json"
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.KdjaxError, FloatingPointError):
   """The training loss became NaN or Inf."""
 
 

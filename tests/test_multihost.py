@@ -283,7 +283,8 @@ def test_unreachable_coordinator_fails_fast_with_what_to_check(data_dir,
       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   elapsed = time.time() - start
   assert result.returncode != 0
-  assert "DistributedInitError" in result.stderr
+  assert "kdjax: error: Could not reach" in result.stderr
+  assert "Traceback" not in result.stderr
   assert (f"Could not reach the coordinator 127.0.0.1:{port} (process 1 of "
           "2) within 3s") in result.stderr
   assert "Check that: process 0 is running" in result.stderr

@@ -16,6 +16,7 @@ import struct
 import numpy as np
 import tensorflow_datasets as tfds
 
+from kdjax import errors
 from kdjax.data import text
 
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
@@ -27,7 +28,7 @@ FASHION_MNIST_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle boot")
 
 
-class DatasetMissingError(FileNotFoundError):
+class DatasetMissingError(errors.KdjaxError, FileNotFoundError):
   """The raw files of a dataset are not where the config says."""
 
 

@@ -39,13 +39,25 @@ def get_source(data_config, split: str):
   except Exception as e:  # tfds raises several types for a missing dataset.
     raise builders.DatasetMissingError(
         f"Could not open tfds dataset {data_config.name!r} split {split!r} in "
-        f"data dir {data_dir!r}: {e}. Prepare it there (tfds build, "
-        f"array_record format) or use one of the shipped builders: "
+        f"data dir {data_dir!r}: {_one_line(e)} Prepare it there (tfds "
+        f"build, array_record format) or use one of the shipped builders: "
         f"{sorted(builders.SHIPPED_BUILDERS)}.") from e
   if data_config.get("cache_in_memory", False):
     return InMemorySource(source, keys=(data_config.input_key,
                                         data_config.label_key))
   return source
+
+
+def _one_line(e: Exception) -> str:
+  """tfds' error in one line: its first line and its 'Did you mean' hint.
+
+  (Between them tfds lists every registered dataset: hundreds of lines.)
+  """
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  kept = lines[:1] + [line for line in lines[1:]
+                      if line.startswith("Did you mean")]
+  text = " ".join(kept) or type(e).__name__
+  return text if text.endswith((".", "?")) else text + "."
 
 
 class InMemorySource:

