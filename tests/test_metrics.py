@@ -1,0 +1,190 @@
+"""Evaluation metrics against hand-written numpy references, values not ranges.
+
+`evaluate.classification_metrics` (after `evaluate.predict_logits`, which pads
+the last batch) and `lm_eval.token_metrics` (padded rows, masked tokens) on
+hand-built logits: the models here are identities that return their inputs as
+logits. The references are written out below in float64 numpy; sklearn, which
+the report itself uses, is deliberately not one of them.
+"""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from kdjax import evaluate, lm_eval, parallel
+from kdjax.objectives import ModelOutputs
+
+
+def _identity_apply(params, inputs, train, dropout_rng, capture_features=False):
+  """A 'model' whose logits are its inputs (params unused)."""
+  del params, train, dropout_rng, capture_features
+  return ModelOutputs(inputs)
+
+
+def _student_apply(params, inputs, train, dropout_rng, capture_features=False):
+  """inputs [..., 2, V]: the student's logits are [..., 0, :]."""
+  del params, train, dropout_rng, capture_features
+  return ModelOutputs(inputs[..., 0, :])
+
+
+def _teacher_apply(params, inputs, train, dropout_rng, capture_features=False):
+  """inputs [..., 2, V]: the teacher's logits are [..., 1, :]."""
+  del params, train, dropout_rng, capture_features
+  return ModelOutputs(inputs[..., 1, :])
+
+
+def _log_softmax(x):
+  x = np.asarray(x, np.float64)
+  out = np.empty_like(x)
+  for index in np.ndindex(x.shape[:-1]):  # Row by row, the textbook way.
+    row = x[index]
+    m = max(row)
+    out[index] = [v - m - math.log(sum(math.exp(u - m) for u in row))
+                  for v in row]
+  return out
+
+
+def _reference_classification(logits, labels, teacher_logits):
+  """Accuracy, macro P/R/F1 over the classes seen in labels or predictions
+  (0 where a ratio is 0/0), agreement and mean KL(teacher || student)."""
+  predictions = [int(np.argmax(row)) for row in logits]
+  labels = [int(x) for x in labels]
+  n = len(labels)
+  classes = sorted(set(labels) | set(predictions))
+  precision, recall, f1 = [], [], []
+  for c in classes:
+    tp = sum(p == c and y == c for p, y in zip(predictions, labels))
+    fp = sum(p == c and y != c for p, y in zip(predictions, labels))
+    fn = sum(p != c and y == c for p, y in zip(predictions, labels))
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    precision.append(p)
+    recall.append(r)
+    f1.append(2 * p * r / (p + r) if p + r else 0.0)
+  teacher_predictions = [int(np.argmax(row)) for row in teacher_logits]
+  log_p, log_q = _log_softmax(teacher_logits), _log_softmax(logits)
+  kl = [sum(math.exp(a) * (a - b) for a, b in zip(lp, lq))
+        for lp, lq in zip(log_p, log_q)]
+  return {
+      "accuracy": sum(p == y for p, y in zip(predictions, labels)) / n,
+      "precision_macro": sum(precision) / len(classes),
+      "recall_macro": sum(recall) / len(classes),
+      "f1_macro": sum(f1) / len(classes),
+      "agreement_with_teacher": sum(
+          p == t for p, t in zip(predictions, teacher_predictions)) / n,
+      "kl_to_teacher": sum(kl) / n,
+  }
+
+
+def test_classification_metrics_by_hand():
+  """Six examples, three classes (+ a class never seen), worked out on paper.
+
+  predictions 0 0 1 2 2 2, labels 0 1 1 1 2 0:
+    class 0: tp 1, fp 1, fn 1 -> P 1/2, R 1/2, F1 1/2
+    class 1: tp 1, fp 0, fn 2 -> P 1,   R 1/3, F1 1/2
+    class 2: tp 1, fp 2, fn 0 -> P 1/3, R 1,   F1 1/2
+  class 3 is neither a label nor a prediction, so it does not count.
+  """
+  logits = np.full((6, 4), -2.0, np.float32)
+  for i, c in enumerate([0, 0, 1, 2, 2, 2]):
+    logits[i, c] = 1.0
+  labels = np.array([0, 1, 1, 1, 2, 0])
+  # The teacher agrees on rows 0, 2, 4 and puts row i's logits elsewhere.
+  teacher = np.roll(logits, 1, axis=-1)
+  teacher[[0, 2, 4]] = logits[[0, 2, 4]]
+  result = evaluate.classification_metrics(logits, labels, teacher)
+  # Each disagreeing row: p = softmax(teacher) puts e/(e + 3e^-2) on c+1,
+  # q on c; KL = sum p (log p - log q) = (a - b)(p_hi - p_lo) with a - b = 3.
+  e_hi, e_lo = math.exp(1.0), math.exp(-2.0)
+  p_hi, p_lo = e_hi / (e_hi + 3 * e_lo), e_lo / (e_hi + 3 * e_lo)
+  expected = {"accuracy": 3 / 6,
+              "precision_macro": (1 / 2 + 1 + 1 / 3) / 3,
+              "recall_macro": (1 / 2 + 1 / 3 + 1) / 3,
+              "f1_macro": 1 / 2,
+              "agreement_with_teacher": 3 / 6,
+              "kl_to_teacher": 3 / 6 * 3 * (p_hi - p_lo)}
+  assert result.keys() == expected.keys()
+  for key, value in expected.items():
+    assert result[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+  assert evaluate.classification_metrics(logits, labels, brief=True) == {
+      "accuracy": 0.5}
+  # A class that is a label but never predicted: precision 0 (not 0/0).
+  result = evaluate.classification_metrics(logits[:2], np.array([1, 1]))
+  assert result["precision_macro"] == 0.0 and result["recall_macro"] == 0.0
+
+
+@pytest.mark.parametrize("n,batch_size", [(13, 1024), (13, 8), (16, 8)])
+def test_predict_logits_then_metrics_match_reference(n, batch_size):
+  """Data-parallel prediction over 8 devices (last batch padded with zero
+  rows, which must not reach the metrics), then every metric's value."""
+  rng = np.random.default_rng(n + batch_size)
+  num_classes = 5
+  inputs = rng.normal(size=(n, num_classes)).astype(np.float32) * 2.0
+  labels = np.argmax(inputs + rng.normal(size=inputs.shape) * 2.0, -1)
+  teacher_logits = (inputs + rng.normal(size=inputs.shape) * 1.5).astype(
+      np.float32)
+  mesh = parallel.make_mesh()
+  logits = evaluate.predict_logits(_identity_apply, {}, inputs, mesh,
+                                   batch_size=batch_size)
+  np.testing.assert_array_equal(logits, inputs)
+  result = evaluate.classification_metrics(logits, labels, teacher_logits)
+  expected = _reference_classification(inputs, labels, teacher_logits)
+  assert result.keys() == expected.keys()
+  for key, value in expected.items():
+    assert result[key] == pytest.approx(value, rel=1e-6), key
+  assert 0 < expected["kl_to_teacher"]
+  assert 0 < expected["f1_macro"] < 1 and 0 < expected["accuracy"] < 1
+
+
+def test_token_metrics_match_reference():
+  """11 sequences (batches of 8 on 8 devices: the second padded with 5 zero
+  rows), masked tokens whose labels would change every metric."""
+  rng = np.random.default_rng(0)
+  rows, length, vocab = 11, 6, 7
+  student = rng.normal(size=(rows, length, vocab)) * 2.0
+  teacher = student + rng.normal(size=student.shape) * 1.5
+  labels = rng.integers(0, vocab, (rows, length)).astype(np.int32)
+  mask = (rng.random((rows, length)) < 0.7).astype(np.float32)
+  mask[3] = 0.0  # A whole row masked.
+  # On masked tokens: labels the student finds very unlikely, and the
+  # teacher far from the student; counted, they would move every metric.
+  for r, t in zip(*np.nonzero(mask == 0)):
+    labels[r, t] = np.argmin(student[r, t])
+    teacher[r, t] = -teacher[r, t] * 5.0
+  arrays = {"inputs": np.stack([student, teacher], axis=-2).astype(np.float32),
+            "labels": labels, "mask": mask}
+  mesh = parallel.make_mesh()
+  result = lm_eval.token_metrics(_student_apply, {}, arrays, mesh,
+                                 teacher_apply=_teacher_apply,
+                                 teacher_params={}, batch_size=8)
+
+  s = arrays["inputs"][..., 0, :].astype(np.float64)
+  t = arrays["inputs"][..., 1, :].astype(np.float64)
+  log_q, log_p = _log_softmax(s), _log_softmax(t)
+  nll, correct, agree, kl, count = 0.0, 0, 0, 0.0, 0
+  for r in range(rows):
+    for i in range(length):
+      if not mask[r, i]:
+        continue
+      count += 1
+      nll -= log_q[r, i, labels[r, i]]
+      correct += int(np.argmax(s[r, i]) == labels[r, i])
+      agree += int(np.argmax(s[r, i]) == np.argmax(t[r, i]))
+      kl += float(np.sum(np.exp(log_p[r, i]) * (log_p[r, i] - log_q[r, i])))
+  expected = {"perplexity": math.exp(nll / count), "nll": nll / count,
+              "accuracy": correct / count, "tokens": count,
+              "kl_to_teacher": kl / count,
+              "agreement_with_teacher": agree / count}
+  assert result.keys() == expected.keys()
+  assert result["tokens"] == count == int(mask.sum())
+  for key, value in expected.items():
+    assert result[key] == pytest.approx(value, rel=2e-6), key
+  assert 0 < expected["accuracy"] < 1 and 0 < expected["agreement_with_teacher"] < 1
+
+  # Without a teacher: the student's own metrics only, the same values.
+  alone = lm_eval.token_metrics(_student_apply, {}, arrays, mesh, batch_size=8)
+  assert alone.keys() == {"perplexity", "nll", "accuracy", "tokens"}
+  for key in alone:
+    assert alone[key] == pytest.approx(expected[key], rel=2e-6), key
