@@ -28,7 +28,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from kdjax import errors, storage
+from kdjax import distributed, errors, storage
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -226,7 +226,7 @@ class Checkpointer:
     target = f"{source}.unreadable-{stamp}"
     if jax.process_index() == 0 and storage.is_dir(source):
       storage.rename(source, target)
-    _barrier(f"kdjax_set_aside_{step}")
+    distributed.barrier(f"kdjax_set_aside_{step}")
     self._manager.reload()
     return target
 
@@ -439,10 +439,6 @@ def _placed_where_unsharded(tree):
       lambda x: x if getattr(x, "sharding", None) is not None else
       jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), tree)
 
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
 
 
 def _checkpoints_of(workdir_or_checkpoints: str) -> str:

@@ -29,6 +29,7 @@ from typing import Mapping
 
 import jax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from kdjax import errors
 
@@ -241,3 +242,9 @@ def initialize(config) -> bool:
                "devices.", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   return True
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (no-op alone)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

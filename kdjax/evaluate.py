@@ -21,6 +21,7 @@ from sklearn import metrics as skmetrics
 
 from kdjax import checkpoint, parallel, step, storage
 from kdjax import config as config_lib
+from kdjax import params as params_lib
 from kdjax.data import pipeline
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
@@ -136,9 +137,6 @@ def _run_json(run_dir: str) -> dict[str, Any]:
   return storage.read_json(storage.join(run_dir, "run.json"), default={})
 
 
-def num_params(params) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
 
 def group_key(run: dict) -> str:
   """'distill (full data)', 'distill[jsd] (3% of data)', 'scratch (...)'."""
@@ -162,9 +160,9 @@ def write_report(config, workdir: str) -> dict[str, Any]:
                                   mesh)
   teacher_entry = {
       **classification_metrics(teacher_logits, labels),
-      "num_params": num_params(teacher_params),
+      "num_params": params_lib.count(teacher_params),
       "num_trainable_params": _run_json(teacher_path).get(
-          "num_trainable_params", num_params(teacher_params)),
+          "num_trainable_params", params_lib.count(teacher_params)),
       "checkpoint_bytes": checkpoint.params_bytes(teacher_path),
       "inference_examples_per_second": inference_examples_per_second(
           teacher_apply, teacher_params, data["inputs"]),
@@ -190,9 +188,9 @@ def write_report(config, workdir: str) -> dict[str, Any]:
         "train_fraction": run["train_fraction"], "objective": run["objective"],
         **classification_metrics(logits, labels, teacher_logits),
         "model": run.get("model", {}).get("name", ""),
-        "num_params": num_params(params),
+        "num_params": params_lib.count(params),
         "num_trainable_params": run.get("num_trainable_params",
-                                        num_params(params)),
+                                        params_lib.count(params)),
         "checkpoint_bytes": checkpoint.params_bytes(run_dir),
         "inference_examples_per_second": speeds[arch], "arch": arch,
         "run_dir": storage.relpath(run_dir, workdir)})

@@ -25,11 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from kdjax import checkpoint, evaluate, generate, parallel, pretrained, step
-from kdjax import storage
+from kdjax import distributed, storage
 from kdjax import config as config_lib
+from kdjax import params as params_lib
 from kdjax.data import lm as lm_data
 from kdjax.models import llama as llama_lib
 
@@ -150,7 +150,7 @@ def write_lm_report(config, workdir: str) -> dict[str, Any]:
   teacher_entry = {
       **token_metrics(teacher_apply, teacher_params, arrays, mesh,
                       batch_size=eval_batch),
-      "num_params": evaluate.num_params(teacher_params),
+      "num_params": params_lib.count(teacher_params),
       "num_non_embedding_params":
           pretrained.count_non_embedding_params(teacher_params),
       "generation_tokens_per_second": generation_speed(
@@ -178,7 +178,7 @@ def write_lm_report(config, workdir: str) -> dict[str, Any]:
         **token_metrics(evaluate.cached_apply_fn(model), params, arrays, mesh,
                         teacher_apply=teacher_apply,
                         teacher_params=teacher_params, batch_size=eval_batch),
-        "num_params": evaluate.num_params(params),
+        "num_params": params_lib.count(params),
         "num_non_embedding_params":
             pretrained.count_non_embedding_params(params),
         "init_from": run.get("init_from", ""),
@@ -210,7 +210,7 @@ def write_lm_report(config, workdir: str) -> dict[str, Any]:
     storage.write_text(storage.join(workdir, REPORT_MD), render_markdown(report))
     _write_png(report, workdir)
     logging.info("Report written to %s", storage.join(workdir, REPORT_MD))
-  multihost_utils.sync_global_devices("lm_report")
+  distributed.barrier("lm_report")
   return report
 
 

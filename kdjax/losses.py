@@ -1,6 +1,6 @@
 """Distillation and task losses: pure functions on logits.
 
-Conventions (written down once, see DESIGN.md):
+Conventions (written down once, here):
   * Every function returns UNREDUCED float32 values, one per example (or per
     token): shape ``logits.shape[:-1]``. Masking and the global normalisation
     happen in the step, which knows the global count of valid examples/tokens.

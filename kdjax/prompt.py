@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -54,6 +53,9 @@ import optax
 from etils import epath
 from flax import serialization
 from flax import traverse_util
+
+from kdjax import params as params_lib
+from kdjax import storage
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 PROMPT_PATH = ("prompt", "embedding")
@@ -210,13 +212,6 @@ def merge(trainable: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]:
   return traverse_util.unflatten_dict(flat)
 
 
-def count_params(params: Any, mask: Any | None = None) -> int:
-  """Number of parameters (only the trainable ones if a mask is given)."""
-  sizes = jax.tree.map(lambda p: int(np.size(p)), params)
-  if mask is not None:
-    sizes = jax.tree.map(lambda s, m: s if m else 0, sizes, mask)
-  return int(sum(jax.tree.leaves(sizes)))
-
 
 
 # --- Initialisation from the config ----------------------------------------
@@ -301,16 +296,14 @@ def export_trainable(workdir: str, params: dict[str, Any],
   note = {"init_from": init_from, "model": meta.get("model"),
           "seed": meta.get("seed"), "role": meta.get("role"),
           "variant": meta.get("variant", ""),
-          "num_params": count_params(trained),
+          "num_params": params_lib.count(trained),
           "frozen_sha256": fingerprint(frozen)}
   blob = serialization.msgpack_serialize({
       "format": EXPORT_FORMAT, "note": json.dumps(note, sort_keys=True),
       "params": jax.device_get(trained)})
-  path = epath.Path(workdir) / EXPORT_FILE  # Local or gs:// (etils.epath).
-  tmp = path.with_name(EXPORT_FILE + ".tmp")
-  tmp.write_bytes(blob)
-  tmp.replace(path)  # Never a half-written export.
-  return os.fspath(path)
+  path = storage.join(workdir, EXPORT_FILE)  # Local or gs://.
+  storage.write_bytes(path, blob)  # Never a half-written export.
+  return path
 
 
 def read_export(path: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -76,8 +76,8 @@ def generate_text(config, workdir: str) -> dict:
                               max_new_tokens=new_tokens, sampling=sampling,
                               rng=rng)
       windows = np.concatenate([prompts[start:start + batch], new], axis=1)
-      np.save(part + ".tmp.npy", windows.astype(np.int32))
-      os.replace(part + ".tmp.npy", part)
+      with storage.atomic_path(part) as tmp, open(tmp, "wb") as f:
+        np.save(f, windows.astype(np.int32))
       done = min(start + batch, num)
       elapsed = time.time() - start_time
       logging.info("generate_text: %d/%d sequences, %.1f new tokens/s", done,
@@ -97,8 +97,9 @@ def generate_text(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     storage.write_text(os.path.join(out_dir, "samples.txt"), samples + "\n")
     storage.write_json(os.path.join(out_dir, "meta.json"), meta)
-    np.save(windows_path(workdir) + ".tmp.npy", windows)
-    os.replace(windows_path(workdir) + ".tmp.npy", windows_path(workdir))
+    with storage.atomic_path(windows_path(workdir)) as tmp, open(tmp,
+                                                                  "wb") as f:
+      np.save(f, windows)
   logging.info("Teacher text: %d windows in %s", num, out_dir)
   return meta
 

@@ -12,6 +12,7 @@ os.path.abspath on a URL, which would turn gs://b/x into ./gs:/b/x.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -100,27 +101,41 @@ def read_text(path: str) -> str:
   return epath.Path(path).read_text()
 
 
-def write_bytes(path: str, data: bytes) -> None:
-  """Writes a whole file. Local: via a temporary file, so it appears complete.
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+  """A local temporary path to write `path` through; it appears complete or
+  not at all (the one atomic-write helper).
 
-  Object stores show an object only once its upload has finished, so a
-  remote write is already all-or-nothing.
+  Local: the temporary file sits beside the target, is fsynced and renamed
+  over it. Remote: it is written locally, then uploaded in one piece (object
+  stores show an object only once its upload has finished).
   """
-  target = epath.Path(path)
-  if is_remote(path):  # No directories to make (gcsfs may check the bucket).
-    target.write_bytes(data)
-    return
-  target.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.fspath(target.parent),
-                             prefix=f".{target.name}.")
+  remote = is_remote(path)
+  directory = tempfile.gettempdir() if remote else os.path.dirname(
+      os.path.abspath(path))
+  if not remote:
+    os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory,
+                             prefix=f".{posixpath.basename(path)}.")
+  os.close(fd)
   try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
+    yield tmp
+    if remote:
+      with open(tmp, "rb") as f:
+        epath.Path(path).write_bytes(f.read())
+    else:
+      with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
+  finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-    raise
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes a whole file atomically (local or remote)."""
+  with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    f.write(data)
 
 
 def write_text(path: str, text: str) -> None:

@@ -1,6 +1,6 @@
 """Cached teacher outputs: run the frozen teacher once, distill from its top k.
 
-Why: the teacher's forward pass is most of a distillation step (DESIGN.md),
+Why: the teacher's forward pass is most of a distillation step,
 and the student needs only the top of the teacher's distribution. A full
 distribution is too large to keep at LM vocabularies (49,152 floats per
 token), so the cache keeps, per token (language models) or per example
@@ -59,7 +59,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 from typing import Any, Sequence
 
@@ -75,7 +74,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from kdjax import config as config_lib
-from kdjax import losses, objectives, parallel, storage
+from kdjax import distributed, losses, objectives, parallel, storage
 from kdjax.data import pipeline
 from kdjax.objectives import ModelOutputs
 
@@ -405,26 +404,13 @@ def _json_roundtrip(value):
 
 
 def _write_shard(path: str, records: list[bytes]) -> None:
-  """Writes an array_record file atomically: temp file, then rename."""
+  """Writes an array_record file atomically (storage.atomic_path)."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  local = not storage.is_remote(path)
-  directory = os.path.dirname(path) if local else tempfile.gettempdir()
-  fd, tmp = tempfile.mkstemp(dir=directory,
-                             prefix=f".{os.path.basename(path)}.tmp")
-  os.close(fd)
-  try:
+  with storage.atomic_path(path) as tmp:
     writer = array_record_module.ArrayRecordWriter(tmp, WRITER_OPTIONS)
     for r in records:
       writer.write(r)
     writer.close()
-    if local:
-      os.replace(tmp, path)
-    else:
-      with open(tmp, "rb") as f:
-        storage.write_bytes(path, f.read())
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def _shard_complete(path: str, expected_records: int) -> bool:
@@ -484,7 +470,7 @@ def build(config, workdir: str) -> dict[str, Any]:
     storage.write_bytes(storage.join(directory, INDICES_FILE),
                         _npy_bytes(rows_all))
     storage.write_json(storage.join(directory, MANIFEST), manifest)
-  _barrier("kdjax_teacher_cache_start")
+  distributed.barrier("kdjax_teacher_cache_start")
 
   mesh = parallel.make_mesh()
   batch = int(s["batch_size"] or config.student.train.batch_size)
@@ -544,7 +530,7 @@ def build(config, workdir: str) -> dict[str, Any]:
       logging.info("teacher cache: shard %d/%d written (%d records, %.1f "
                    "records/s)", index + 1, num_shards, len(mine),
                    computed / max(time.time() - start, 1e-9))
-  _barrier("kdjax_teacher_cache_end")
+  distributed.barrier("kdjax_teacher_cache_end")
 
   shards = [shard_name(i, num_shards) for i in range(num_shards)]
   total = sum(storage.file_size(storage.join(directory, f)) for f in shards)
@@ -565,10 +551,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
   np.save(buffer, array)
   return buffer.getvalue()
 
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
 
 
 # ----------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -22,6 +21,7 @@ from kdjax import config as config_lib
 from kdjax import preemption
 from kdjax import pretrained, prompt, resume, tasks
 from kdjax import errors, storage, teacher_cache
+from kdjax import params as params_lib
 from kdjax.data import pipeline
 from kdjax.metrics_writer import MetricsWriter
 
@@ -96,9 +96,6 @@ def trainable_mask(params, trainable, field: str):
     raise config_lib.ConfigError(f"config.{field}={tuple(trainable)!r}: {e}") from e
 
 
-def count_params(params: Any) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains the teacher or a student as config.mode says; returns a summary."""
@@ -161,7 +158,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           "num_classes": int(config.data.num_classes),
           "variant": config.get("variant", ""),
           "init_from": config[role].get("init_from", ""),
-          "num_trainable_params": prompt.count_params(params, mask),
+          "num_trainable_params": params_lib.count(params, mask),
           "optimizer": train_cfg.optimizer,
           "config": resume.describe_run(config)}
   ckpt = checkpoint.Checkpointer(
@@ -189,7 +186,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   eval_every = int(config.eval_every_steps or steps_per_epoch)
   log_every = int(config.log_every_steps)
   logging.info("%s: %s, %d params, %d steps (%d per epoch), objective %s",
-               mode, config[role].model.name, count_params(params), total_steps,
+               mode, config[role].model.name, params_lib.count(params), total_steps,
                steps_per_epoch, objectives.describe(objective))
 
   pending: list[dict] = []  # Device metrics since the last host check.
@@ -261,7 +258,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if mask is not None:  # Trained leaves alone (kilobytes) + backbone note.
     prompt.export_trainable(workdir, state.params, mask, meta,
                             config[role].get("init_from", ""))
-  summary = {**meta, "steps": total_steps, "num_params": count_params(params),
+  summary = {**meta, "steps": total_steps, "num_params": params_lib.count(params),
              "resumed_from_step": restored_step,
              "eval": final, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
   if jax.process_index() == 0:  # A local or gs:// workdir (kdjax.storage).

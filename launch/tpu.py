@@ -70,7 +70,7 @@ DEFAULT_PYTHON = "3.11"
 FALLBACK_JAX_VERSION = "0.10.2"  # Used only if setup.py cannot be read.
 
 # The run step preloads jemalloc when it is installed: glibc malloc maps and
-# unmaps every large temporary each step (DESIGN.md, cost notes); without
+# unmaps every large temporary each step (benchmarks/README.md); without
 # jemalloc the run goes on with the default allocator.
 JEMALLOC_PATHS = (
     "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
@@ -263,8 +263,8 @@ def _aot_available() -> bool:
 def check_command(a) -> Optional[list[str]]:
   """The local AOT-compile check run before `create`, or None to skip it.
 
-  Skipped with --skip-check, without --config, or while kdjax.aot (issue 6,
-  item 7) does not exist. Otherwise: `python -m kdjax.main --config=...
+  Skipped with --skip-check, without --config, or when this script runs
+  without the kdjax source beside it (kdjax.aot not found). Otherwise: `python -m kdjax.main --config=...
   --config.mode=aot_check --config.aot.topology=...` plus the same
   --config.* overrides the run will use, from the repository root.
   """
@@ -582,8 +582,8 @@ def preflight_check(a) -> int:
   """Hook run by `create` before any VM is paid for.
 
   Compiles the run's distillation step ahead of time for the target TPU
-  topology on this machine (kdjax.aot, issue 6 item 7) and fails when it
-  would not fit. Runs nothing when kdjax.aot is not importable, without
+  topology on this machine (kdjax.aot) and fails when it would not fit.
+  Runs nothing when kdjax.aot is not found beside this script, without
   --config, or with --skip-check. Returns the exit status (0 = go ahead).
   """
   cmd = check_command(a)

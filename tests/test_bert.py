@@ -22,6 +22,7 @@ import optax
 import pytest
 
 from kdjax import models
+from kdjax import params as params_lib
 from kdjax import prompt
 from kdjax.data import text as text_lib
 from kdjax.models import bert
@@ -141,8 +142,8 @@ def test_mask_split_merge_and_typos():
   mask = prompt.trainable_mask(params, ("prompt", "head"))
   trainable, frozen = prompt.split(params, mask)
   assert set(trainable) == {"prompt", "head"} and set(frozen) == {"encoder"}
-  assert prompt.count_params(trainable) == 3 * 16 + 16 * 2 + 2
-  assert prompt.count_params(params, mask) == prompt.count_params(trainable)
+  assert params_lib.count(trainable) == 3 * 16 + 16 * 2 + 2
+  assert params_lib.count(params, mask) == params_lib.count(trainable)
   merged = prompt.merge(trainable, frozen)
   assert jax.tree.structure(merged) == jax.tree.structure(params)
   with pytest.raises(ValueError, match="promt"):
@@ -176,7 +177,7 @@ def test_minilm_import_shapes_and_param_count(minilm_model):
                         jnp.ones((1, 4), jnp.int32))
   assert (jax.tree.map(jnp.shape, init["params"]) ==
           jax.tree.map(jnp.shape, params))
-  assert prompt.count_params(params) == MINILM_PARAMS
+  assert params_lib.count(params) == MINILM_PARAMS
   assert imported.tokenizer.encode("Hello world").tokens == [
       "[CLS]", "hello", "world", "[SEP]"]
 
@@ -225,7 +226,7 @@ def test_minilm_prompt_step_trains_prompt_only(minilm_model):
   state_shapes = [np.shape(x) for x in jax.tree.leaves(opt_state)]
   assert set(state_shapes) <= trainable_shapes | {()}
   assert (sum(int(np.prod(s)) for s in state_shapes if s) ==
-          2 * prompt.count_params(params, mask))
+          2 * params_lib.count(params, mask))
 
   batch = text_lib.tokenize(tok, ["a gorgeous, witty film", "a tedious mess"],
                             12)

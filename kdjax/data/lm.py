@@ -55,7 +55,6 @@ import importlib.util
 import json
 import os
 import re
-import tempfile
 from typing import Any, Iterable, Sequence
 
 from absl import logging
@@ -64,6 +63,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
+from kdjax import storage
 from kdjax.data import builders
 from kdjax.data import pipeline
 
@@ -464,21 +464,6 @@ def _fingerprint(data_config, split: str, source, tokenizer_sha: str) -> str:
   return hashlib.sha256(key.encode("utf-8")).hexdigest()[:20]
 
 
-def _write_atomically(path: str, write) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path),
-                             prefix=os.path.basename(path) + ".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
 
 def _read_texts(source, input_key: str, chunk: int) -> Iterable[list[str]]:
   for start in range(0, len(source), chunk):
@@ -530,9 +515,9 @@ def token_stream(data_config, split: str, *, source=None
            "tokens": int(len(tokens)), "eos_id": eos_id,
            "tokenizer_sha256": tok_sha}
   # The .json first: the .npy's presence marks a complete entry.
-  _write_atomically(base + ".json",
-                    lambda f: f.write(json.dumps(stats, indent=1).encode()))
-  _write_atomically(base + ".npy", lambda f: np.save(f, tokens))
+  storage.write_bytes(base + ".json", json.dumps(stats, indent=1).encode())
+  with storage.atomic_path(base + ".npy") as tmp, open(tmp, "wb") as f:
+    np.save(f, tokens)
   return tokens, stats
 
 
