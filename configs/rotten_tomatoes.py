@@ -51,6 +51,7 @@ import ml_collections
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fashion_mnist  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from kdjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kdjax.models.import_ import hf_bert  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -60,7 +61,7 @@ INSTRUCTION = "Is this movie review fresh or rotten?"
 
 def instruction_ids(tokenizer_dir: str, text: str = INSTRUCTION) -> tuple:
   """The instruction's word-piece ids (no [CLS]/[SEP]) for a model field."""
-  tokenizer = hf_bert.load_tokenizer(tokenizer_dir)
+  tokenizer = tokenizer_lib.load(tokenizer_dir)
   return tuple(hf_bert.word_token_ids(tokenizer, [text])[0])
 
 

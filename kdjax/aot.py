@@ -14,7 +14,8 @@ refuses (AotDoesNotFitError, with the table) a config that would not fit.
 
 The pmap backend is checked as shard_map: JAX runs pmap on the same machinery.
 Numbers are XLA's own (compiled.memory_analysis / cost_analysis); the chip
-table below is the public Cloud TPU spec (bf16 peak, nominal HBM).
+table (kdjax/tpu_chips.py) is the public Cloud TPU spec (bf16 peak, nominal
+HBM).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from kdjax import errors
+from kdjax import errors, tpu_chips
 
 GIB = 1024 ** 3
 MIB = 1024 ** 2
@@ -45,28 +46,7 @@ class AotDoesNotFitError(errors.KdjaxError, RuntimeError):
   """A step would not fit in the chip's memory; the message holds the table."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """Public per-chip numbers of a Cloud TPU generation."""
-  name: str
-  peak_flops: float  # bf16 FLOP/s per chip.
-  hbm_bytes: int  # HBM per chip.
-  hbm_bandwidth: float  # Bytes/s per chip.
-
-
-# Cloud TPU documentation, per chip. The compiler's device may be a core (v2,
-# v3, v4 without megacore) or a chip; per-device numbers divide by that.
-CHIPS = {
-    "v2": Chip("TPU v2", 45e12, 16 * GIB, 700e9),
-    "v3": Chip("TPU v3", 123e12, 32 * GIB, 900e9),
-    "v4": Chip("TPU v4", 275e12, 32 * GIB, 1200e9),
-    "v5e": Chip("TPU v5e", 197e12, 16 * GIB, 819e9),
-    "v5p": Chip("TPU v5p", 459e12, 95 * GIB, 2765e9),
-    "v6e": Chip("TPU v6e", 918e12, 32 * GIB, 1640e9),
-}
-# Compiler devices per chip for topologies named without options (measured
-# with libtpu 0.0.42: v4:2x2x1 has 8 devices, v5p:2x2x1 has 4).
-_DEVICES_PER_CHIP = {"v2": 2, "v3": 2, "v4": 2, "v5e": 1, "v5p": 1, "v6e": 1}
+CHIPS = tpu_chips.CHIPS  # Per-chip numbers, devices per chip.
 _TOPOLOGY_RE = re.compile(r"(v\d+[a-z]?):(\d+(?:x\d+){1,2})")
 
 
@@ -78,21 +58,17 @@ class Topology:
   chips: int
 
   @property
-  def chip(self) -> Chip:
+  def chip(self) -> tpu_chips.Chip:
     return CHIPS[self.generation]
 
   @property
   def devices(self) -> int:
-    return self.chips * _DEVICES_PER_CHIP[self.generation]
+    return self.chips * self.chip.devices_per_chip
 
   @property
   def accelerator_type(self) -> str:
     """The Cloud TPU type of this many chips, e.g. v5litepod-8, v4-16."""
-    if self.generation == "v5e":
-      return f"v5litepod-{self.chips}"
-    if self.generation == "v6e":
-      return f"v6e-{self.chips}"
-    return f"{self.generation}-{self.chips * 2}"  # v2-v5p count cores.
+    return tpu_chips.accelerator_type(self.generation, self.chips)
 
 
 def parse_topology(name: str) -> Topology:

@@ -56,6 +56,7 @@ from flax import traverse_util
 
 from kdjax import params as params_lib
 from kdjax import storage
+from kdjax.data import tokenizer as tokenizer_lib
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 PROMPT_PATH = ("prompt", "embedding")
@@ -250,7 +251,7 @@ def init_from_config(params: dict[str, Any], config, role: str,
         f"config.{role}.model.prompt_init={how!r} copies word embeddings of a "
         f"pretrained backbone, but config.{role}.init_from is '' (random "
         "weights); set it (e.g. 'hf_bert:') or use prompt_init='random'.")
-  tokenizer = hf_bert.load_tokenizer(backbone_dir(init_from))
+  tokenizer = tokenizer_lib.load(backbone_dir(init_from))
   table = traverse_util.flatten_dict(params)[WORD_EMBEDDINGS_PATH]
   candidates = hf_bert.ordinary_token_ids(tokenizer)
   rng = jax.random.fold_in(jax.random.key(seed), 3)

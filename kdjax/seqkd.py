@@ -28,6 +28,7 @@ from absl import logging
 from kdjax import config as config_lib
 from kdjax import generate, lm_eval, storage
 from kdjax.data import lm as lm_data
+from kdjax.data import tokenizer as tokenizer_lib
 
 SUBDIR = "teacher_text"
 WINDOWS = "windows.npy"
@@ -85,7 +86,7 @@ def generate_text(config, workdir: str) -> dict:
                    if start == 0 else done * new_tokens / max(elapsed, 1e-9))
     parts.append(np.load(part))
   windows = np.concatenate(parts)
-  tokenizer = lm_data.load_tokenizer(config.data.tokenizer_path)
+  tokenizer = tokenizer_lib.load(config.data.tokenizer_path)
   samples = "\n\n----\n\n".join(
       tokenizer.decode(w[:prompt_length].tolist()) + " >>> "
       + tokenizer.decode(w[prompt_length:].tolist()) for w in windows[:5])

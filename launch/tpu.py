@@ -51,6 +51,9 @@ import sys
 from typing import Optional, Sequence
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The chip table is kdjax's (standard library only, no jax needed here).
+sys.path.insert(0, str(REPO_ROOT))
+from kdjax import tpu_chips  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 GCLOUD = "gcloud"  # The executable; referenced only by gcloud().
 
@@ -78,34 +81,10 @@ JEMALLOC_PATHS = (
 )
 MALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
-# Default runtime (VM image) per TPU generation.
-RUNTIME_VERSIONS = {
-    "v2": "tpu-ubuntu2204-base",
-    "v3": "tpu-ubuntu2204-base",
-    "v4": "tpu-ubuntu2204-base",
-    "v5e": "v2-alpha-tpuv5-lite",
-    "v5p": "v2-alpha-tpuv5",
-    "v6e": "v2-alpha-tpuv6e",
-}
-
-# Accelerator-type prefix -> generation. v2/v3/v4/v5p types count TensorCores
-# (2 per chip, 4 chips per host); v5e/v6e types count chips (up to 8 on a
-# single host, 4 per host in multi-host slices).
-_PREFIXES = {
-    "v2": "v2",
-    "v3": "v3",
-    "v4": "v4",
-    "v5p": "v5p",
-    "v5litepod": "v5e",
-    "v6e": "v6e",
-}
-_COUNTS_CORES = ("v2", "v3", "v4", "v5p")
-
-# Chip count -> topology name for the ahead-of-time check (kdjax.aot).
-_TOPOLOGY_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8",
-                128: "8x16", 256: "16x16"}
-_TOPOLOGY_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4",
-                128: "4x4x8", 256: "4x8x8", 512: "8x8x8"}
+# Default runtime (VM image) per TPU generation, from the one chip table.
+RUNTIME_VERSIONS = {g: c.runtime_version for g, c in tpu_chips.CHIPS.items()}
+# Accelerator-type prefix -> generation (v5e types are spelled v5litepod-N).
+_PREFIXES = {c.type_prefix: g for g, c in tpu_chips.CHIPS.items()}
 
 _ENV = {
     "name": "KDJAX_TPU_NAME",
@@ -134,12 +113,12 @@ class Accelerator:
 
   @property
   def chips(self) -> int:
-    return self.size // 2 if self.generation in _COUNTS_CORES else self.size
+    return tpu_chips.chips_in_type(self.generation, self.size)
 
   @property
   def hosts(self) -> int:
     """Number of TPU VM workers (processes in a kdjax run)."""
-    if self.generation in _COUNTS_CORES:
+    if tpu_chips.CHIPS[self.generation].type_counts_cores:
       return max(1, self.chips // 4)
     return 1 if self.chips <= 8 else self.chips // 4
 
@@ -154,13 +133,7 @@ class Accelerator:
   @property
   def topology(self) -> Optional[str]:
     """Topology name for the AOT check, e.g. 'v5e:2x4', 'v4:2x2x1'."""
-    if self.generation in ("v5e", "v6e"):
-      shape = _TOPOLOGY_2D.get(self.chips)
-    elif self.generation in ("v4", "v5p"):
-      shape = _TOPOLOGY_3D.get(self.chips)
-    else:
-      shape = None
-    return f"{self.generation}:{shape}" if shape else None
+    return tpu_chips.topology(self.generation, self.chips)
 
 
 def parse_accelerator(name: str) -> Accelerator:

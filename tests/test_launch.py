@@ -605,3 +605,14 @@ def test_runs_as_a_script():
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout == ("gcloud compute tpus tpu-vm describe kd "
                          "--zone=us-west4-a\n")
+
+
+def test_launcher_and_aot_share_one_chip_table_without_jax():
+  """launch/tpu.py runs on a laptop: it imports kdjax.tpu_chips, never jax."""
+  code = ("import sys; sys.path.insert(0, 'launch'); import tpu; "
+          "from kdjax import tpu_chips; "
+          "assert tpu.tpu_chips is tpu_chips; "
+          "bad = sorted(m for m in ('jax', 'numpy', 'flax') if m in sys.modules); "
+          "assert not bad, bad")
+  _REAL_RUN([sys.executable, "-c", code], cwd=REPO, check=True,
+            env=dict(os.environ, PYTHONPATH=str(REPO)))

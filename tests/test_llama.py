@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kdjax.data import tokenizer as tokenizer_lib
 from kdjax import models
 from kdjax.models import llama
 from kdjax.models.import_ import llama as llama_import
@@ -528,7 +529,7 @@ def test_gguf_tokenizer(tmp_path):
   for pre, add_bos in (("smollm", False), ("gpt2", True)):
     path = str(tmp_path / f"{pre}.gguf")
     _write_gguf(path, fields, sd, pre=pre, add_bos=add_bos)
-    tokenizer = llama_import.load_tokenizer(path)
+    tokenizer = tokenizer_lib.load(path)
     by_pre[pre] = tokenizer.encode(text).tokens
     assert tokenizer.decode(tokenizer.encode(text).ids) == "hello 12 world"
   # smollm: every digit is its own pre-token, so the "1 2" merge never fires;
@@ -538,10 +539,10 @@ def test_gguf_tokenizer(tmp_path):
   assert by_pre["gpt2"] == ["<|im_start|>", "hello", "Ġ", "12", "Ġw", "o", "r",
                             "l", "d", "<|im_start|>"]
   # The same tokenizer saved as tokenizer.json loads from a file or a dir.
-  tokenizer = llama_import.load_tokenizer(str(tmp_path / "smollm.gguf"))
+  tokenizer = tokenizer_lib.load(str(tmp_path / "smollm.gguf"))
   tokenizer.save(str(tmp_path / "tokenizer.json"))
   for path in (str(tmp_path), str(tmp_path / "tokenizer.json")):
-    assert llama_import.load_tokenizer(path).encode(text).tokens == by_pre[
+    assert tokenizer_lib.load(path).encode(text).tokens == by_pre[
         "smollm"]
 
 

@@ -11,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 import tokenizers
 
+from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.data import builders, lm
 import word_tokenizer
 
@@ -436,7 +437,7 @@ def test_shakespeare_packs_with_minilm(shakespeare):
   config = ml_collections.ConfigDict(dict(
       config, tokenizer_path=os.path.join(hf_bert.minilm_dir(), "tokenizer.json")))
   packed = lm.packed_split(config, "validation")
-  tokenizer = lm.load_tokenizer(config.tokenizer_path)
+  tokenizer = tokenizer_lib.load(config.tokenizer_path)
   expected = []
   for text in plays["validation"].values():  # In the source's order.
     expected += tokenizer.encode(text, add_special_tokens=False).ids + [102]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import serialization
 
+from kdjax.data import tokenizer as tokenizer_lib
 from kdjax import config as config_lib
 from kdjax import prompt, train
 from kdjax.data import text as text_lib
@@ -107,7 +108,7 @@ def minilm_prompt_params():
   params = bert.with_encoder(params, jax.tree.map(jnp.asarray, imported))
   # The word embeddings straight from the safetensors file.
   table = imported["embeddings"]["word_embeddings"]["embedding"]
-  tokenizer = hf_bert.load_tokenizer(hf_bert.minilm_dir())
+  tokenizer = tokenizer_lib.load(hf_bert.minilm_dir())
   return config, params, table, tokenizer
 
 
@@ -247,7 +248,7 @@ def test_instructed_model_reads_instruction_then_review():
   """The instructed model on review ids == the plain model on the tokenised
   text '<instruction> <review>' (same params: the instruction adds none)."""
   import rotten_tomatoes  # pylint: disable=g-import-not-at-top
-  tokenizer = hf_bert.load_tokenizer(hf_bert.minilm_dir())
+  tokenizer = tokenizer_lib.load(hf_bert.minilm_dir())
   ids = rotten_tomatoes.instruction_ids(hf_bert.minilm_dir())
   assert len(ids) == 8  # is this movie review fresh or rotten ?
   reviews = ["A triumph.", "Dull, overlong and badly acted from start to end",

