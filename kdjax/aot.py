@@ -142,7 +142,7 @@ def build_step(config, mode: str, mesh, workdir: str = "") -> StepPlan:
   runs this program on CPU devices against train's own step.
   """
   from kdjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from kdjax import objectives, optim, parallel, step, train  # pylint: disable=g-import-not-at-top
+  from kdjax import objectives, optim, parallel, step, teachers, train  # pylint: disable=g-import-not-at-top
 
   role = train.role_of(mode)
   train_cfg = config[role].train
@@ -156,13 +156,9 @@ def build_step(config, mode: str, mesh, workdir: str = "") -> StepPlan:
 
   teacher_applies, teachers_params = (), ()
   if mode == "distill":
-    applies, params = [], []
-    for spec in config_lib.teacher_specs(config, workdir or "/nonexistent"):
-      teacher = config_lib.model_from_spec(spec.model)
-      applies.append(step.make_apply_fn(teacher))
-      params.append(_abstract(jax.eval_shape(
-          lambda m=teacher: train.init_params(m, config, 0)), replicated))
-    teacher_applies, teachers_params = tuple(applies), tuple(params)
+    loaded = teachers.load_all(config, workdir or "/nonexistent", abstract=True)
+    teacher_applies = tuple(step.make_apply_fn(t.model) for t in loaded)
+    teachers_params = tuple(_abstract(t.params, replicated) for t in loaded)
   objective = objectives.from_config(config, mode, total_steps=total_steps,
                                      num_teachers=len(teachers_params))
 

@@ -22,6 +22,7 @@ from sklearn import metrics as skmetrics
 from kdjax import checkpoint, parallel, step, storage
 from kdjax import config as config_lib
 from kdjax import params as params_lib
+from kdjax import teachers as teachers_lib
 from kdjax.data import pipeline
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
@@ -154,7 +155,9 @@ def write_report(config, workdir: str) -> dict[str, Any]:
   labels = data["labels"]
 
   teacher_path = config_lib.teacher_dir(config, workdir)
-  teacher_model, teacher_params = load_params(config, "teacher", teacher_path)
+  teacher = teachers_lib.load(config, config_lib.teacher_specs(config,
+                                                              workdir)[0])
+  teacher_model, teacher_params = teacher.model, teacher.params
   teacher_apply = step.make_apply_fn(teacher_model)
   teacher_logits = predict_logits(teacher_apply, teacher_params, data["inputs"],
                                   mesh)

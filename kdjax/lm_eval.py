@@ -26,10 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from kdjax import checkpoint, evaluate, generate, parallel, pretrained, step
+from kdjax import evaluate, generate, parallel, pretrained, step
 from kdjax import distributed, storage
 from kdjax import config as config_lib
 from kdjax import params as params_lib
+from kdjax import teachers as teachers_lib
 from kdjax.data import lm as lm_data
 from kdjax.models import llama as llama_lib
 
@@ -108,18 +109,10 @@ def token_metrics(apply_fn, params, arrays: dict[str, np.ndarray], mesh, *,
 
 
 def load_teacher(config, workdir: str):
-  """(model, params) of config.teacher: imported weights or its checkpoint."""
-  model = config_lib.build_model(config, "teacher")
-  from kdjax.data import pipeline  # pylint: disable=g-import-not-at-top
-  init = lambda: model.init(jax.random.key(0),
-                            pipeline.dummy_inputs(config.data))["params"]
-  if config_lib.pretrained_teacher(config):
-    return model, pretrained.load_pretrained(
-        jax.eval_shape(init), config.teacher.init_from,
-        model_fields=config_lib.model_kwargs(config, "teacher"),
-        layers=tuple(config.teacher.get("init_layers", ())), field="teacher")
-  path = config_lib.teacher_dir(config, workdir)
-  return model, checkpoint.restore_params(path, jax.eval_shape(init))
+  """(model, params) of config.teacher (kdjax.teachers)."""
+  teacher = teachers_lib.load(config,
+                              config_lib.teacher_specs(config, workdir)[0])
+  return teacher.model, teacher.params
 
 
 def generation_speed(model, params, arrays, *, batch: int, prompt_length: int,

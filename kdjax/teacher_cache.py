@@ -317,32 +317,19 @@ def _path_sha256(path: str) -> str:
 
 
 def load_teacher(config, workdir: str):
-  """(model, params, description) of config.teacher, for the manifest.
-
-  A checkpointed teacher is restored at its newest readable step, which the
-  description names with the checkpoint's meta.
-  """
-  from kdjax import checkpoint, pretrained  # pylint: disable=g-import-not-at-top
+  """(model, params, description) of config.teacher, for the manifest: the
+  description names the weights' file hash or the checkpoint step and meta."""
+  from kdjax import checkpoint, pretrained, teachers  # pylint: disable=g-import-not-at-top
   spec = config_lib.teacher_specs(config, workdir)[0]
-  model = config_lib.model_from_spec(spec.model)
-  abstract = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), pipeline.dummy_inputs(config.data))["params"])
+  teacher = teachers.load(config, spec)
+  source = dict(teacher.source)
   if spec.pretrained:
-    params = pretrained.load_pretrained(
-        abstract, spec.init_from,
-        model_fields={k: v for k, v in spec.model.items() if k != "name"},
-        layers=tuple(config.teacher.get("init_layers", ())), field=spec.field)
     path = (pretrained.llama_path(spec.init_from)
             if spec.init_from.startswith("llama:") else "")
-    return model, params, {
-        "model": spec.model, "init_from": spec.init_from,
-        "weights_sha256": _path_sha256(path) if path else ""}
-  config_lib.check_checkpoint_model(spec.model, spec.path, spec.field)
-  step = checkpoint.latest_step(spec.path)  # Never an older one instead.
-  params = checkpoint.restore_params(spec.path, abstract, step=step)
-  return model, params, {
-      "model": spec.model, "checkpoint_dir": spec.path,
-      "checkpoint_step": step, "checkpoint_meta": checkpoint.read_meta(spec.path)}
+    source["weights_sha256"] = _path_sha256(path) if path else ""
+  else:
+    source["checkpoint_meta"] = checkpoint.read_meta(spec.path)
+  return teacher.model, teacher.params, source
 
 
 def _topk_function(apply_fn, mesh, *, language_model: bool, k: int,

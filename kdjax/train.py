@@ -22,6 +22,7 @@ from kdjax import preemption
 from kdjax import pretrained, prompt, resume, tasks
 from kdjax import errors, storage, teacher_cache
 from kdjax import params as params_lib
+from kdjax import teachers as teachers_lib
 from kdjax.data import pipeline
 from kdjax.metrics_writer import MetricsWriter
 
@@ -38,29 +39,14 @@ def role_of(mode: str) -> str:
 
 def load_teachers(config: ml_collections.ConfigDict, workdir: str, mesh,
                   make_apply_fn=step.make_apply_fn):
-  """Every teacher's model and params, restored and replicated (P()) on the mesh.
+  """Every teacher's apply function and params, replicated (P()) on the mesh.
 
   Teachers are frozen: their params are placed once, never donated, never in
-  the optimizer state or the student's checkpoint. A pretrained teacher
-  (config.teacher.pretrained) is imported from config.teacher.init_from.
+  the optimizer state or the student's checkpoint (kdjax.teachers loads them).
   """
-  applies, params = [], []
-  for spec in config_lib.teacher_specs(config, workdir):
-    model = config_lib.model_from_spec(spec.model)
-    abstract = jax.eval_shape(
-        lambda m=model: m.init(jax.random.key(0), pipeline.dummy_inputs(config.data))["params"])
-    if spec.pretrained:
-      loaded = pretrained.load_pretrained(
-          abstract, spec.init_from,
-          model_fields={k: v for k, v in spec.model.items() if k != "name"},
-          layers=tuple(config.teacher.get("init_layers", ())),
-          field=spec.field)
-    else:
-      config_lib.check_checkpoint_model(spec.model, spec.path, spec.field)
-      loaded = checkpoint.restore_params(spec.path, abstract)
-    applies.append(make_apply_fn(model))
-    params.append(parallel.replicate(loaded, mesh))
-  return tuple(applies), tuple(params)
+  loaded = teachers_lib.load_all(config, workdir)
+  return (tuple(make_apply_fn(t.model) for t in loaded),
+          tuple(parallel.replicate(t.params, mesh) for t in loaded))
 
 
 def init_feature_projections(config, objective, model, teacher_applies,
