@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from kdjax import distributed, errors, storage
 
 CHECKPOINT_SUBDIR = "checkpoints"
+ITEM_NAMES = ("params", "train", "data", "meta")
 
 
 class CheckpointMismatchError(errors.KdjaxError, ValueError):
@@ -181,14 +182,12 @@ class Checkpointer:
     last call, raises CheckpointSaveError.
     """
     self.wait()  # Surfaces a background failure of the previous save.
-    train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
-             "aux_params": state.aux_params}
     try:
       saved = self._manager.save(
           step,
           args=ocp.args.Composite(
               params=ocp.args.StandardSave(state.params),
-              train=ocp.args.StandardSave(train),
+              train=ocp.args.StandardSave(_train_items(state)),
               data=grain.checkpoint.CheckpointSave(data_iterator),
               meta=ocp.args.JsonSave(meta)),
           force=True)  # The policy is should_save's, not Orbax's.
@@ -314,9 +313,6 @@ class Checkpointer:
         step=train["step"], params=restored["params"],
         opt_state=train["opt_state"], rng=train["rng"],
         aux_params=train["aux_params"])
-
-
-ITEM_NAMES = ("params", "train", "data", "meta")
 
 
 def _train_items(state, params: bool = False) -> dict[str, Any]:

@@ -123,9 +123,8 @@ def load_params(config, role: str, run_dir: str, spec=None):
   model = (config_lib.model_from_spec(
       {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
            if spec else config_lib.build_model(config, role))
-  abstract = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), pipeline.dummy_inputs(config.data))["params"])
-  return model, checkpoint.restore_params(run_dir, abstract)
+  return model, checkpoint.restore_params(
+      run_dir, params_lib.abstract(model, config.data))
 
 
 @functools.lru_cache(maxsize=16)

@@ -39,6 +39,9 @@ UNUSED_BY_MODE = {
 SCHEDULE_FIELDS = ("num_steps", "num_epochs", "batch_size", "warmup_steps",
                    "schedule", "learning_rate")
 
+# What checkpoints from before describe_run recorded (compared instead).
+LEGACY_KEYS = ("model", "role", "objective", "seed", "train_fraction")
+
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
   if isinstance(node, (dict, ml_collections.ConfigDict)):
@@ -87,7 +90,3 @@ def check_same_run(found_meta: dict[str, Any], run_meta: dict[str, Any],
         "Use another --workdir for this config, or rerun with the config "
         "that wrote it. Safe to change on a resume: "
         + ", ".join(SAFE_TO_CHANGE) + ".")
-
-
-# What checkpoints from before describe_run recorded (compared instead).
-LEGACY_KEYS = ("model", "role", "objective", "seed", "train_fraction")

@@ -12,11 +12,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 
 from kdjax import checkpoint, pretrained
 from kdjax import config as config_lib
-from kdjax.data import pipeline
+from kdjax import params as params_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,17 +26,11 @@ class Teacher:
   source: dict[str, Any]  # Model spec + checkpoint dir/step or init_from.
 
 
-def abstract_params(model, data_config) -> Any:
-  """The model's parameter shapes for this data (nothing is computed)."""
-  return jax.eval_shape(lambda: model.init(
-      jax.random.key(0), pipeline.dummy_inputs(data_config))["params"])
-
-
 def load(config, spec: config_lib.TeacherSpec, *,
          abstract: bool = False) -> Teacher:
   """One teacher (a config_lib.teacher_specs entry); shapes only if abstract."""
   model = config_lib.model_from_spec(spec.model)
-  shapes = abstract_params(model, config.data)
+  shapes = params_lib.abstract(model, config.data)
   if abstract:
     return Teacher(model, shapes, {"model": spec.model})
   if spec.pretrained:
