@@ -2,7 +2,7 @@
 import setuptools
 
 # Pinned where the API moves between releases (orbax, grain, jax); see
-# kdjax/checkpoint.py for the one module that talks to Orbax.
+# kdjax/runtime/checkpoint.py for the one module that talks to Orbax.
 INSTALL_REQUIRES = [
     "jax==0.10.2",
     "flax==0.12.8",

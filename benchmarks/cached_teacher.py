@@ -40,7 +40,8 @@ from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-pos
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from kdjax import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kdjax import metrics_writer, modes, storage  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kdjax.runtime import metrics_writer, storage  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kdjax import modes  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kdjax.data import lm  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 

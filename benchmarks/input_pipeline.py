@@ -5,7 +5,7 @@
 
 Runs the distillation step of the config (teacher in the step) in one process,
 fed by the real grain pipeline (bulk reads, in-memory cache) the way
-kdjax.train feeds it (next batch placed on the devices while the step runs)
+kdjax.run.train feeds it (next batch placed on the devices while the step runs)
 and the way it used to (host batch copied right before each step), and fed one
 batch already on the devices (no input cost: the baseline) or copied from the
 host each step. Prints a table of medians; the ratios are what matters (the
@@ -24,7 +24,8 @@ import jax
 import numpy as np
 
 from kdjax import config as config_lib
-from kdjax import objectives, optim, parallel, step, train
+from kdjax.distill import objectives, optim, parallel, step
+from kdjax.run import train
 from kdjax.data import pipeline
 
 
@@ -40,7 +41,7 @@ def _time(run_step, state, frozen, feed, steps: int, prefetch: bool
           ) -> tuple[float, float]:
   """(steps/s, process CPU ms/step) in the train loop's order: with
   `prefetch`, the next batch is fetched (and placed) right after the step is
-  dispatched, as kdjax.train does."""
+  dispatched, as kdjax.run.train does."""
   state, metrics = run_step(state, feed(), frozen)  # Compile.
   jax.block_until_ready(metrics)
   batch = feed() if prefetch else None
@@ -89,7 +90,7 @@ def main():
   # and copied right before the step); no input at all (the issue's baseline);
   # and the same host batch copied each step (the copy alone).
   cases = (
-      ("real pipeline, device prefetch (kdjax.train)",
+      ("real pipeline, device prefetch (kdjax.run.train)",
        lambda: parallel.put_batch(next(it), mesh, backend), True),
       ("real pipeline, host batch per step", lambda: next(it), False),
       ("same batch already on device (no input cost)", lambda: on_device,

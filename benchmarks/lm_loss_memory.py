@@ -5,7 +5,7 @@
         [--dtype=float32] [--no_run] [--platform=cpu]
 
 Compiles value_and_grad (w.r.t. the student's hidden states and LM head) of
-kdjax.token_loss.direct_objective and chunked_objective with jax.jit and
+kdjax.distill.token_loss.direct_objective and chunked_objective with jax.jit and
 prints XLA's buffer assignment from `compiled.memory_analysis()`: temporaries,
 arguments and outputs, and their sum as the peak (an upper bound: arguments
 and outputs are live for the whole call, temporaries are XLA's packed scratch
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kdjax import objectives, token_loss
+from kdjax.distill import objectives, token_loss
 
 MB = 1e6
 

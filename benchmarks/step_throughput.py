@@ -13,7 +13,7 @@ positions, tied embeddings, GELU MLP 4x), vocabulary 8192, sequence 256, batch
 Contenders, each in its own worker subprocess with the SAME environment
 (allocator via LD_PRELOAD, thread counts), driven in turn by this process so
 their repetitions interleave (the machine is shared; ratios come from one run):
-  kdjax fused    kdjax.step.train_step through parallel.map_over_devices on a
+  kdjax fused    kdjax.distill.step.train_step through parallel.map_over_devices on a
                  1-device mesh, objectives.distillation(alpha=0.5, T=2): the
                  path a user runs. Teacher forward inside the step.
   kdjax unfused  the teacher forward as its own jitted call whose logits come
@@ -67,7 +67,8 @@ def _batch(batch=BATCH, seq=SEQ, seed=0):
 def _kdjax_parts():
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from kdjax import models, objectives, optim  # pylint: disable=g-import-not-at-top
+  from kdjax import models  # pylint: disable=g-import-not-at-top
+  from kdjax.distill import objectives, optim  # pylint: disable=g-import-not-at-top
   teacher = models.get_model("gpt", vocab_size=VOCAB, max_length=SEQ, **TEACHER)
   student = models.get_model("gpt", vocab_size=VOCAB, max_length=SEQ, **STUDENT)
   distill = ml_collections.ConfigDict(dict(
@@ -89,8 +90,8 @@ class KdjaxWorker:
   def __init__(self, fused: bool):
     import functools  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
-    from kdjax import parallel, step  # pylint: disable=g-import-not-at-top
-    from kdjax.objectives import ModelOutputs  # pylint: disable=g-import-not-at-top
+    from kdjax.distill import parallel, step  # pylint: disable=g-import-not-at-top
+    from kdjax.distill.objectives import ModelOutputs  # pylint: disable=g-import-not-at-top
     self.jax = jax
     teacher, student, objective, tx, t_params, s_params = _kdjax_parts()
     mesh = parallel.make_mesh(jax.devices()[:1])
@@ -152,8 +153,8 @@ class KdjaxWorker:
     """Seconds of the step's two halves compiled alone: teacher forward to
     logits, and student forward + backward + KD loss given those logits."""
     import numpy as np  # pylint: disable=g-import-not-at-top
-    from kdjax import step  # pylint: disable=g-import-not-at-top
-    from kdjax.objectives import ModelOutputs  # pylint: disable=g-import-not-at-top
+    from kdjax.distill import step  # pylint: disable=g-import-not-at-top
+    from kdjax.distill.objectives import ModelOutputs  # pylint: disable=g-import-not-at-top
     jax = self.jax
     teacher, student, objective, t_params, s_params = self._parts_setup
     teacher_apply, student_apply = (step.make_apply_fn(teacher),
@@ -385,7 +386,7 @@ def check_equivalence() -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  from kdjax import step  # pylint: disable=g-import-not-at-top
+  from kdjax.distill import step  # pylint: disable=g-import-not-at-top
   teacher, student, objective, _, t_params, s_params = _kdjax_parts()
   tokens, labels = _batch(batch=2)
   t_out = step.make_apply_fn(teacher)(t_params, tokens, False, None)

@@ -63,7 +63,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.distill.temperature = 2.0  # T, dividing both models' logits.
   config.distill.hard_labels = "dataset"  # Or 'teacher' (its argmax).
   # Output-level terms; () = Hinton's (('kl', alpha), ('ce', 1 - alpha)). Else a
-  # tuple of dicts: name (kdjax.losses.OBJECTIVES or 'ce'), weight, optional
+  # tuple of dicts: name (kdjax.distill.losses.OBJECTIVES or 'ce'), weight, optional
   # weight_end + schedule (constant|linear|cosine) and the loss's options
   # (beta for jsd, lam for skew KLs, k for topk_kl).
   config.distill.terms = ()

@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fashion_mnist  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from kdjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kdjax.models.import_ import hf_bert  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kdjax.weights.importers import hf_bert  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 # The instruction of the 'instructed' teacher (preset), inserted after [CLS].

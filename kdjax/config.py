@@ -12,8 +12,11 @@ from typing import Any
 import jax
 import ml_collections
 
-from kdjax import checkpoint, errors, models, objectives, parallel, storage
-from kdjax.objectives import HARD_LABEL_SOURCES
+from kdjax.runtime import checkpoint, storage
+from kdjax.core import errors
+from kdjax import models
+from kdjax.distill import objectives, parallel
+from kdjax.distill.objectives import HARD_LABEL_SOURCES
 
 MODES = ("teacher", "scratch", "distill", "evaluate", "pipeline", "aot_check",
          "generate_text", "cache_teacher")
@@ -186,7 +189,7 @@ def _check_train(config, role: str, devices: int | None = None) -> None:
   if train.num_epochs <= 0 and train.get("num_steps", 0) <= 0:
     _fail(f"{role}.train.num_epochs", train.num_epochs,
           "must be > 0 (or set num_steps > 0)")
-  from kdjax import optim  # pylint: disable=g-import-not-at-top
+  from kdjax.distill import optim  # pylint: disable=g-import-not-at-top
   if train.optimizer not in optim.OPTIMIZERS:
     _fail(f"{role}.train.optimizer", train.optimizer,
           f"allowed: {sorted(optim.OPTIMIZERS)}")

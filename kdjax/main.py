@@ -2,7 +2,7 @@
 
 Any config field can be overridden: --config.distill.temperature=4.
 
-Bad input (kdjax.errors.KdjaxError: a config value, a missing dataset, an
+Bad input (kdjax.core.errors.KdjaxError: a config value, a missing dataset, an
 unwritable workdir, a checkpoint that does not match or cannot be read) and a
 bad command line print one line, `kdjax: error: <message>`, and exit with
 status 1 (2 for the command line); KDJAX_TRACEBACK=1 shows the traceback too.
@@ -23,7 +23,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kdjax import distributed, errors, modes, preemption
+from kdjax.runtime import distributed, preemption
+from kdjax.core import errors
+from kdjax import modes
 
 TRACEBACK_ENV = "KDJAX_TRACEBACK"
 

@@ -7,7 +7,7 @@ report reads:
     WORKDIR/full_data/{scratch,distill}/seed_<s>/
     WORKDIR/data_<p>pct/{scratch,distill}/seed_<s>/     (small-data runs)
     WORKDIR/report.{json,md,png}
-WORKDIR may be a local path or gs://BUCKET/PATH (kdjax.storage).
+WORKDIR may be a local path or gs://BUCKET/PATH (kdjax.runtime.storage).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import ml_collections
 from absl import logging
 
 from kdjax import config as config_lib
-from kdjax import evaluate, storage, train
+from kdjax.run import evaluate, train
+from kdjax.runtime import storage
 from kdjax.data import pipeline
 
 
@@ -71,7 +72,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "teacher.checkpoint_dir": teacher_dir})
 
   if config.pipeline.get("generate_text", False):  # For seqkd variants.
-    from kdjax import seqkd  # pylint: disable=g-import-not-at-top
+    from kdjax.run import seqkd  # pylint: disable=g-import-not-at-top
     seqkd.generate_text(config, workdir)
 
   runs = [("scratch", "scratch", {}), ("distill", "distill", {})]
@@ -100,7 +101,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def write_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The classification or language-model report of every run in workdir."""
   if pipeline.is_language_modelling(config.data):
-    from kdjax import lm_eval  # pylint: disable=g-import-not-at-top
+    from kdjax.run import lm_eval  # pylint: disable=g-import-not-at-top
     return lm_eval.write_lm_report(config, workdir)
   return evaluate.write_report(config, workdir)
 
@@ -121,7 +122,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.mode == "evaluate":
     return write_report(config, workdir)
   if config.mode == "generate_text":
-    from kdjax import seqkd  # pylint: disable=g-import-not-at-top
+    from kdjax.run import seqkd  # pylint: disable=g-import-not-at-top
     return seqkd.generate_text(config, workdir)
   if config.mode == "cache_teacher":
     from kdjax import teacher_cache  # pylint: disable=g-import-not-at-top

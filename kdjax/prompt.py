@@ -54,8 +54,8 @@ from etils import epath
 from flax import serialization
 from flax import traverse_util
 
-from kdjax import params as params_lib
-from kdjax import storage
+from kdjax.weights import params as params_lib
+from kdjax.runtime import storage
 from kdjax.data import tokenizer as tokenizer_lib
 
 TRAINABLE, FROZEN = "trainable", "frozen"
@@ -220,7 +220,7 @@ def merge(trainable: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]:
 
 def backbone_dir(init_from: str) -> str:
   """The HF directory of `init_from='hf_bert:<dir>'` ('hf_bert:' = MiniLM)."""
-  from kdjax.models.import_ import hf_bert  # pylint: disable=g-import-not-at-top
+  from kdjax.weights.importers import hf_bert  # pylint: disable=g-import-not-at-top
   kind, _, path = init_from.partition(":")
   if kind != "hf_bert":
     raise ValueError(f"init_from={init_from!r}: only 'hf_bert:<dir>' names a "
@@ -240,7 +240,7 @@ def init_from_config(params: dict[str, Any], config, role: str,
   returns `params` unchanged. The draw is fixed by `seed`.
   """
   from kdjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from kdjax.models.import_ import hf_bert  # pylint: disable=g-import-not-at-top
+  from kdjax.weights.importers import hf_bert  # pylint: disable=g-import-not-at-top
   model_cfg = config[role].model
   how = model_cfg.get("prompt_init", "random")
   if how == "random" or not model_cfg.get("num_prompts", 0):
@@ -350,7 +350,7 @@ def rebuild(path: str, dummy_inputs) -> tuple[nn.Module, dict[str, Any]]:
   prompt initialised, then the export loaded (and verified)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from kdjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from kdjax import pretrained  # pylint: disable=g-import-not-at-top
+  from kdjax.weights import pretrained  # pylint: disable=g-import-not-at-top
   note, _ = read_export(path)
   spec = {k: tuple(v) if isinstance(v, list) else v
           for k, v in note["model"].items()}

@@ -47,7 +47,7 @@ is refused naming it), the training iterator reads each batch's cached
 entries by the same record indices it reads the data by (kdjax.data: the
 grain iterator and its checkpointed state are unchanged), and the step hands
 them to `CachedObjective` (alpha * T^2 * KL_topk + (1 - alpha) * CE by
-default) as the teacher's outputs: for LMs through kdjax.token_loss's
+default) as the teacher's outputs: for LMs through kdjax.distill.token_loss's
 chunked path, which passes per-token teacher entries through chunk by chunk.
 """
 
@@ -74,9 +74,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from kdjax import config as config_lib
-from kdjax import distributed, losses, objectives, parallel, storage
+from kdjax.runtime import distributed, storage
+from kdjax.distill import losses, objectives, parallel
 from kdjax.data import pipeline
-from kdjax.objectives import ModelOutputs
+from kdjax.distill.objectives import ModelOutputs
 
 FORMAT = "kdjax.teacher_cache/1"
 MANIFEST = "manifest.json"
@@ -319,7 +320,8 @@ def _path_sha256(path: str) -> str:
 def load_teacher(config, workdir: str):
   """(model, params, description) of config.teacher, for the manifest: the
   description names the weights' file hash or the checkpoint step and meta."""
-  from kdjax import checkpoint, pretrained, teachers  # pylint: disable=g-import-not-at-top
+  from kdjax.runtime import checkpoint  # pylint: disable=g-import-not-at-top
+  from kdjax.weights import pretrained, teachers  # pylint: disable=g-import-not-at-top
   spec = config_lib.teacher_specs(config, workdir)[0]
   teacher = teachers.load(config, spec)
   source = dict(teacher.source)
@@ -339,9 +341,9 @@ def _topk_function(apply_fn, mesh, *, language_model: bool, k: int,
 
   Per device: the teacher's forward, then its top k at temperature T. For
   LMs the head is applied chunk_size positions at a time (lax.map), so no
-  [B, L, V] logits exist, as in kdjax.token_loss.
+  [B, L, V] logits exist, as in kdjax.distill.token_loss.
   """
-  from kdjax import token_loss  # pylint: disable=g-import-not-at-top
+  from kdjax.distill import token_loss  # pylint: disable=g-import-not-at-top
 
   def topk(logits):
     t = losses.teacher_topk(logits, k, temperature=temperature)
@@ -465,7 +467,7 @@ def build(config, workdir: str) -> dict[str, Any]:
               * jax.device_count())
   processes, me = jax.process_count(), jax.process_index()
   local_batch = batch // processes
-  from kdjax import step as step_lib  # pylint: disable=g-import-not-at-top
+  from kdjax.distill import step as step_lib  # pylint: disable=g-import-not-at-top
   apply_fn = (step_lib.make_lm_apply_fn(model) if language_model
               else step_lib.make_apply_fn(model))
   forward = _topk_function(
@@ -723,7 +725,7 @@ def teacher_outputs(entries: dict[str, jax.Array],
                     vocab: int | None) -> ModelOutputs:
   """The teacher's ModelOutputs from a batch's cached entries.
 
-  `hidden` carries the CachedTeacher and `head` is None: kdjax.token_loss
+  `hidden` carries the CachedTeacher and `head` is None: kdjax.distill.token_loss
   passes such per-token teacher entries through chunk by chunk instead of
   applying a head. `vocab` (classification) adds dense `logits` for the
   step's agreement metric; None (token loss) leaves them out.

@@ -53,7 +53,7 @@ from typing import Optional, Sequence
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The chip table is kdjax's (standard library only, no jax needed here).
 sys.path.insert(0, str(REPO_ROOT))
-from kdjax import tpu_chips  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kdjax.core import tpu_chips  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 GCLOUD = "gcloud"  # The executable; referenced only by gcloud().
 
@@ -63,7 +63,7 @@ REMOTE_VENV = "kdjax-venv"  # The Python environment kdjax is installed in.
 REMOTE_LOGS = "kdjax-logs"  # <run-name>.log and <run-name>.pid per worker.
 REMOTE_RUNS = "kdjax-runs"  # Default single-host workdirs: ~/kdjax-runs/<run-name>.
 LOCAL_RESULTS = "kdjax-results"  # fetch-results default: ./kdjax-results/<run-name>.
-REPORT_GLOB = "report.*"  # report.json, report.md, report.png (kdjax.evaluate).
+REPORT_GLOB = "report.*"  # report.json, report.md, report.png (kdjax.run.evaluate).
 # setup installs kdjax with this extra: gcsfs, for gs:// workdirs.
 KDJAX_EXTRAS = "gcs"
 

@@ -4,7 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from kdjax import aot, checkpoint, modes, parallel, train
+from kdjax import aot, modes
+from kdjax.runtime import checkpoint
+from kdjax.distill import parallel
+from kdjax.run import train
 from kdjax import config as config_lib
 from kdjax.data import pipeline
 

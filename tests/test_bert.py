@@ -22,11 +22,11 @@ import optax
 import pytest
 
 from kdjax import models
-from kdjax import params as params_lib
+from kdjax.weights import params as params_lib
 from kdjax import prompt
 from kdjax.data import text as text_lib
 from kdjax.models import bert
-from kdjax.models.import_ import hf_bert
+from kdjax.weights.importers import hf_bert
 
 MINILM_PARAMS = 22_713_216  # HF's count for all-MiniLM-L6-v2 (with pooler).
 TINY = dict(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from kdjax import distributed
+from kdjax.runtime import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")  # absl/glog line header.

@@ -25,7 +25,9 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 from orbax.checkpoint._src.path import gcs_utils
 
-from kdjax import checkpoint, metrics_writer, modes, storage, train
+from kdjax.runtime import checkpoint, metrics_writer, storage
+from kdjax import modes
+from kdjax.run import train
 from kdjax import config as config_lib
 
 WORKDIR = "gs://fake-bucket/run"
@@ -85,7 +87,7 @@ def test_fake_gcs_answers_like_gcsfs(fake_gcs):
   path.write_text("x")
   assert (fake_gcs / "fake-bucket" / "run" / "a" / "x.txt").read_text() == "x"
   roots = [os.fspath(root) for root, _, _ in epath.Path(WORKDIR).walk()]
-  assert roots[0] == "fake-bucket/run"  # Why kdjax.storage.walk exists.
+  assert roots[0] == "fake-bucket/run"  # Why kdjax.runtime.storage.walk exists.
   assert [r for r, _, _ in storage.walk(WORKDIR)] == [WORKDIR, WORKDIR + "/a"]
   with pytest.raises(NotImplementedError):
     path.open("a")

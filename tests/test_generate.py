@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdjax import generate as gen
+from kdjax.models import generate as gen
 from kdjax.models import llama
 
 MODEL = llama.Llama(vocab_size=53, width=32, num_layers=2, num_heads=4,

@@ -8,7 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from kdjax import models, objectives, optim, parallel, step
+from kdjax import models
+from kdjax.distill import objectives, optim, parallel, step
 from kdjax.models import gpt
 
 SIZES = dict(vocab_size=37, width=16, num_layers=2, num_heads=2, max_length=12)

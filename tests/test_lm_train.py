@@ -13,7 +13,8 @@ import optax
 import pytest
 
 from kdjax import config as config_lib
-from kdjax import objectives, parallel, pretrained, step
+from kdjax.distill import objectives, parallel, step
+from kdjax.weights import pretrained
 from kdjax.models import llama
 
 needs_smollm2 = pytest.mark.skipif(

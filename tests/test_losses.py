@@ -1,4 +1,4 @@
-"""Tests for kdjax.losses: float64 numpy references, properties, numerics."""
+"""Tests for kdjax.distill.losses: float64 numpy references, properties, numerics."""
 
 import functools
 import zlib
@@ -13,7 +13,7 @@ from jax.test_util import check_grads
 import numpy as np
 import pytest
 
-from kdjax import losses
+from kdjax.distill import losses
 
 # ----------------------------------------------------------------------------
 # float64 numpy references, written from the definitions (not from the code).

@@ -18,7 +18,9 @@ import jax
 import numpy as np
 import pytest
 
-from kdjax import checkpoint, distributed, modes, train
+from kdjax.runtime import checkpoint, distributed
+from kdjax import modes
+from kdjax.run import train
 from kdjax import config as config_lib
 from kdjax.data import pipeline
 

@@ -11,8 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from kdjax import features, losses, models, objectives, parallel, step
-from kdjax.objectives import ModelOutputs
+from kdjax.distill import features, losses, objectives, parallel, step
+from kdjax import models
+from kdjax.distill.objectives import ModelOutputs
 
 
 def _distill(**fields):

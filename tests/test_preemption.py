@@ -11,7 +11,8 @@ import time
 import jax
 import numpy as np
 
-from kdjax import checkpoint, preemption, train
+from kdjax.runtime import checkpoint, preemption
+from kdjax.run import train
 from kdjax import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from kdjax import config as config_lib
-from kdjax import modes, seqkd, train
+from kdjax import modes
+from kdjax.run import seqkd, train
 from kdjax.data import pipeline
 
 minilm = pytest.mark.skipif(

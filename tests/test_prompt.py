@@ -18,10 +18,11 @@ from flax import serialization
 
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax import config as config_lib
-from kdjax import prompt, train
+from kdjax import prompt
+from kdjax.run import train
 from kdjax.data import text as text_lib
 from kdjax.models import bert
-from kdjax.models.import_ import hf_bert
+from kdjax.weights.importers import hf_bert
 
 TINY = dict(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,
             intermediate_size=32, max_position_embeddings=8,

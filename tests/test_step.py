@@ -20,7 +20,8 @@ import pytest
 
 import ml_collections
 
-from kdjax import losses, models, modes, objectives, parallel, step
+from kdjax.distill import losses, objectives, parallel, step
+from kdjax import models, modes
 
 NUM_CLASSES = 5
 GLOBAL_BATCH = 16

@@ -14,7 +14,10 @@ import numpy as np
 import optax
 import pytest
 
-from kdjax import checkpoint, modes, step, tasks, teacher_cache, train
+from kdjax.runtime import checkpoint
+from kdjax import modes, teacher_cache
+from kdjax.distill import step
+from kdjax.run import tasks, train
 from kdjax import config as config_lib
 from kdjax.data import lm
 import word_tokenizer

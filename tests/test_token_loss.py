@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from kdjax import objectives, parallel, token_loss
-from kdjax.objectives import ModelOutputs
+from kdjax.distill import objectives, parallel, token_loss
+from kdjax.distill.objectives import ModelOutputs
 
 B, L, D, DT, V = 3, 24, 16, 20, 96
 

@@ -13,7 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from kdjax import checkpoint, modes, train
+from kdjax.runtime import checkpoint
+from kdjax import modes
+from kdjax.run import train
 from kdjax import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

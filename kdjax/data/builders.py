@@ -16,7 +16,7 @@ import struct
 import numpy as np
 import tensorflow_datasets as tfds
 
-from kdjax import errors
+from kdjax.core import errors
 from kdjax.data import text
 
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"

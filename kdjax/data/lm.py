@@ -63,7 +63,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from kdjax import storage
+from kdjax.runtime import storage
 from kdjax.data import builders
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.data import pipeline
@@ -509,7 +509,7 @@ def packed_split(data_config, split: str) -> PackedSplit:
   """The split's token stream cut into windows of config.data.seq_length + 1.
 
   With config.data.train_windows_file set, the training split is that .npy
-  of ready windows instead (e.g. teacher-generated text, kdjax.seqkd).
+  of ready windows instead (e.g. teacher-generated text, kdjax.run.seqkd).
   """
   seq_length = int(data_config.seq_length)
   if seq_length < 1:

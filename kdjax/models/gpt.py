@@ -107,7 +107,7 @@ class GPT(nn.Module):
   def hidden_states(self, tokens: jax.Array, train: bool = False) -> jax.Array:
     """Final (normalised) hidden states [B, L, width]: logits = h @ head.
 
-    For kdjax.token_loss, which applies `lm_head_kernel(params)` itself
+    For kdjax.distill.token_loss, which applies `lm_head_kernel(params)` itself
     (chunked over the sequence) instead of building [B, L, vocab] logits.
     """
     return self._forward(tokens, logits=False)

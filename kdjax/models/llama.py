@@ -2,7 +2,7 @@
 
 Any Llama-family size comes from the fields; the defaults are SmolLM2-135M.
 The parameter tree mirrors Hugging Face `LlamaForCausalLM` one to one (see
-kdjax/models/import_/llama.py), with attention projections as DenseGeneral
+kdjax/weights/importers/llama.py), with attention projections as DenseGeneral
 kernels so heads stay a named axis instead of a reshape:
 
   embed/embedding                          [V, D]

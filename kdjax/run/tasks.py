@@ -1,6 +1,6 @@
 """What the training loop needs from a task: its data and its held-out check.
 
-The loop (kdjax.train) is the same for classification and language
+The loop (kdjax.run.train) is the same for classification and language
 modelling; these two classes hold what differs. A config is a language-model
 config when config.data.seq_length > 0 (kdjax.data.lm's packed sequences).
 """
@@ -11,7 +11,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from kdjax import evaluate, lm_eval, step
+from kdjax.run import evaluate, lm_eval
+from kdjax.distill import step
 from kdjax.data import lm as lm_data
 from kdjax.data import pipeline
 from kdjax import models
@@ -58,7 +59,7 @@ class Classification:
 class LanguageModelling:
   """Packed token sequences; perplexity on config.data.eval_split.
 
-  Training goes through kdjax.token_loss: models hand over hidden states and
+  Training goes through kdjax.distill.token_loss: models hand over hidden states and
   LM heads, and `<role>.train.loss_chunk_size` > 0 applies the heads chunk
   by chunk (memory-safe at large vocabularies).
   """

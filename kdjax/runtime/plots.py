@@ -10,8 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from kdjax import storage  # pylint: disable=g-import-not-at-top
-from kdjax.metrics_writer import read_metrics  # pylint: disable=g-import-not-at-top
+from kdjax.runtime import storage  # pylint: disable=g-import-not-at-top
+from kdjax.runtime.metrics_writer import read_metrics  # pylint: disable=g-import-not-at-top
 
 
 def write_report_png(report: dict[str, Any], workdir: str, path: str) -> None:

@@ -4,7 +4,7 @@ Only process 0 writes. TensorBoard event files come from tensorboardX, so
 TensorFlow is not needed to write them. Both files grow line by line, which
 an object store cannot do in place: for a gs:// workdir they are written to a
 local staging directory and copied to the workdir every
-storage.SYNC_SECONDS and on close (kdjax.storage.StagedDir; tensorboardX's
+storage.SYNC_SECONDS and on close (kdjax.runtime.storage.StagedDir; tensorboardX's
 own gs:// writer would need google-cloud-storage and re-uploads the event
 file on every flush).
 """
@@ -17,7 +17,7 @@ import time
 import jax
 from absl import logging
 
-from kdjax import storage
+from kdjax.runtime import storage
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"

@@ -5,7 +5,7 @@ distributions, train the student with plain CE on text the teacher wrote.
 `mode='generate_text'` takes the first `config.seqkd.num_sequences` training
 windows, keeps their first `prompt_length` tokens as prompts and lets the
 teacher continue each to seq_length + 1 tokens through its KV cache
-(kdjax.generate, `config.seqkd` sampling settings). The windows are written to
+(kdjax.models.generate, `config.seqkd` sampling settings). The windows are written to
 
     WORKDIR/teacher_text/windows.npy     int32 [N, seq_length + 1]
     WORKDIR/teacher_text/samples.txt     the first few, decoded, to read
@@ -26,7 +26,9 @@ import numpy as np
 from absl import logging
 
 from kdjax import config as config_lib
-from kdjax import generate, lm_eval, storage
+from kdjax.models import generate
+from kdjax.run import lm_eval
+from kdjax.runtime import storage
 from kdjax.data import lm as lm_data
 from kdjax.data import tokenizer as tokenizer_lib
 

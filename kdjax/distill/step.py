@@ -20,13 +20,13 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from kdjax import losses
+from kdjax.distill import losses
 from kdjax import models
-from kdjax import parallel
+from kdjax.distill import parallel
 from kdjax import prompt as prompt_lib
 from kdjax import teacher_cache
-from kdjax import token_loss
-from kdjax.objectives import ModelOutputs
+from kdjax.distill import token_loss
+from kdjax.distill.objectives import ModelOutputs
 
 # apply(params, inputs, train, dropout_rng, capture_features) -> ModelOutputs
 ApplyFn = Callable[[Any, jax.Array, bool, jax.Array | None, bool], ModelOutputs]
@@ -73,7 +73,7 @@ def make_apply_fn(model) -> ApplyFn:
 
 def make_lm_apply_fn(model) -> ApplyFn:
   """Like make_apply_fn for a language model, but returns its final hidden
-  states and LM head instead of logits (see kdjax.token_loss)."""
+  states and LM head instead of logits (see kdjax.distill.token_loss)."""
   head_kernel = models.lm_head_kernel_fn(model)
 
   def apply(params, inputs, train, dropout_rng, capture_features=False):
@@ -120,7 +120,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   the optimizer must be `prompt.freeze`d with the same mask.
 
   `token_chunk_size` (language models, with make_lm_apply_fn): not None =
-  the applies return hidden states + LM heads and kdjax.token_loss applies
+  the applies return hidden states + LM heads and kdjax.distill.token_loss applies
   the heads, all at once (0) or chunk by chunk over the sequence (> 0), never
   holding [B, L, V] logits.
   """

@@ -35,14 +35,14 @@ _LLAMA_ARCHITECTURE = ("vocab_size", "width", "num_heads", "num_kv_heads",
 
 def llama_path(init_from: str) -> str:
   """The checkpoint path of a 'llama:<path>' spec ('' = SmolLM2's GGUF)."""
-  from kdjax.models.import_ import llama  # pylint: disable=g-import-not-at-top
+  from kdjax.weights.importers import llama  # pylint: disable=g-import-not-at-top
   return init_from.partition(":")[2] or llama.smollm2_gguf_path()
 
 
 @functools.lru_cache(maxsize=2)
 def _load_llama(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
   """(fields, numpy params); cached: a pipeline imports the same file often."""
-  from kdjax.models.import_ import llama  # pylint: disable=g-import-not-at-top
+  from kdjax.weights.importers import llama  # pylint: disable=g-import-not-at-top
   if path.endswith(".gguf"):
     return llama.load_gguf(path)
   return llama.load_hf(path)
@@ -120,7 +120,7 @@ def load_pretrained(params: Any, init_from: str, *,
         f"config.{field}.init_from={init_from!r}: allowed 'hf_bert:<dir>' "
         "into a 'bert' model or 'llama:<dir or .gguf>' into a 'llama' model.")
   from kdjax.models import bert  # pylint: disable=g-import-not-at-top
-  from kdjax.models.import_ import hf_bert  # pylint: disable=g-import-not-at-top
+  from kdjax.weights.importers import hf_bert  # pylint: disable=g-import-not-at-top
   path = path or hf_bert.minilm_dir()
   fields = dict(hf_bert.load_config(path),
                 add_pooler="pooler" in params["encoder"])

@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from kdjax import checkpoint
+from kdjax.runtime import checkpoint
 
 # Fields that may change between a run and its resume: how often it logs,
 # evaluates and saves; where its inputs are read from; how devices and

@@ -16,15 +16,21 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from kdjax import checkpoint, features, objectives, optim, parallel, step
+from kdjax.runtime import checkpoint
+from kdjax.distill import features, objectives, optim, parallel, step
 from kdjax import config as config_lib
-from kdjax import preemption
-from kdjax import pretrained, prompt, resume, tasks
-from kdjax import errors, storage, teacher_cache
-from kdjax import params as params_lib
-from kdjax import teachers as teachers_lib
+from kdjax.runtime import preemption
+from kdjax.weights import pretrained
+from kdjax import prompt
+from kdjax.runtime import resume
+from kdjax.run import tasks
+from kdjax.core import errors
+from kdjax.runtime import storage
+from kdjax import teacher_cache
+from kdjax.weights import params as params_lib
+from kdjax.weights import teachers as teachers_lib
 from kdjax.data import pipeline
-from kdjax.metrics_writer import MetricsWriter
+from kdjax.runtime.metrics_writer import MetricsWriter
 
 RUN_FILE = "run.json"
 
@@ -42,7 +48,7 @@ def load_teachers(config: ml_collections.ConfigDict, workdir: str, mesh,
   """Every teacher's apply function and params, replicated (P()) on the mesh.
 
   Teachers are frozen: their params are placed once, never donated, never in
-  the optimizer state or the student's checkpoint (kdjax.teachers loads them).
+  the optimizer state or the student's checkpoint (kdjax.weights.teachers loads them).
   """
   loaded = teachers_lib.load_all(config, workdir)
   return (tuple(make_apply_fn(t.model) for t in loaded),
@@ -247,7 +253,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   summary = {**meta, "steps": total_steps, "num_params": params_lib.count(params),
              "resumed_from_step": restored_step,
              "eval": final, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-  if jax.process_index() == 0:  # A local or gs:// workdir (kdjax.storage).
+  if jax.process_index() == 0:  # A local or gs:// workdir (kdjax.runtime.storage).
     storage.write_json(os.path.join(workdir, RUN_FILE), summary)
   logging.info("%s finished: eval %s %.4f", mode, task.headline,
                final[task.headline])

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from kdjax import errors
+from kdjax.core import errors
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.models import bert
 

@@ -19,10 +19,11 @@ from absl import logging
 from jax.experimental import multihost_utils
 from sklearn import metrics as skmetrics
 
-from kdjax import checkpoint, parallel, step, storage
+from kdjax.runtime import checkpoint, storage
+from kdjax.distill import parallel, step
 from kdjax import config as config_lib
-from kdjax import params as params_lib
-from kdjax import teachers as teachers_lib
+from kdjax.weights import params as params_lib
+from kdjax.weights import teachers as teachers_lib
 from kdjax.data import pipeline
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
@@ -234,11 +235,11 @@ def write_report(config, workdir: str) -> dict[str, Any]:
                   if speed else None),
       "device": str(jax.local_devices()[0].device_kind),
   }
-  if jax.process_index() == 0:  # A local or gs:// workdir (kdjax.storage).
+  if jax.process_index() == 0:  # A local or gs:// workdir (kdjax.runtime.storage).
     storage.write_json(storage.join(workdir, REPORT_JSON), report)
     storage.write_text(storage.join(workdir, REPORT_MD),
                        render_markdown(report))
-    from kdjax import plots  # pylint: disable=g-import-not-at-top
+    from kdjax.runtime import plots  # pylint: disable=g-import-not-at-top
     plots.write_report_png(report, workdir,
                            storage.join(workdir, REPORT_PNG))
     logging.info("Report written to %s", storage.join(workdir, REPORT_MD))

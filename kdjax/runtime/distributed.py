@@ -31,7 +31,7 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from kdjax import errors
+from kdjax.core import errors
 
 ENV_ADDRESS = "KDJAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "KDJAX_NUM_PROCESSES"

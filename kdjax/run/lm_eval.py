@@ -26,11 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from kdjax import evaluate, generate, parallel, pretrained, step
-from kdjax import distributed, storage
+from kdjax.run import evaluate
+from kdjax.models import generate
+from kdjax.distill import parallel, step
+from kdjax.weights import pretrained
+from kdjax.runtime import distributed, storage
 from kdjax import config as config_lib
-from kdjax import params as params_lib
-from kdjax import teachers as teachers_lib
+from kdjax.weights import params as params_lib
+from kdjax.weights import teachers as teachers_lib
 from kdjax.data import lm as lm_data
 from kdjax.models import llama as llama_lib
 
@@ -109,7 +112,7 @@ def token_metrics(apply_fn, params, arrays: dict[str, np.ndarray], mesh, *,
 
 
 def load_teacher(config, workdir: str):
-  """(model, params) of config.teacher (kdjax.teachers)."""
+  """(model, params) of config.teacher (kdjax.weights.teachers)."""
   teacher = teachers_lib.load(config,
                               config_lib.teacher_specs(config, workdir)[0])
   return teacher.model, teacher.params
@@ -240,7 +243,7 @@ def _write_png(report: dict[str, Any], workdir: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from kdjax.metrics_writer import read_metrics  # pylint: disable=g-import-not-at-top
+  from kdjax.runtime.metrics_writer import read_metrics  # pylint: disable=g-import-not-at-top
   fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(13, 4.5))
   for s in report["students"]:
     records = read_metrics(storage.join(workdir, s["run_dir"]))

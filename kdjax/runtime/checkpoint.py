@@ -10,7 +10,7 @@ Teacher parameters are never part of a student's checkpoint.
 
 The workdir may be local or gs://: Orbax takes either, and kdjax's own
 bookkeeping here (finding steps, setting a corrupt step aside, sizes) goes
-through kdjax.storage (etils.epath).
+through kdjax.runtime.storage (etils.epath).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from kdjax import distributed, errors, storage
+from kdjax.runtime import distributed, storage
+from kdjax.core import errors
 
 CHECKPOINT_SUBDIR = "checkpoints"
 ITEM_NAMES = ("params", "train", "data", "meta")

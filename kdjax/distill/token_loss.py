@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kdjax.objectives import ModelOutputs
+from kdjax.distill.objectives import ModelOutputs
 
 Array = jax.Array
 

@@ -4,7 +4,7 @@ Training, the classification report, the language-model report, the
 teacher-cache builder, teacher-written text and the AOT check all get their
 teachers here, so each is the same model with the same weights: imported
 pretrained weights (config.teacher.pretrained) or a teacher run's newest
-checkpoint (never an older step in its place: kdjax.checkpoint).
+checkpoint (never an older step in its place: kdjax.runtime.checkpoint).
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import dataclasses
 from typing import Any
 
 
-from kdjax import checkpoint, pretrained
+from kdjax.runtime import checkpoint
+from kdjax.weights import pretrained
 from kdjax import config as config_lib
-from kdjax import params as params_lib
+from kdjax.weights import params as params_lib
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ The default (no `config.distill.terms`) is Hinton et al. (2015):
     alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(hard labels)
 with the hard labels the dataset's or the teacher's argmax. The 'ce' term is
 the task loss on hard labels and never sees the temperature. Every other term
-is a divergence from kdjax.losses (conventions in its module docstring).
+is a divergence from kdjax.distill.losses (conventions in its module docstring).
 
 Several teachers: 'ensemble' mixes them in probability space at temperature T,
   p = sum_k c_k softmax(z_k / T), c = normalised teacher weights,
@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kdjax import features as features_lib
-from kdjax import losses
+from kdjax.distill import features as features_lib
+from kdjax.distill import losses
 
 HARD_LABEL_SOURCES = ("dataset", "teacher")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -44,7 +44,7 @@ class ModelOutputs:
 
   A language model may hand over its final hidden states [B, L, D] and LM
   head [D, V] instead of logits (logits=None), so the token loss can apply
-  the head chunk by chunk (kdjax.token_loss).
+  the head chunk by chunk (kdjax.distill.token_loss).
   """
   logits: jax.Array | None
   intermediates: dict[str, Any] = flax.struct.field(default_factory=dict)
