@@ -39,10 +39,10 @@ sys.path[:0] = [REPO, os.path.join(REPO, "configs")]
 from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from kdjax import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kdjax.runtime import metrics_writer, storage  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kdjax import modes  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kdjax.core import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kdjax.data import lm  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kdjax.runtime import metrics_writer, storage  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _config(args) -> ml_collections.ConfigDict:

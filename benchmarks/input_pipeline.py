@@ -23,10 +23,10 @@ import time
 import jax
 import numpy as np
 
-from kdjax import config as config_lib
+from kdjax.data import pipeline
 from kdjax.distill import objectives, optim, parallel, step
 from kdjax.run import train
-from kdjax.data import pipeline
+from kdjax.weights import specs
 
 
 def _load_config(path: str):
@@ -64,8 +64,8 @@ def main():
   config = _load_config(args.config)
   mesh = parallel.make_mesh()
   train_cfg = config.student.train
-  student = config_lib.build_model(config, "student")
-  teacher = config_lib.build_model(config, "teacher")
+  student = specs.build_model(config, "student")
+  teacher = specs.build_model(config, "teacher")
   tx = optim.make_optimizer(train_cfg, 10_000)
   objective = objectives.distillation(config.distill, num_teachers=1,
                                       total_steps=10_000)

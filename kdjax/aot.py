@@ -21,7 +21,6 @@ HBM).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import re
 from typing import Any
@@ -33,6 +32,9 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdjax.core import errors, tpu_chips
+from kdjax.core.config import fail
+from kdjax.distill import optim, parallel
+from kdjax.run import train
 
 GIB = 1024 ** 3
 MIB = 1024 ** 2
@@ -116,11 +118,6 @@ def _nbytes(tree: Any) -> int:
                  for x in jax.tree.leaves(tree)))
 
 
-def _abstract(tree: Any, sharding) -> Any:
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
 @dataclasses.dataclass
 class StepPlan:
   """One training step ready to lower: the jitted program and abstract args."""
@@ -138,46 +135,23 @@ class StepPlan:
 def build_step(config, mode: str, mesh, workdir: str = "") -> StepPlan:
   """The step train.train(config with mode) runs, on `mesh`, with abstract inputs.
 
-  Mirrors train.train's construction (same functions, same order); a test
-  runs this program on CPU devices against train's own step.
+  Built by kdjax.run.train.build_step, the function the training loop uses
+  (abstract: teacher weights as shapes, nothing read); a test runs this
+  program on CPU devices against train's own step.
   """
-  from kdjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from kdjax.distill import objectives, optim, parallel, step  # pylint: disable=g-import-not-at-top
-  from kdjax.weights import teachers  # pylint: disable=g-import-not-at-top
-  from kdjax.run import train  # pylint: disable=g-import-not-at-top
-
   role = train.role_of(mode)
   train_cfg = config[role].train
-  seed = int(config.seed)
   # The schedule's length changes constants, not shapes, memory or FLOPs.
   total_steps = int(train_cfg.get("num_steps", 0) or 1000)
-  model = config_lib.build_model(config, role)
-  apply_fn = step.make_apply_fn(model)
-  tx = optim.make_optimizer(train_cfg, total_steps)
   replicated = NamedSharding(mesh, P())
-
-  teacher_applies, teachers_params = (), ()
-  if mode == "distill":
-    loaded = teachers.load_all(config, workdir or "/nonexistent", abstract=True)
-    teacher_applies = tuple(step.make_apply_fn(t.model) for t in loaded)
-    teachers_params = tuple(_abstract(t.params, replicated) for t in loaded)
-  objective = objectives.from_config(config, mode, total_steps=total_steps,
-                                     num_teachers=len(teachers_params))
-
-  def make_state():
-    params = train.init_params(model, config, seed)
-    aux_params = train.init_feature_projections(
-        config, objective, model, teacher_applies, teachers_params, seed)
-    return step.create_train_state(params, tx, jax.random.key(seed + 1),
-                                   aux_params)
-  state = _abstract(jax.eval_shape(make_state), replicated)
-
-  per_device = functools.partial(
-      step.train_step, student_apply=apply_fn, teacher_applies=teacher_applies,
-      objective=objective, tx=tx, axis=parallel.DataAxis("shard_map"),
-      grad_accum_steps=int(train_cfg.grad_accum_steps))
+  built = train.build_step(config, mode, workdir or "/nonexistent", mesh,
+                           total_steps=total_steps, abstract=True,
+                           backend="shard_map")
+  state = parallel.abstract(jax.eval_shape(built.init_state), replicated)
+  teachers_params = built.teachers_params
   # parallel.map_over_devices' shard_map program, as a jit we can lower.
-  program = parallel.jit_over_mesh(per_device, mesh)
+  program = parallel.jit_over_mesh(built.per_device, mesh)
+  teacher_applies = built.per_device.keywords["teacher_applies"]
 
   batch_size = int(train_cfg.batch_size)
   sharded = NamedSharding(mesh, P(parallel.DATA_AXIS))
@@ -202,7 +176,7 @@ def build_step(config, mode: str, mesh, workdir: str = "") -> StepPlan:
         (teachers_params, batch["inputs"]))
   return StepPlan(mode=mode, program=program,
                   args=(state, batch, teachers_params),
-                  teacher_forward=teacher_forward, init_state=make_state,
+                  teacher_forward=teacher_forward, init_state=built.init_state,
                   batch_size=batch_size,
                   state_bytes=_nbytes(state), teacher_bytes=_nbytes(
                       teachers_params),
@@ -362,20 +336,17 @@ def format_report(r: StepReport, topology: Topology, limit: int) -> str:
 
 def check(config, workdir: str = "") -> list[StepReport]:
   """mode=aot_check: compile each step for config.aot.topology, print, refuse."""
-  from kdjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from kdjax.distill import parallel  # pylint: disable=g-import-not-at-top
-
   topology = parse_topology(config.aot.topology)
   devices = topology_devices(topology)
   mesh = parallel.make_mesh(devices)
   if len(devices) != topology.devices:  # Validation assumed the table's count.
-    for mode in config_lib.aot_steps(config):
-      config_lib._check_train(config, "teacher" if mode == "teacher"  # pylint: disable=protected-access
-                              else "student", devices=len(devices))
+    for mode in aot_steps(config):
+      role = train.role_of(mode)
+      optim.validate(config[role].train, f"{role}.train", len(devices))
   limit = (int(config.aot.hbm_limit_gib * GIB) if config.aot.hbm_limit_gib
            else topology.chip.hbm_bytes * topology.chips // len(devices))
   reports, tables = [], []
-  for mode in config_lib.aot_steps(config):
+  for mode in aot_steps(config):
     logging.info("aot_check: compiling the %s step for %s ...", mode,
                  topology.name)
     report = compile_step(build_step(config, mode, mesh, workdir),
@@ -391,3 +362,34 @@ def check(config, workdir: str = "") -> list[StepReport]:
         f"\n\n{text}\n\nUse a smaller config.*.train.batch_size (or raise "
         "grad_accum_steps), a smaller model, or a topology with more chips.")
   return reports
+
+
+def aot_steps(config) -> list[str]:
+  """The training steps mode=aot_check compiles, from config.aot.steps."""
+  spec = str(config.aot.steps).strip()
+  if spec == "auto":
+    return (["distill"] if config.teacher.checkpoint_dir
+            else ["teacher", "distill"])
+  steps = [s.strip() for s in spec.split(",") if s.strip()]
+  allowed = ("teacher", "scratch", "distill")
+  if not steps or any(s not in allowed for s in steps):
+    fail("aot.steps", config.aot.steps, f"'auto' or a comma list of {allowed}")
+  return steps
+
+
+def validate(config) -> None:
+  """config.aot (mode=aot_check): the topology, the limit, batch vs devices."""
+  if "aot" not in config or not config.aot.topology:
+    fail("aot.topology", config.get("aot", {}).get("topology", ""),
+         "mode=aot_check needs a Cloud TPU topology, e.g. "
+         "--config.aot.topology=v5e:2x2 (v5e:2x4, v4:2x2x1, v5p:2x2x1, ...)")
+  try:
+    topology = parse_topology(config.aot.topology)
+  except ValueError as e:
+    fail("aot.topology", config.aot.topology, str(e))
+  if config.aot.hbm_limit_gib < 0:
+    fail("aot.hbm_limit_gib", config.aot.hbm_limit_gib,
+         "must be >= 0 (0 = the chip's HBM)")
+  roles = {train.role_of(s) for s in aot_steps(config)}
+  for role in sorted(roles):  # Models were checked; batch vs the topology.
+    optim.validate(config[role].train, f"{role}.train", topology.devices)

@@ -23,9 +23,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kdjax.runtime import distributed, preemption
-from kdjax.core import errors
 from kdjax import modes
+from kdjax.core import errors
+from kdjax.runtime import distributed, preemption
 
 TRACEBACK_ENV = "KDJAX_TRACEBACK"
 

@@ -16,10 +16,12 @@ import jax
 import ml_collections
 from absl import logging
 
-from kdjax import config as config_lib
-from kdjax.run import evaluate, train
-from kdjax.runtime import storage
+from kdjax import aot, validation
+from kdjax.core import config as config_lib
 from kdjax.data import pipeline
+from kdjax.run import cache_builder, evaluate, lm_eval, seqkd, train
+from kdjax.runtime import storage
+from kdjax.weights import specs
 
 
 def _run_config(config: ml_collections.ConfigDict, mode: str, **changes
@@ -60,9 +62,9 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
   first (into WORKDIR/teacher_<name>, which variants name as
   '{workdir}/teacher_<name>').
   """
-  teacher_dir = config_lib.teacher_dir(config, workdir)
+  teacher_dir = specs.teacher_dir(config, workdir)
   if not (config.teacher.checkpoint_dir
-          or config_lib.pretrained_teacher(config)):
+          or specs.pretrained_teacher(config)):
     _train_unless_done(_run_config(config, "teacher"), teacher_dir)
   for extra in config.pipeline.get("extra_teachers", ()):
     _train_unless_done(
@@ -72,7 +74,6 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "teacher.checkpoint_dir": teacher_dir})
 
   if config.pipeline.get("generate_text", False):  # For seqkd variants.
-    from kdjax.run import seqkd  # pylint: disable=g-import-not-at-top
     seqkd.generate_text(config, workdir)
 
   runs = [("scratch", "scratch", {}), ("distill", "distill", {})]
@@ -92,7 +93,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
         run = _run_config(config, mode, seed=int(seed),
                           **{"data.train_fraction": fraction,
                              "student.train.num_epochs": epochs, **overrides})
-        config_lib.validate(run, workdir)
+        validation.validate(run, workdir)
         _train_unless_done(run, storage.join(workdir, tag, name,
                                              f"seed_{seed}"))
   return write_report(config, workdir)
@@ -101,7 +102,6 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def write_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The classification or language-model report of every run in workdir."""
   if pipeline.is_language_modelling(config.data):
-    from kdjax.run import lm_eval  # pylint: disable=g-import-not-at-top
     return lm_eval.write_lm_report(config, workdir)
   return evaluate.write_report(config, workdir)
 
@@ -110,9 +110,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Validates the config, then runs config.mode in workdir."""
   if workdir:  # Local: absolute; gs://b/x stays a URL (not ./gs:/b/x).
     workdir = storage.absolute(workdir)
-  config_lib.validate(config, workdir)
+  validation.validate(config, workdir)
   if config.mode == "aot_check":
-    from kdjax import aot  # pylint: disable=g-import-not-at-top
     return {"aot": [vars(r) for r in aot.check(config, workdir)]}
   logging.info("kdjax %s in %s on %d %s device(s), %d process(es)",
                config.mode, workdir, jax.device_count(),
@@ -122,9 +121,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.mode == "evaluate":
     return write_report(config, workdir)
   if config.mode == "generate_text":
-    from kdjax.run import seqkd  # pylint: disable=g-import-not-at-top
     return seqkd.generate_text(config, workdir)
   if config.mode == "cache_teacher":
-    from kdjax import teacher_cache  # pylint: disable=g-import-not-at-top
-    return teacher_cache.build(config, workdir)
+    return cache_builder.build(config, workdir)
   return train.train(config, workdir)

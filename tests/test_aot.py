@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 
 from kdjax import aot, modes
-from kdjax.runtime import checkpoint
+from kdjax import validation
+from kdjax.core import config as config_lib
+from kdjax.data import pipeline
 from kdjax.distill import parallel
 from kdjax.run import train
-from kdjax import config as config_lib
-from kdjax.data import pipeline
+from kdjax.runtime import checkpoint
+from kdjax.weights import specs
 
 
 def _aot_config(config, topology="v5e:2x2", **changes):
@@ -33,22 +35,22 @@ def test_topology_names_and_validation_before_any_compile(digits_config):
   config = _aot_config(digits_config, topology="")
   with pytest.raises(config_lib.ConfigError,
                      match=r"config.aot.topology=''.*needs a Cloud TPU topology"):
-    config_lib.validate(config, "")
+    validation.validate(config, "")
   config.aot.topology = "v5e:2x4"
   config.student.train.batch_size = 36  # Not a multiple of 8 devices.
   with pytest.raises(config_lib.ConfigError,
                      match=r"config.student.train.batch_size=36 .*device count "
                            r"\(8\)"):
-    config_lib.validate(config, "")
+    validation.validate(config, "")
   config.student.train.batch_size = 64
   config.aot.steps = "distill,serve"
   with pytest.raises(config_lib.ConfigError, match="config.aot.steps"):
-    config_lib.validate(config, "")
+    validation.validate(config, "")
   config.aot.steps = "auto"
-  config_lib.validate(config, "")  # No workdir needed.
-  assert config_lib.aot_steps(config) == ["teacher", "distill"]
+  validation.validate(config, "")  # No workdir needed.
+  assert aot.aot_steps(config) == ["teacher", "distill"]
   config.teacher.checkpoint_dir = "/some/imported/teacher"
-  assert config_lib.aot_steps(config) == ["distill"]
+  assert aot.aot_steps(config) == ["distill"]
 
 
 def test_digits_compiles_for_v5e_2x2_and_prints_the_table(digits_config,
@@ -106,7 +108,8 @@ def test_the_compiled_program_is_the_step_train_runs(digits_config, tmp_path):
 
   mesh = parallel.make_mesh()
   plan = aot.build_step(digits_config, "distill", mesh, student_dir)
-  _, teachers = train.load_teachers(digits_config, student_dir, mesh)
+  teachers = train.build_step(digits_config, "distill", student_dir, mesh,
+                             total_steps=1).teachers_params
   source = pipeline.get_source(digits_config.data, digits_config.data.train_split)
   batch = next(iter(pipeline.train_dataset(
       source, digits_config.data, seed=int(digits_config.seed),
@@ -115,7 +118,7 @@ def test_the_compiled_program_is_the_step_train_runs(digits_config, tmp_path):
   before = jax.device_get(initial.params)
   state, _ = plan.program(initial, parallel.shard_batch(batch, mesh), teachers)
 
-  model = config_lib.build_model(digits_config, "student")
+  model = specs.build_model(digits_config, "student")
   trained = checkpoint.restore_params(student_dir, jax.eval_shape(
       lambda: train.init_params(model, digits_config, 0)))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,

@@ -22,10 +22,12 @@ import optax
 import pytest
 
 from kdjax import models
-from kdjax.weights import params as params_lib
-from kdjax import prompt
 from kdjax.data import text as text_lib
+from kdjax.distill import masks
 from kdjax.models import bert
+from kdjax.models import prompt as prompt_lib
+from kdjax.weights import params as params_lib
+from kdjax.weights import prompt as prompt_weights
 from kdjax.weights.importers import hf_bert
 
 MINILM_PARAMS = 22_713_216  # HF's count for all-MiniLM-L6-v2 (with pooler).
@@ -117,19 +119,19 @@ def test_prompt_changes_outputs_and_padding_is_ignored():
   np.testing.assert_allclose(model.apply({"params": params}, long), logits,
                              atol=1e-5)
   # (A constant shift would not do: the embedding LayerNorm removes it.)
-  moved = prompt.set_prompt(params, jax.random.normal(jax.random.key(1),
+  moved = prompt_lib.set_prompt(params, jax.random.normal(jax.random.key(1),
                                                       (3, 16)))
   assert not np.allclose(model.apply({"params": moved}, short), logits)
 
 
 def test_prompt_initialisers():
   table = jax.random.normal(jax.random.key(0), (20, 4))
-  sampled = prompt.vocab_prompt(jax.random.key(1), table, 5,
+  sampled = prompt_lib.vocab_prompt(jax.random.key(1), table, 5,
                                 candidate_ids=[10, 11, 12, 13, 14, 15])
   rows = [int(np.argmin(np.abs(np.asarray(table) - s).sum(-1)))
           for s in np.asarray(sampled)]
   assert len(set(rows)) == 5 and set(rows) <= set(range(10, 16))
-  labels = prompt.label_word_prompt(jax.random.key(2), table, [[3], [4, 5]], 4,
+  labels = prompt_lib.label_word_prompt(jax.random.key(2), table, [[3], [4, 5]], 4,
                                     candidate_ids=[10, 11])
   np.testing.assert_allclose(labels[0], table[3])
   np.testing.assert_allclose(labels[1], (table[4] + table[5]) / 2, rtol=1e-6)
@@ -139,15 +141,15 @@ def test_prompt_initialisers():
 def test_mask_split_merge_and_typos():
   model = bert.BertClassifier(**TINY, num_classes=2, num_prompts=3)
   params = model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
-  mask = prompt.trainable_mask(params, ("prompt", "head"))
-  trainable, frozen = prompt.split(params, mask)
+  mask = masks.trainable_mask(params, ("prompt", "head"))
+  trainable, frozen = prompt_weights.split(params, mask)
   assert set(trainable) == {"prompt", "head"} and set(frozen) == {"encoder"}
   assert params_lib.count(trainable) == 3 * 16 + 16 * 2 + 2
   assert params_lib.count(params, mask) == params_lib.count(trainable)
-  merged = prompt.merge(trainable, frozen)
+  merged = prompt_weights.merge(trainable, frozen)
   assert jax.tree.structure(merged) == jax.tree.structure(params)
   with pytest.raises(ValueError, match="promt"):
-    prompt.trainable_mask(params, ("promt",))
+    masks.trainable_mask(params, ("promt",))
 
 
 def test_importer_refuses_incomplete_dirs(tmp_path):
@@ -213,11 +215,11 @@ def test_minilm_prompt_step_trains_prompt_only(minilm_model):
   params = bert.with_encoder(params, backbone)
   table = backbone["embeddings"]["word_embeddings"]["embedding"]
   tok = imported.tokenizer
-  params = prompt.set_prompt(params, prompt.label_word_prompt(
+  params = prompt_lib.set_prompt(params, prompt_lib.label_word_prompt(
       jax.random.key(1), table, hf_bert.word_token_ids(tok, text_lib.RT_CLASSES),
       4, hf_bert.ordinary_token_ids(tok)))
-  mask = prompt.trainable_mask(params, ("prompt", "head"))
-  tx = prompt.freeze(optax.adam(1e-2), mask)
+  mask = masks.trainable_mask(params, ("prompt", "head"))
+  tx = masks.freeze(optax.adam(1e-2), mask)
   opt_state = tx.init(params)
 
   # No backbone-sized (or any backbone) array in the optimizer state: Adam's
@@ -239,7 +241,7 @@ def test_minilm_prompt_step_trains_prompt_only(minilm_model):
   @jax.jit
   def step(p, state):
     updates, state = tx.update(jax.grad(loss_fn)(p), state, p)
-    return prompt.apply_updates(p, updates, mask), state, updates
+    return masks.apply_updates(p, updates, mask), state, updates
 
   new_params, _, updates = step(params, opt_state)
   for old, new in zip(jax.tree.leaves(params["encoder"]),

@@ -17,8 +17,8 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from kdjax.runtime import checkpoint
 from kdjax.distill import step as step_lib
+from kdjax.runtime import checkpoint
 
 
 def _state(optimizer=optax.adamw(1e-3)):

@@ -59,7 +59,7 @@ def test_traceback_on_request(tmp_path):
                   tfds_dir=tmp_path / "tfds", KDJAX_TRACEBACK="1")
   assert result.returncode != 0
   assert "Traceback (most recent call last)" in result.stderr
-  assert ("kdjax.config.ConfigError: config.distill.alpha=1.5 is invalid"
+  assert ("kdjax.core.config.ConfigError: config.distill.alpha=1.5 is invalid"
           in result.stderr)
 
 

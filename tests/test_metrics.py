@@ -13,9 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from kdjax.run import evaluate, lm_eval
 from kdjax.distill import parallel
 from kdjax.distill.objectives import ModelOutputs
+from kdjax.run import evaluate, lm_eval
 
 
 def _identity_apply(params, inputs, train, dropout_rng, capture_features=False):

@@ -18,11 +18,14 @@ import jax
 import numpy as np
 import pytest
 
-from kdjax.runtime import checkpoint, distributed
 from kdjax import modes
-from kdjax.run import train
-from kdjax import config as config_lib
+from kdjax import validation
+from kdjax.core import config as config_lib
 from kdjax.data import pipeline
+from kdjax.run import train
+from kdjax.runtime import checkpoint, distributed
+from kdjax.runtime import workdir as workdir_lib
+from kdjax.weights import specs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 40  # Long enough to interrupt twice; steps take ~0.1 s here.
@@ -135,7 +138,7 @@ def _wait_for_checkpoint(run: TwoProcesses, workdir, at_least: int) -> None:
 
 
 def _student(config, workdir):
-  model = config_lib.build_model(config, "student")
+  model = specs.build_model(config, "student")
   abstract = jax.eval_shape(lambda: train.init_params(model, config, 0))
   return checkpoint.restore_params(workdir, abstract)
 
@@ -299,7 +302,7 @@ def test_unwritable_workdir_fails_before_any_compile(digits_config, tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
   digits_config.mode = "teacher"
-  with pytest.raises(config_lib.WorkdirError,
+  with pytest.raises(workdir_lib.WorkdirError,
                      match=r"--workdir=.*a_file/run.* cannot be written.*"
                            r"Pass a directory you can write"):
     modes.run(digits_config, str(blocker / "run"))
@@ -307,7 +310,7 @@ def test_unwritable_workdir_fails_before_any_compile(digits_config, tmp_path):
   if os.geteuid() != 0:  # root may write anywhere.
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    with pytest.raises(config_lib.WorkdirError, match="cannot be written"):
+    with pytest.raises(workdir_lib.WorkdirError, match="cannot be written"):
       modes.run(digits_config, str(locked / "run"))
 
 
@@ -328,7 +331,7 @@ def test_pmap_backend_with_several_processes_is_refused(digits_config,
   with mock.patch.object(jax, "process_count", lambda: 2):
     with pytest.raises(config_lib.ConfigError,
                        match=r"config.parallel.backend='pmap'.*use 'shard_map'"):
-      config_lib.validate(digits_config, str(tmp_path))
+      validation.validate(digits_config, str(tmp_path))
 
 
 def test_coordinator_port_in_use_is_named_before_jax_starts():

@@ -11,8 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from kdjax.distill import features, losses, objectives, parallel, step
 from kdjax import models
+from kdjax.distill import features, losses, objectives, parallel, step
 from kdjax.distill.objectives import ModelOutputs
 
 

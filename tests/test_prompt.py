@@ -16,12 +16,16 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from kdjax.data import tokenizer as tokenizer_lib
-from kdjax import config as config_lib
-from kdjax import prompt
-from kdjax.run import train
+from kdjax import validation
+from kdjax.core import config as config_lib
 from kdjax.data import text as text_lib
+from kdjax.data import tokenizer as tokenizer_lib
+from kdjax.distill import masks
 from kdjax.models import bert
+from kdjax.models import prompt as prompt_lib
+from kdjax.run import train
+from kdjax.weights import prompt as prompt_weights
+from kdjax.weights import specs
 from kdjax.weights.importers import hf_bert
 
 TINY = dict(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,
@@ -89,7 +93,7 @@ def test_config_validation_names_the_prompt_field(tmp_path):
       prompt_init_words=())
   with pytest.raises(config_lib.ConfigError,
                      match=r"config.student.model: .*prompt_init_words"):
-    config_lib.validate(config, str(tmp_path))
+    validation.validate(config, str(tmp_path))
 
 
 # --- Initialisation from the imported MiniLM. ------------------------------
@@ -101,7 +105,7 @@ def minilm_prompt_params():
   import rotten_tomatoes  # pylint: disable=g-import-not-at-top
   config = rotten_tomatoes.get_config("smoke")
   config_lib.set_fields(config, rotten_tomatoes._prompt_student(config, 4))  # pylint: disable=protected-access
-  model = config_lib.build_model(config, "student")
+  model = specs.build_model(config, "student")
   params = train.init_params(model, config, 0)
   fields = dict(hf_bert.load_config(hf_bert.minilm_dir()),
                 add_pooler="pooler" in params["encoder"])
@@ -123,7 +127,7 @@ def test_label_word_init_is_the_imported_label_embeddings(minilm_prompt_params):
   config, params, table, tokenizer = minilm_prompt_params
   assert config.student.model.prompt_init == "labels"
   before = params["prompt"]["embedding"]
-  out = prompt.init_from_config(params, config, "student", seed=0)
+  out = prompt_weights.init_from_config(params, config, "student", seed=0)
   rows = np.asarray(out["prompt"]["embedding"])
   assert rows.shape == (20, 384)
   # 'rotten' and 'fresh' are single word pieces: rows 0 and 1 ARE their
@@ -141,8 +145,8 @@ def test_label_word_init_is_the_imported_label_embeddings(minilm_prompt_params):
                               jax.tree_util.tree_leaves_with_path(out)):
     assert p1 == p2 and (_bits_equal(a, b) or "prompt" in str(p1))
   assert not np.allclose(before, rows)
-  again = prompt.init_from_config(params, config, "student", seed=0)
-  other = prompt.init_from_config(params, config, "student", seed=1)
+  again = prompt_weights.init_from_config(params, config, "student", seed=0)
+  other = prompt_weights.init_from_config(params, config, "student", seed=1)
   assert _bits_equal(again["prompt"]["embedding"], rows)
   assert not np.array_equal(np.asarray(other["prompt"]["embedding"])[2:],
                             rows[2:])
@@ -158,14 +162,14 @@ def test_multi_piece_label_word_and_vocab_init(minilm_prompt_params):
   assert len(pieces[0]) > 1  # Several word pieces: their mean (Lester et al.).
   config = config_lib.set_fields(config.copy_and_resolve_references(), {
       "student.model.prompt_init_words": words})
-  rows = np.asarray(prompt.init_from_config(
+  rows = np.asarray(prompt_weights.init_from_config(
       params, config, "student", seed=0)["prompt"]["embedding"])
   want = table[pieces[0]].astype(np.float64).mean(0)
   np.testing.assert_allclose(rows[0], want, rtol=0, atol=1e-7)
   assert _bits_equal(rows[1], table[4840])
 
   config = config_lib.set_fields(config, {"student.model.prompt_init": "vocab"})
-  rows = np.asarray(prompt.init_from_config(
+  rows = np.asarray(prompt_weights.init_from_config(
       params, config, "student", seed=0)["prompt"]["embedding"])
   ordinary = set(hf_bert.ordinary_token_ids(tokenizer).tolist())
   ids = _matching_ids(table, rows)
@@ -173,7 +177,7 @@ def test_multi_piece_label_word_and_vocab_init(minilm_prompt_params):
   assert len({int(m[0]) for m in ids}) == 20
 
   config = config_lib.set_fields(config, {"student.model.prompt_init": "random"})
-  assert prompt.init_from_config(params, config, "student", seed=0) is params
+  assert prompt_weights.init_from_config(params, config, "student", seed=0) is params
 
 
 @minilm
@@ -182,7 +186,7 @@ def test_vocab_init_needs_a_pretrained_backbone(minilm_prompt_params):
   config = config_lib.set_fields(config.copy_and_resolve_references(),
                                  {"student.init_from": ""})
   with pytest.raises(config_lib.ConfigError, match=r"config.student.init_from"):
-    prompt.init_from_config(params, config, "student", seed=0)
+    prompt_weights.init_from_config(params, config, "student", seed=0)
 
 
 # --- Prompt-only export and loading onto the frozen backbone. --------------
@@ -190,47 +194,47 @@ def test_vocab_init_needs_a_pretrained_backbone(minilm_prompt_params):
 
 def test_export_loads_onto_the_same_backbone_only(tmp_path):
   model, tokens, params = _tiny_prompt_params(seed=0)
-  params = prompt.set_prompt(params, np.full((3, 16), 0.25, np.float32))
-  mask = prompt.trainable_mask(params, ("prompt", "head"))
+  params = prompt_lib.set_prompt(params, np.full((3, 16), 0.25, np.float32))
+  mask = masks.trainable_mask(params, ("prompt", "head"))
   meta = {"model": {"name": "bert", **TINY, "num_classes": 2,
                     "num_prompts": 3}, "seed": 0, "role": "scratch"}
-  path = prompt.export_trainable(str(tmp_path), params, mask, meta, "")
-  assert path == os.path.join(str(tmp_path), prompt.EXPORT_FILE)
+  path = prompt_weights.export_trainable(str(tmp_path), params, mask, meta, "")
+  assert path == os.path.join(str(tmp_path), prompt_weights.EXPORT_FILE)
   assert not os.path.exists(path + ".tmp")
-  note, trained = prompt.read_export(str(tmp_path))  # A run dir works too.
+  note, trained = prompt_weights.read_export(str(tmp_path))  # A run dir works too.
   assert set(trained) == {"prompt", "head"}
   assert note["num_params"] == 3 * 16 + 16 * 2 + 2 and note["seed"] == 0
 
   # Onto the same backbone with another (random) prompt and head: identical.
   _, _, fresh = _tiny_prompt_params(seed=0)
-  fresh = prompt.set_prompt(fresh, np.zeros((3, 16), np.float32))
+  fresh = prompt_lib.set_prompt(fresh, np.zeros((3, 16), np.float32))
   fresh["head"] = jax.tree.map(jnp.zeros_like, fresh["head"])
-  loaded = prompt.load_onto(fresh, path)
+  loaded = prompt_weights.load_onto(fresh, path)
   for (p1, a), (p2, b) in zip(jax.tree_util.tree_leaves_with_path(params),
                               jax.tree_util.tree_leaves_with_path(loaded)):
     assert p1 == p2 and _bits_equal(a, b), jax.tree_util.keystr(p1)
   np.testing.assert_array_equal(_apply(model, loaded, tokens),
                                 _apply(model, params, tokens))
   # The backbone alone ({'encoder': ...}) is enough.
-  alone = prompt.load_onto({"encoder": params["encoder"]}, path)
+  alone = prompt_weights.load_onto({"encoder": params["encoder"]}, path)
   assert set(alone) == {"encoder", "prompt", "head"}
 
   # Another backbone (one bit of one weight) is refused, unless asked.
   _, _, other = _tiny_prompt_params(seed=1)
   with pytest.raises(ValueError, match="trained on another backbone"):
-    prompt.load_onto(other, path)
-  prompt.load_onto(other, path, verify=False)
+    prompt_weights.load_onto(other, path)
+  prompt_weights.load_onto(other, path, verify=False)
   # A model with another prompt length does not fit.
   _, _, wrong = _tiny_prompt_params(num_prompts=4)
   with pytest.raises(ValueError, match=r"prompt/embedding has shape \(3, 16\)"):
-    prompt.load_onto(wrong, path)
+    prompt_weights.load_onto(wrong, path)
 
 
 def test_read_export_refuses_other_files(tmp_path):
   path = tmp_path / "x.msgpack"
   path.write_bytes(serialization.msgpack_serialize({"params": {}}))
   with pytest.raises(ValueError, match="not a kdjax prompt export"):
-    prompt.read_export(str(path))
+    prompt_weights.read_export(str(path))
 
 
 # --- Instruction-prompted models. -------------------------------------------

@@ -19,10 +19,11 @@ import jax
 import numpy as np
 import pytest
 
-from kdjax.runtime import checkpoint, resume
 from kdjax import modes
+from kdjax.core import config as config_lib
 from kdjax.run import train
-from kdjax import config as config_lib
+from kdjax.runtime import checkpoint, resume
+from kdjax.weights import specs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +39,7 @@ def _teacher_config(digits_config):
 
 
 def _params(config, workdir):
-  model = config_lib.build_model(config, "teacher")
+  model = specs.build_model(config, "teacher")
   abstract = jax.eval_shape(lambda: train.init_params(model, config, 0))
   return checkpoint.restore_params(workdir, abstract)
 

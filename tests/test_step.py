@@ -20,8 +20,8 @@ import pytest
 
 import ml_collections
 
-from kdjax.distill import losses, objectives, parallel, step
 from kdjax import models, modes
+from kdjax.distill import losses, objectives, parallel, step
 
 NUM_CLASSES = 5
 GLOBAL_BATCH = 16

@@ -14,12 +14,17 @@ import numpy as np
 import optax
 import pytest
 
-from kdjax.runtime import checkpoint
-from kdjax import modes, teacher_cache
-from kdjax.distill import step
-from kdjax.run import tasks, train
-from kdjax import config as config_lib
+from kdjax import modes
+from kdjax import validation
+from kdjax.core import config as config_lib
 from kdjax.data import lm
+from kdjax.distill import step
+from kdjax.distill import teacher_cache
+from kdjax.weights import teachers as teachers_lib
+from kdjax.run import cache_builder
+from kdjax.run import tasks, train
+from kdjax.runtime import checkpoint
+from kdjax.weights import specs
 import word_tokenizer
 
 WORDS = tuple(f"w{i}" for i in range(40))
@@ -85,7 +90,7 @@ def _save_random_teacher(config, scale: float) -> None:
 
   Its output layer is scaled so its distribution is far from uniform.
   """
-  model = config_lib.build_model(config, "teacher")
+  model = specs.build_model(config, "teacher")
   params = train.init_params(model, config, 7)
   last = "embed" if "embed" in params else sorted(params)[-1]
   params = dict(params, **{last: jax.tree.map(lambda x: x * scale,
@@ -93,7 +98,7 @@ def _save_random_teacher(config, scale: float) -> None:
   state = step.create_train_state(params, optax.sgd(0.1), jax.random.key(0))
   data = tasks.for_config(config).train_iterator(
       global_batch_size=8, seed=0, augment=False)
-  meta = {"model": config_lib.model_spec(config, "teacher"), "role": "teacher",
+  meta = {"model": specs.model_spec(config, "teacher"), "role": "teacher",
           "num_classes": int(config.data.num_classes)}
   with checkpoint.Checkpointer(config.teacher.checkpoint_dir,
                                save_every_steps=1, keep=1,
@@ -108,7 +113,7 @@ def _run(config, mode, workdir, **changes):
 
 
 def _student_params(config, workdir):
-  model = config_lib.build_model(config, "student")
+  model = specs.build_model(config, "student")
   abstract = jax.eval_shape(lambda: train.init_params(model, config, 0))
   return checkpoint.restore_params(workdir, abstract)
 
@@ -136,7 +141,7 @@ def test_cached_distillation_equals_online_when_k_is_the_vocabulary(
 
   def no_teacher(*args, **kwargs):
     raise AssertionError("the teacher was loaded")
-  monkeypatch.setattr(train, "load_teachers", no_teacher)
+  monkeypatch.setattr(teachers_lib, "load_all", no_teacher)
   cached_dir = os.path.join(workdir, "cached")
   cached = _run(config, "distill", cached_dir,
                 **{"distill.teacher_cache": config.cache.dir,
@@ -144,7 +149,7 @@ def test_cached_distillation_equals_online_when_k_is_the_vocabulary(
   assert "teacher cache" in cached["objective"]
   a = _student_params(config, online_dir)
   b = _student_params(config, cached_dir)
-  init = train.init_params(config_lib.build_model(config, "student"), config, 0)
+  init = train.init_params(specs.build_model(config, "student"), config, 0)
   moved = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, init)
   assert max(jax.tree.leaves(moved)) > 1e-3  # Training changed the params.
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4,
@@ -171,7 +176,7 @@ def test_records_hold_the_teacher_topk_in_order(lm_runs):
   np.testing.assert_array_equal(np.sort(entries["indices"], -1),
                                 np.broadcast_to(np.arange(VOCAB), (3, 12, VOCAB)))
   # The same entries as the teacher computed here, in float64.
-  model = config_lib.build_model(config, "teacher")
+  model = specs.build_model(config, "teacher")
   inputs = packed.batch(rows)["inputs"]
   params = checkpoint.restore_params(
       config.teacher.checkpoint_dir,
@@ -219,7 +224,7 @@ def test_interrupted_build_resumes_and_skips_finished_shards(
   config, workdir, manifest = lm_runs
   config = ml_collections.ConfigDict(config.to_dict())
   config.cache.dir = str(tmp_path / "cache")
-  real_write = teacher_cache._write_shard  # pylint: disable=protected-access
+  real_write = cache_builder._write_shard  # pylint: disable=protected-access
   written = []
 
   def write_then_die(path, records):
@@ -227,7 +232,7 @@ def test_interrupted_build_resumes_and_skips_finished_shards(
       raise KeyboardInterrupt("killed")
     written.append(os.path.basename(path))
     real_write(path, records)
-  monkeypatch.setattr(teacher_cache, "_write_shard", write_then_die)
+  monkeypatch.setattr(cache_builder, "_write_shard", write_then_die)
   with pytest.raises(KeyboardInterrupt):
     _run(config, "cache_teacher", workdir)
   assert sorted(f for f in os.listdir(config.cache.dir)
@@ -237,7 +242,7 @@ def test_interrupted_build_resumes_and_skips_finished_shards(
     _run(config, "distill", str(tmp_path / "d"),
          **{"distill.teacher_cache": config.cache.dir})
 
-  monkeypatch.setattr(teacher_cache, "_write_shard", real_write)
+  monkeypatch.setattr(cache_builder, "_write_shard", real_write)
   first = os.path.join(config.cache.dir, written[0])
   mtime = os.stat(first).st_mtime_ns
   os.remove(os.path.join(config.cache.dir, written[1]))  # A lost shard.
@@ -299,11 +304,11 @@ def test_unsupported_objectives_and_settings_are_refused(lm_runs):
                               "distill.teacher_cache": config.cache.dir,
                               "distill.terms": (dict(name="jsd", weight=1.0),)})
   with pytest.raises(config_lib.ConfigError, match="jsd"):
-    config_lib.validate(run, workdir)
+    validation.validate(run, workdir)
   run.distill.terms = ()
   run.cache.dtype = "float16"
   with pytest.raises(config_lib.ConfigError, match="cache.dtype"):
-    config_lib.validate(run, workdir)
+    validation.validate(run, workdir)
   run.cache.dtype = "bfloat16"
   run.distill.teacher_cache = workdir  # No manifest there.
   with pytest.raises(config_lib.ConfigError, match="no teacher cache"):
@@ -331,13 +336,13 @@ def test_encoding_round_trip_and_bytes_per_token(tmp_path):
   np.testing.assert_array_equal(back["log_tail"], tail)
   np.testing.assert_allclose(back["log_probs"].astype(np.float32), log_probs,
                              rtol=2 ** -8)
-  path = str(tmp_path / teacher_cache.shard_name(0, 1))
+  path = str(tmp_path / cache_builder.shard_name(0, 1))
   n = 64  # A shard costs a fixed ~64-128 KiB of array_record framing.
   raw = teacher_cache.encode(
       np.arange(n), -10 * rng.random((n, 128, 64)),
       rng.integers(0, 49152, (n, 128, 64)), np.log(rng.random((n, 128))),
       dtype)
-  teacher_cache._write_shard(path, raw)  # pylint: disable=protected-access
+  cache_builder._write_shard(path, raw)  # pylint: disable=protected-access
   assert os.path.getsize(path) / (n * 128) <= 300
 
 

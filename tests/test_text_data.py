@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.data import builders
 from kdjax.data import text
+from kdjax.data import tokenizer as tokenizer_lib
 
 # Fixed by the SHA-256 split: changing them changes every reported number.
 SPLIT_SIZES = {"train": 10188, "validation": 1296, "test": 1268}

@@ -14,11 +14,14 @@ import jax
 import numpy as np
 import pytest
 
-from kdjax.runtime import checkpoint
-from kdjax import modes, prompt
-from kdjax.run import train
-from kdjax import config as config_lib
+from kdjax import modes
+from kdjax import validation
+from kdjax.core import config as config_lib
 from kdjax.data import pipeline
+from kdjax.run import train
+from kdjax.runtime import checkpoint
+from kdjax.weights import prompt as prompt_weights
+from kdjax.weights import specs
 from kdjax.weights.importers import hf_bert
 
 pytestmark = pytest.mark.skipif(
@@ -39,7 +42,7 @@ def _restore(config, run_dir):
     run = json.load(f)
   spec = {k: tuple(v) if isinstance(v, list) else v
           for k, v in run["model"].items()}
-  model = config_lib.model_from_spec(spec)
+  model = specs.model_from_spec(spec)
   abstract = jax.eval_shape(lambda: train.init_params(model, config, 0))
   return run, jax.device_get(checkpoint.restore_params(run_dir, abstract))
 
@@ -105,14 +108,14 @@ def test_prompt_runs_leave_backbone_bit_identical(smoke_run, run_name):
   # The run exported its trained leaves (prompt + head) alone; rebuilt from
   # that file and a freshly imported MiniLM, the model is the trained one.
   export = os.path.join(workdir, "full_data", run_name, "seed_0",
-                        prompt.EXPORT_FILE)
+                        prompt_weights.EXPORT_FILE)
   assert os.path.getsize(export) < 50_000  # Kilobytes; the model is ~90 MB.
-  note, trained = prompt.read_export(export)
+  note, trained = prompt_weights.read_export(export)
   assert set(trained) == {"prompt", "head"}
   assert note["init_from"] == config.teacher.init_from  # The MiniLM.
   assert note["num_params"] == run["num_trainable_params"] == 20 * 384 + 770
-  model, rebuilt = prompt.rebuild(export, pipeline.dummy_inputs(config.data))
-  assert model == config_lib.model_from_spec(
+  model, rebuilt = prompt_weights.rebuild(export, pipeline.dummy_inputs(config.data))
+  assert model == specs.model_from_spec(
       {k: tuple(v) if isinstance(v, list) else v
        for k, v in run["model"].items()})
   for (p1, a), (p2, b) in zip(jax.tree_util.tree_leaves_with_path(params),
@@ -129,8 +132,8 @@ def test_exports_only_where_a_trainable_mask_is_set(smoke_run):
   _, workdir, _ = smoke_run
   for run in ("scratch", "distill"):  # The BiLSTM trains everything.
     assert not os.path.exists(os.path.join(
-        workdir, "full_data", run, "seed_0", prompt.EXPORT_FILE))
-  note, trained = prompt.read_export(os.path.join(workdir, "teacher"))
+        workdir, "full_data", run, "seed_0", prompt_weights.EXPORT_FILE))
+  note, trained = prompt_weights.read_export(os.path.join(workdir, "teacher"))
   assert set(trained) == {"encoder", "head"}
   assert set(trained["encoder"]) == {"layer_5"}  # Its top layer only.
   assert note["role"] == "teacher"
@@ -148,7 +151,7 @@ def test_validation_names_the_text_fields(tmp_path, field, value, message):
   section, leaf = field.split(".")
   config[section][leaf] = value
   with pytest.raises(config_lib.ConfigError, match=message):
-    config_lib.validate(config, str(tmp_path))
+    validation.validate(config, str(tmp_path))
 
 
 def test_validation_names_a_bad_variant_mode(tmp_path):
@@ -156,4 +159,4 @@ def test_validation_names_a_bad_variant_mode(tmp_path):
   config = rotten_tomatoes.get_config("smoke")
   config.pipeline.variants = (dict(config.pipeline.variants[0], mode="teacher"),)
   with pytest.raises(config_lib.ConfigError, match=r"pipeline.variants\[0\].mode"):
-    config_lib.validate(config, str(tmp_path))
+    validation.validate(config, str(tmp_path))

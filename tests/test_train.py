@@ -13,10 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from kdjax.runtime import checkpoint
 from kdjax import modes
 from kdjax.run import train
-from kdjax import config as config_lib
+from kdjax.runtime import checkpoint
+from kdjax.weights import specs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +33,7 @@ STUDENT_KEYS = MODEL_ENTRY_KEYS | {"agreement_with_teacher", "kl_to_teacher",
 
 
 def _params(config, role, run_dir):
-  model = config_lib.build_model(config, role)
+  model = specs.build_model(config, role)
   abstract = jax.eval_shape(lambda: train.init_params(model, config, 0))
   return checkpoint.restore_params(run_dir, abstract)
 

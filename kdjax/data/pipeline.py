@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
+from kdjax.core.config import fail
 from kdjax.data import builders
+from kdjax.data import text as text_lib
 from kdjax.data import tokenizer as tokenizer_lib
 
 
@@ -155,8 +157,7 @@ def preprocess_batch(records, data_config) -> dict[str, np.ndarray]:
     x = np.stack([np.asarray(r[key]) for r in records])
     y = np.asarray([r[label_key] for r in records])
   if is_text(data_config):
-    from kdjax.data import text  # pylint: disable=g-import-not-at-top
-    ids = text.tokenize(load_tokenizer(data_config.tokenizer_dir), list(x),
+    ids = text_lib.tokenize(load_tokenizer(data_config.tokenizer_dir), list(x),
                         int(data_config.max_length), pad_id=0)["input_ids"]
     return {"inputs": ids, "labels": np.asarray(y).astype(np.int32)}
   scale = float(data_config.input_scale)
@@ -332,3 +333,19 @@ def load_split(source, data_config) -> dict[str, np.ndarray]:
   mask = np.concatenate([b["mask"] for b in batches]).astype(bool)
   return {k: np.concatenate([b[k] for b in batches])[mask]
           for k in ("inputs", "labels")}
+
+
+def validate(data_config, *, language_model: bool) -> None:
+  """config.data: classes, tokenizer and lengths for text, the train fraction."""
+  if data_config.num_classes <= 1 and not language_model:
+    fail("data.num_classes", data_config.num_classes, "must be >= 2")
+  if data_config.get("tokenizer_dir", ""):
+    if not os.path.exists(os.path.join(data_config.tokenizer_dir,
+                                       "tokenizer.json")):
+      fail("data.tokenizer_dir", data_config.tokenizer_dir,
+           "must be a directory with a tokenizer.json ('' for non-text data)")
+    if data_config.get("max_length", 0) <= 0:
+      fail("data.max_length", data_config.get("max_length"),
+           "must be > 0 tokens for text data")
+  if not 0.0 < data_config.train_fraction <= 1.0:
+    fail("data.train_fraction", data_config.train_fraction, "must be in (0, 1]")

@@ -22,6 +22,7 @@ divergence recovers log p exactly); 'sum' adds sum_k c_k * term(student, k).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import flax
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kdjax.core.config import ConfigError, fail
 from kdjax.distill import features as features_lib
 from kdjax.distill import losses
 
@@ -39,17 +41,56 @@ TASK_TERM = "ce"
 
 
 @flax.struct.dataclass
+class TeacherTopK:
+  """A teacher's cached outputs: [..., k] log-probs at T and indices, [...] tail.
+
+  What kdjax.distill.teacher_cache stores per example or token instead of the
+  teacher's logits; the objective turns every divergence term into the top-k
+  KL with a tail bucket (losses.topk_kl_from_cache) when a teacher comes so.
+  """
+  log_probs: jax.Array
+  indices: jax.Array
+  log_tail: jax.Array
+
+  @property
+  def top1(self) -> jax.Array:
+    """The teacher's argmax (the first of its descending top k)."""
+    return self.indices[..., 0].astype(jnp.int32)
+
+  def dense_log_probs(self, vocab: int) -> jax.Array:
+    """[..., vocab] log-probs at T: the top k, the tail spread evenly.
+
+    Only for argmax-based metrics of small (classification) vocabularies; the
+    loss uses the k + 1 buckets.
+    """
+    rest = vocab - self.log_probs.shape[-1]
+    fill = (self.log_tail.astype(jnp.float32) - math.log(rest) if rest
+            else jnp.full(self.log_tail.shape, -jnp.inf, jnp.float32))
+    dense = jnp.broadcast_to(fill[..., None], fill.shape + (vocab,))
+    return jnp.put_along_axis(dense, self.indices.astype(jnp.int32),
+                              self.log_probs.astype(jnp.float32), axis=-1,
+                              inplace=False)
+
+
+@flax.struct.dataclass
 class ModelOutputs:
   """What a forward pass hands the objective: logits and sown intermediates.
 
   A language model may hand over its final hidden states [B, L, D] and LM
   head [D, V] instead of logits (logits=None), so the token loss can apply
-  the head chunk by chunk (kdjax.distill.token_loss).
+  the head chunk by chunk (kdjax.distill.token_loss). A cached teacher hands
+  over a TeacherTopK as `hidden` with no head (and dense `logits` only for
+  the agreement metric of classification).
   """
   logits: jax.Array | None
   intermediates: dict[str, Any] = flax.struct.field(default_factory=dict)
-  hidden: jax.Array | None = None
+  hidden: Any = None
   head: jax.Array | None = None
+
+  @property
+  def topk(self) -> TeacherTopK | None:
+    """The cached top k when this teacher came from a cache, else None."""
+    return self.hidden if isinstance(self.hidden, TeacherTopK) else None
 
 
 def make_schedule(start: float, end: float | None, kind: str,
@@ -83,6 +124,14 @@ class Term:
     return fn(student_logits, teacher_logits, temperature=temperature,
               **dict(self.options))
 
+  def from_topk(self, student_logits, teacher: TeacherTopK, temperature):
+    """A divergence term against a cached top k: the top-k KL + tail bucket
+    (the cache's k, so a term's own 'k' option is not used)."""
+    options = {k: v for k, v in self.options if k != "k"}
+    return losses.topk_kl_from_cache(
+        student_logits, teacher.log_probs, teacher.indices.astype(jnp.int32),
+        teacher_log_tail=teacher.log_tail, temperature=temperature, **options)
+
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
@@ -107,12 +156,16 @@ class Objective:
                labels: jax.Array, step: jax.Array, aux_params: Any = None):
     """Per-example loss and {term name: per-example value} (unweighted)."""
     temperature = self.temperature(step)
+    cached = teachers[0].topk if self.uses_teacher else None
     if self.uses_teacher and self.hard_labels == "teacher":
-      labels = jnp.argmax(self._ensemble_logits(teachers, 1.0), axis=-1)
+      labels = (cached.top1 if cached is not None else
+                jnp.argmax(self._ensemble_logits(teachers, 1.0), axis=-1))
     total = jnp.zeros(student.logits.shape[:-1], jnp.float32)
     values: dict[str, jax.Array] = {}
     for term in self.terms:
-      if term.name == TASK_TERM or self.combine == "ensemble":
+      if cached is not None and term.name != TASK_TERM:
+        value = term.from_topk(student.logits, cached, temperature)
+      elif term.name == TASK_TERM or self.combine == "ensemble":
         teacher_logits = (self._ensemble_logits(teachers, temperature)
                           if self.uses_teacher else None)
         value = term(student.logits, teacher_logits, labels, temperature)
@@ -151,7 +204,8 @@ def cross_entropy() -> Objective:
   return Objective(terms=(Term(TASK_TERM, optax.constant_schedule(1.0)),))
 
 
-def _term_specs(distill) -> list[dict[str, Any]]:
+def term_specs(distill) -> list[dict[str, Any]]:
+  """config.distill.terms as dicts; without terms, Hinton's alpha-weighted kl + ce."""
   if distill.terms:
     return [dict(spec) for spec in distill.terms]
   return [dict(name="kl", weight=float(distill.alpha)),
@@ -164,7 +218,7 @@ TERM_FIELDS = ("name", "weight", "weight_end", "schedule")
 def distillation(distill, *, num_teachers: int, total_steps: int) -> Objective:
   """The objective described by `config.distill` for a run of total_steps."""
   terms = []
-  for spec in _term_specs(distill):
+  for spec in term_specs(distill):
     options = tuple(sorted((k, v) for k, v in spec.items()
                            if k not in TERM_FIELDS))
     terms.append(Term(
@@ -209,7 +263,7 @@ def describe_distill(distill, num_teachers: int) -> str:
         "schedule", "constant") != "constant":
       weight += f"->{float(spec['weight_end']):g} {spec['schedule']}"
     return f"{weight} * {body}"
-  parts = [fmt(s) for s in _term_specs(distill)]
+  parts = [fmt(s) for s in term_specs(distill)]
   parts += [f"{float(f.get('weight', 1.0)):g} * feature_{f.get('loss', 'mse')}"
             f"({f['student']}<-{f['teacher']})"
             for f in distill.get("features", ())]
@@ -237,27 +291,33 @@ def describe(objective: Objective) -> str:
 
 
 def validate_distill(distill) -> None:
-  """Raises ValueError naming a bad term, schedule, feature or teacher field."""
+  """config.distill: alpha, temperature, hard labels, terms, schedules, features."""
+  if not 0.0 <= distill.alpha <= 1.0:
+    fail("distill.alpha", distill.alpha, "must be in [0, 1]")
+  if distill.temperature <= 0:
+    fail("distill.temperature", distill.temperature, "must be > 0")
+  if distill.hard_labels not in HARD_LABEL_SOURCES:
+    fail("distill.hard_labels", distill.hard_labels,
+         f"allowed: {HARD_LABEL_SOURCES}")
   allowed = sorted(set(losses.OBJECTIVES) | {TASK_TERM})
-  for i, spec in enumerate(_term_specs(distill)):
+  for i, spec in enumerate(term_specs(distill)):
     if spec.get("name") not in allowed:
-      raise ValueError(f"config.distill.terms[{i}].name={spec.get('name')!r} is "
-                       f"invalid: allowed: {allowed}.")
+      fail(f"distill.terms[{i}].name", spec.get("name"), f"allowed: {allowed}")
     if "weight" not in spec or float(spec["weight"]) < 0:
-      raise ValueError(f"config.distill.terms[{i}].weight="
-                       f"{spec.get('weight')!r} is invalid: must be >= 0.")
+      fail(f"distill.terms[{i}].weight", spec.get("weight"), "must be >= 0")
     if spec.get("schedule", "constant") not in SCHEDULES:
-      raise ValueError(f"config.distill.terms[{i}].schedule="
-                       f"{spec.get('schedule')!r} is invalid: allowed: "
-                       f"{SCHEDULES}.")
+      fail(f"distill.terms[{i}].schedule", spec.get("schedule"),
+           f"allowed: {SCHEDULES}")
   if distill.get("temperature_schedule", "constant") not in SCHEDULES:
-    raise ValueError(f"config.distill.temperature_schedule="
-                     f"{distill.temperature_schedule!r} is invalid: allowed: "
-                     f"{SCHEDULES}.")
+    fail("distill.temperature_schedule", distill.temperature_schedule,
+         f"allowed: {SCHEDULES}")
   if distill.get("combine", "ensemble") not in TEACHER_COMBINATIONS:
-    raise ValueError(f"config.distill.combine={distill.combine!r} is invalid: "
-                     f"allowed: {TEACHER_COMBINATIONS}.")
+    fail("distill.combine", distill.combine,
+         f"allowed: {TEACHER_COMBINATIONS}")
   for i, spec in enumerate(distill.get("features", ())):
-    features_lib.validate_spec(dict(spec), i)
+    try:
+      features_lib.validate_spec(dict(spec), i)
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import optax
 
+from kdjax.core.config import fail
+
 SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -34,3 +36,23 @@ def make_optimizer(train_config, total_steps: int) -> optax.GradientTransformati
   if train_config.get("grad_clip_norm", 0.0):
     tx = optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm), tx)
   return tx
+
+
+def validate(train_config, field: str, devices: int) -> None:
+  """config.<role>.train: batch splits over `devices` x grad_accum_steps, known optimizer."""
+  per_step = devices * train_config.grad_accum_steps
+  if train_config.batch_size <= 0 or train_config.batch_size % per_step:
+    fail(f"{field}.batch_size", train_config.batch_size,
+         f"must be a positive multiple of device count ({devices}) x "
+         f"grad_accum_steps ({train_config.grad_accum_steps}) = {per_step}")
+  if train_config.learning_rate <= 0:
+    fail(f"{field}.learning_rate", train_config.learning_rate, "must be > 0")
+  if train_config.num_epochs <= 0 and train_config.get("num_steps", 0) <= 0:
+    fail(f"{field}.num_epochs", train_config.num_epochs,
+         "must be > 0 (or set num_steps > 0)")
+  if train_config.optimizer not in OPTIMIZERS:
+    fail(f"{field}.optimizer", train_config.optimizer,
+         f"allowed: {sorted(OPTIMIZERS)}")
+  if train_config.schedule not in SCHEDULES:
+    fail(f"{field}.schedule", train_config.schedule,
+         f"allowed: {sorted(SCHEDULES)}")

@@ -30,6 +30,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from kdjax.core.config import fail
+
 DATA_AXIS = "data"
 BACKENDS = ("shard_map", "pmap")
 
@@ -86,6 +88,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def abstract(tree: Any, sharding) -> Any:
+  """ShapeDtypeStructs of `tree`'s leaves with `sharding` (nothing placed)."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
@@ -175,3 +183,13 @@ def map_over_devices(per_device_fn: Callable, mesh: Mesh, backend: str, *,
         lambda x: np.asarray(x).reshape((num_devices, -1) + x.shape[1:]), batch)
     return pmapped(state, split, frozen)
   return run
+
+
+def validate(backend: str, process_count: int) -> None:
+  """config.parallel.backend is known and can span `process_count` hosts."""
+  if backend not in BACKENDS:
+    fail("parallel.backend", backend, f"allowed: {BACKENDS}")
+  if process_count > 1 and backend == "pmap":
+    fail("parallel.backend", backend,
+         f"pmap maps over one host's devices; with {process_count} "
+         "processes use 'shard_map'")

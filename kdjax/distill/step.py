@@ -12,6 +12,7 @@ and micro-batches gives exactly the gradient of the full-batch mean.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import flax
@@ -20,12 +21,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from kdjax.distill import losses
 from kdjax import models
-from kdjax.distill import parallel
-from kdjax import prompt as prompt_lib
-from kdjax import teacher_cache
-from kdjax.distill import token_loss
+from kdjax.distill import losses, masks, parallel, token_loss
 from kdjax.distill.objectives import ModelOutputs
 
 # apply(params, inputs, train, dropout_rng, capture_features) -> ModelOutputs
@@ -87,6 +84,25 @@ def make_lm_apply_fn(model) -> ApplyFn:
   return apply
 
 
+@dataclasses.dataclass(frozen=True)
+class LiveTeachers:
+  """The step's default teacher strategy: run each frozen teacher's forward.
+
+  A strategy is called (teachers_params, batch, capture_features=, vocab=)
+  and returns one ModelOutputs per teacher; kdjax.distill.teacher_cache's
+  CachedTeachers is the other one (outputs read from the batch).
+  """
+  applies: tuple[ApplyFn, ...] = ()
+
+  def __call__(self, teachers_params, batch, *, capture_features: bool,
+               vocab: int | None) -> list[ModelOutputs]:
+    del vocab  # Teachers produce their own logits (or hidden + head).
+    return [jax.tree.map(lax.stop_gradient,
+                         apply(p, batch["inputs"], False, None,
+                               capture_features))
+            for apply, p in zip(self.applies, teachers_params)]
+
+
 def _split_micro_batches(batch: dict[str, jax.Array], k: int):
   def split(x):
     if x.shape[0] % k:
@@ -98,26 +114,29 @@ def _split_micro_batches(batch: dict[str, jax.Array], k: int):
 
 def train_step(state: TrainState, batch: dict[str, jax.Array],
                teachers_params: Sequence[Any], *, student_apply: ApplyFn,
-               teacher_applies: Sequence[ApplyFn], objective,
+               teacher_applies: Sequence[ApplyFn] = (), objective,
                tx: optax.GradientTransformation, axis: parallel.DataAxis,
                grad_accum_steps: int = 1,
                trainable_mask: Any = None,
-               token_chunk_size: int | None = None
+               token_chunk_size: int | None = None,
+               teacher_outputs: Callable[..., list[ModelOutputs]] | None = None
                ) -> tuple[TrainState, dict]:
   """One optimizer step on this device's piece of the global batch.
 
   `batch` holds 'inputs', 'labels' ([B] for classification, [B, L] for tokens)
-  and optionally 'mask' (shape of labels; 1 = counts) and cached teacher
-  entries (kdjax.teacher_cache.BATCH_KEY; they replace the teachers).
-  Teachers are frozen: their forward runs under stop_gradient and they get
-  no optimizer state.
+  and optionally 'mask' (shape of labels; 1 = counts) and what
+  `teacher_outputs` reads (cached teacher entries).
+  Teachers are frozen: their outputs are under stop_gradient and they get
+  no optimizer state. `teacher_outputs` is the teacher strategy: by default
+  LiveTeachers(teacher_applies) runs their forwards;
+  kdjax.distill.teacher_cache.CachedTeachers reads them from the batch.
   Returns the new state and metric SUMS over the global batch (divide by
   metrics['count'] for means).
 
   `trainable_mask` (Python bools like `state.params`, bound statically; None =
   all train): frozen params get no gradient (stop_gradient, so XLA skips
-  their weight gradients) and come back bit-identical (prompt.apply_updates);
-  the optimizer must be `prompt.freeze`d with the same mask.
+  their weight gradients) and come back bit-identical (masks.apply_updates);
+  the optimizer must be `masks.freeze`d with the same mask.
 
   `token_chunk_size` (language models, with make_lm_apply_fn): not None =
   the applies return hidden states + LM heads and kdjax.distill.token_loss applies
@@ -132,20 +151,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                            axis.index())
   capture = objective.needs_features
+  if teacher_outputs is None:
+    teacher_outputs = LiveTeachers(tuple(teacher_applies))
 
   def loss_and_metrics(trainable, micro, micro_rng):
     params, aux_params = trainable
     if trainable_mask is not None:
       params = jax.tree.map(lambda p, m: p if m else lax.stop_gradient(p),
                             params, trainable_mask)
-    teachers = [jax.tree.map(lax.stop_gradient,
-                             apply(p, micro["inputs"], False, None, capture))
-                for apply, p in zip(teacher_applies, teachers_params)]
     student = student_apply(params, micro["inputs"], True, micro_rng, capture)
-    if teacher_cache.BATCH_KEY in micro:  # Cached top-k entries, no forward.
-      teachers = [teacher_cache.teacher_outputs(
-          micro[teacher_cache.BATCH_KEY],
-          None if token_chunk_size is not None else student.logits.shape[-1])]
+    teachers = teacher_outputs(
+        teachers_params, micro, capture_features=capture,
+        vocab=None if token_chunk_size is not None else student.logits.shape[-1])
     if token_chunk_size is not None:
       return token_loss.token_objective(
           objective, student.hidden, student.head,
@@ -193,7 +210,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   if trainable_mask is None:
     params, aux_params = optax.apply_updates(trainable, updates)
   else:
-    params, aux_params = prompt_lib.apply_updates(
+    params, aux_params = masks.apply_updates(
         trainable, updates,
         (trainable_mask, jax.tree.map(lambda _: True, state.aux_params)))
   new_state = state.replace(step=state.step + 1, params=params,

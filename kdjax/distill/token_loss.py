@@ -20,7 +20,7 @@ as the reference for tests and the memory benchmark; both share everything but
 the chunking.
 
 A teacher may also come as precomputed per-token entries instead of hidden
-states + head (kdjax.teacher_cache: hidden = a CachedTeacher, head = None):
+states + head (kdjax.distill.teacher_cache: hidden = objectives.TeacherTopK, head = None):
 they are chunked with the sequence and handed to the objective as the
 teacher's ModelOutputs.hidden, with no head applied.
 
@@ -236,7 +236,7 @@ def _token_sums(objective, hidden, head, teacher_hiddens, teacher_heads,
           "count": jnp.sum(mask)}
   sums.update({name: _masked_sum(v, mask) for name, v in terms.items()})
   if teachers:
-    top1 = (teachers[0].hidden.top1 if teachers[0].logits is None
+    top1 = (teachers[0].topk.top1 if teachers[0].topk is not None
             else jnp.argmax(teachers[0].logits, -1))
     sums["agreement"] = _masked_sum(predictions == top1, mask)
   return sums

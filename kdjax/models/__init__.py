@@ -4,6 +4,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from kdjax.models import gpt, llama
 from kdjax.models.bert import BertClassifier
 from kdjax.models.cnn import CNN
 from kdjax.models.gpt import GPT
@@ -43,7 +44,6 @@ def is_language_model(name: str) -> bool:
 
 def lm_head_kernel_fn(model: nn.Module):
   """params -> the [D, V] LM head of a language model (for kdjax.distill.token_loss)."""
-  from kdjax.models import gpt, llama  # pylint: disable=g-import-not-at-top
   if isinstance(model, Llama):
     return llama.lm_head_kernel
   if isinstance(model, GPT):

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdjax import prompt as prompt_lib
+from kdjax.models import prompt as prompt_lib
 
 ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=False),  # HF "gelu" is the erf form.

@@ -19,12 +19,12 @@ from absl import logging
 from jax.experimental import multihost_utils
 from sklearn import metrics as skmetrics
 
-from kdjax.runtime import checkpoint, storage
-from kdjax.distill import parallel, step
-from kdjax import config as config_lib
-from kdjax.weights import params as params_lib
-from kdjax.weights import teachers as teachers_lib
 from kdjax.data import pipeline
+from kdjax.distill import parallel, step
+from kdjax.runtime import checkpoint, plots, storage
+from kdjax.weights import params as params_lib
+from kdjax.weights import specs
+from kdjax.weights import teachers as teachers_lib
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
 
@@ -121,9 +121,9 @@ def find_runs(workdir: str) -> list[tuple[str, dict[str, Any]]]:
 
 def load_params(config, role: str, run_dir: str, spec=None):
   """A run's model (from `spec`, its run.json's, else the config's) and params."""
-  model = (config_lib.model_from_spec(
+  model = (specs.model_from_spec(
       {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
-           if spec else config_lib.build_model(config, role))
+           if spec else specs.build_model(config, role))
   return model, checkpoint.restore_params(
       run_dir, params_lib.abstract(model, config.data))
 
@@ -154,8 +154,8 @@ def write_report(config, workdir: str) -> dict[str, Any]:
   data = pipeline.load_split(eval_source, config.data)
   labels = data["labels"]
 
-  teacher_path = config_lib.teacher_dir(config, workdir)
-  teacher = teachers_lib.load(config, config_lib.teacher_specs(config,
+  teacher_path = specs.teacher_dir(config, workdir)
+  teacher = teachers_lib.load(config, specs.teacher_specs(config,
                                                               workdir)[0])
   teacher_model, teacher_params = teacher.model, teacher.params
   teacher_apply = step.make_apply_fn(teacher_model)
@@ -215,7 +215,7 @@ def write_report(config, workdir: str) -> dict[str, Any]:
       g[f"{key}_mean"] = float(np.mean([m[key] for m in members]))
 
   # Compression and speed-up: of config.student.model (variants may differ).
-  default_arch = json.dumps(config_lib.model_spec(config, "student"),
+  default_arch = json.dumps(specs.model_spec(config, "student"),
                             sort_keys=True)
   default = [s for s in students if s.pop("arch") == default_arch]
   student_params = default[0]["num_params"] if default else None
@@ -224,8 +224,8 @@ def write_report(config, workdir: str) -> dict[str, Any]:
       "dataset": config.data.name,
       "eval_split": config.data.eval_split,
       "num_eval_examples": int(len(labels)),
-      "teacher_model": config_lib.model_spec(config, "teacher"),
-      "student_model": config_lib.model_spec(config, "student"),
+      "teacher_model": specs.model_spec(config, "teacher"),
+      "student_model": specs.model_spec(config, "student"),
       "teacher": teacher_entry,
       "students": students,
       "groups": groups,
@@ -239,7 +239,6 @@ def write_report(config, workdir: str) -> dict[str, Any]:
     storage.write_json(storage.join(workdir, REPORT_JSON), report)
     storage.write_text(storage.join(workdir, REPORT_MD),
                        render_markdown(report))
-    from kdjax.runtime import plots  # pylint: disable=g-import-not-at-top
     plots.write_report_png(report, workdir,
                            storage.join(workdir, REPORT_PNG))
     logging.info("Report written to %s", storage.join(workdir, REPORT_MD))

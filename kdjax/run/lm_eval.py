@@ -26,16 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from kdjax.run import evaluate
-from kdjax.models import generate
-from kdjax.distill import parallel, step
-from kdjax.weights import pretrained
-from kdjax.runtime import distributed, storage
-from kdjax import config as config_lib
-from kdjax.weights import params as params_lib
-from kdjax.weights import teachers as teachers_lib
 from kdjax.data import lm as lm_data
+from kdjax.distill import parallel, step
+from kdjax.models import generate
 from kdjax.models import llama as llama_lib
+from kdjax.run import evaluate
+from kdjax.runtime import distributed, metrics_writer, storage
+from kdjax.weights import params as params_lib
+from kdjax.weights import pretrained
+from kdjax.weights import specs
+from kdjax.weights import teachers as teachers_lib
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
 
@@ -114,7 +114,7 @@ def token_metrics(apply_fn, params, arrays: dict[str, np.ndarray], mesh, *,
 def load_teacher(config, workdir: str):
   """(model, params) of config.teacher (kdjax.weights.teachers)."""
   teacher = teachers_lib.load(config,
-                              config_lib.teacher_specs(config, workdir)[0])
+                              specs.teacher_specs(config, workdir)[0])
   return teacher.model, teacher.params
 
 
@@ -151,8 +151,8 @@ def write_lm_report(config, workdir: str) -> dict[str, Any]:
           pretrained.count_non_embedding_params(teacher_params),
       "generation_tokens_per_second": generation_speed(
           teacher_model, teacher_params, arrays, **speed_args),
-      "source": (config.teacher.init_from if config_lib.pretrained_teacher(config)
-                 else storage.relpath(config_lib.teacher_dir(config, workdir),
+      "source": (config.teacher.init_from if specs.pretrained_teacher(config)
+                 else storage.relpath(specs.teacher_dir(config, workdir),
                                       workdir)),
   }
   teacher_params = parallel.replicate(teacher_params, mesh)
@@ -196,8 +196,8 @@ def write_lm_report(config, workdir: str) -> dict[str, Any]:
       "task": "language_modelling", "dataset": config.data.name,
       "eval_split": split, "num_eval_tokens": teacher_entry["tokens"],
       "train_eval_split": config.data.eval_split,
-      "teacher_model": config_lib.model_spec(config, "teacher"),
-      "student_model": config_lib.model_spec(config, "student"),
+      "teacher_model": specs.model_spec(config, "teacher"),
+      "student_model": specs.model_spec(config, "student"),
       "teacher": teacher_entry, "students": students, "groups": groups,
       "device": str(jax.local_devices()[0].device_kind),
   }
@@ -243,10 +243,9 @@ def _write_png(report: dict[str, Any], workdir: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from kdjax.runtime.metrics_writer import read_metrics  # pylint: disable=g-import-not-at-top
   fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(13, 4.5))
   for s in report["students"]:
-    records = read_metrics(storage.join(workdir, s["run_dir"]))
+    records = metrics_writer.read_metrics(storage.join(workdir, s["run_dir"]))
     label = f"{s['group']} s{s['seed']}"
     # CE on the next token: comparable across objectives (the loss is not).
     train = [r for r in records if r["split"] == "train" and "ce" in r]

@@ -25,12 +25,13 @@ import jax
 import numpy as np
 from absl import logging
 
-from kdjax import config as config_lib
+from kdjax.core import config as config_lib
+from kdjax.data import lm as lm_data
+from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.models import generate
 from kdjax.run import lm_eval
 from kdjax.runtime import storage
-from kdjax.data import lm as lm_data
-from kdjax.data import tokenizer as tokenizer_lib
+from kdjax.weights import specs
 
 SUBDIR = "teacher_text"
 WINDOWS = "windows.npy"
@@ -93,7 +94,7 @@ def generate_text(config, workdir: str) -> dict:
       tokenizer.decode(w[:prompt_length].tolist()) + " >>> "
       + tokenizer.decode(w[prompt_length:].tolist()) for w in windows[:5])
   meta = {"teacher": config.teacher.get("init_from") or
-                     config_lib.teacher_dir(config, workdir),
+                     specs.teacher_dir(config, workdir),
           "num_sequences": int(num), "prompt_length": prompt_length,
           "new_tokens": new_tokens, "seq_length": seq_length,
           "sampling": vars(sampling), "seconds": time.time() - start_time}

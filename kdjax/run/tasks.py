@@ -11,11 +11,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from kdjax.run import evaluate, lm_eval
-from kdjax.distill import step
+from kdjax import models
 from kdjax.data import lm as lm_data
 from kdjax.data import pipeline
-from kdjax import models
+from kdjax.distill import step
+from kdjax.run import evaluate, lm_eval
 
 
 class Classification:
@@ -38,10 +38,12 @@ class Classification:
         self._source, self.data_config, global_batch_size=global_batch_size,
         seed=seed, augment=augment, teacher_cache=teacher_cache))
 
-  def make_apply_fn(self, model) -> step.ApplyFn:
+  @staticmethod
+  def make_apply_fn(model) -> step.ApplyFn:
     return step.make_apply_fn(model)
 
-  def token_chunk_size(self, train_config) -> int | None:
+  @staticmethod
+  def token_chunk_size(train_config) -> int | None:
     del train_config
     return None
 
@@ -81,10 +83,12 @@ class LanguageModelling:
         self.data_config, global_batch_size=global_batch_size, seed=seed,
         teacher_cache=teacher_cache))
 
-  def make_apply_fn(self, model) -> step.ApplyFn:
+  @staticmethod
+  def make_apply_fn(model) -> step.ApplyFn:
     return step.make_lm_apply_fn(model)
 
-  def token_chunk_size(self, train_config) -> int | None:
+  @staticmethod
+  def token_chunk_size(train_config) -> int | None:
     return int(train_config.get("loss_chunk_size", 0))
 
   def evaluate(self, model, params, mesh) -> dict[str, float]:
@@ -96,10 +100,16 @@ class LanguageModelling:
     return {k: metrics[k] for k in ("perplexity", "accuracy")}
 
 
-def for_config(config) -> Any:
+def task_type(config) -> type:
+  """The task class of a config (its static parts need no data)."""
   if pipeline.is_language_modelling(config.data):
-    return LanguageModelling(config)
-  return Classification(config)
+    return LanguageModelling
+  return Classification
+
+
+def for_config(config) -> Any:
+  """The config's task, its training data opened."""
+  return task_type(config)(config)
 
 
 def is_language_model_config(config) -> bool:

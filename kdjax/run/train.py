@@ -6,31 +6,34 @@ or 'distill') and resumes from WORKDIR/checkpoints if a run was interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from kdjax.runtime import checkpoint
-from kdjax.distill import features, objectives, optim, parallel, step
-from kdjax import config as config_lib
-from kdjax.runtime import preemption
-from kdjax.weights import pretrained
-from kdjax import prompt
-from kdjax.runtime import resume
-from kdjax.run import tasks
+from kdjax.core import config as config_lib
 from kdjax.core import errors
-from kdjax.runtime import storage
-from kdjax import teacher_cache
-from kdjax.weights import params as params_lib
-from kdjax.weights import teachers as teachers_lib
 from kdjax.data import pipeline
+from kdjax.distill import features, objectives, optim, parallel, step
+from kdjax.distill import masks
+from kdjax.distill import teacher_cache
+from kdjax.run import tasks
+from kdjax.runtime import checkpoint
+from kdjax.runtime import preemption
+from kdjax.runtime import resume
+from kdjax.runtime import storage
 from kdjax.runtime.metrics_writer import MetricsWriter
+from kdjax.weights import params as params_lib
+from kdjax.weights import pretrained
+from kdjax.weights import prompt as prompt_weights
+from kdjax.weights import specs
+from kdjax.weights import teachers as teachers_lib
 
 RUN_FILE = "run.json"
 
@@ -41,18 +44,6 @@ class NonFiniteLossError(errors.KdjaxError, FloatingPointError):
 
 def role_of(mode: str) -> str:
   return "teacher" if mode == "teacher" else "student"
-
-
-def load_teachers(config: ml_collections.ConfigDict, workdir: str, mesh,
-                  make_apply_fn=step.make_apply_fn):
-  """Every teacher's apply function and params, replicated (P()) on the mesh.
-
-  Teachers are frozen: their params are placed once, never donated, never in
-  the optimizer state or the student's checkpoint (kdjax.weights.teachers loads them).
-  """
-  loaded = teachers_lib.load_all(config, workdir)
-  return (tuple(make_apply_fn(t.model) for t in loaded),
-          tuple(parallel.replicate(t.params, mesh) for t in loaded))
 
 
 def init_feature_projections(config, objective, model, teacher_applies,
@@ -83,10 +74,89 @@ def trainable_mask(params, trainable, field: str):
   if not trainable:
     return None
   try:
-    return prompt.trainable_mask(params, tuple(trainable))
+    return masks.trainable_mask(params, tuple(trainable))
   except ValueError as e:
     raise config_lib.ConfigError(f"config.{field}={tuple(trainable)!r}: {e}") from e
 
+
+
+@dataclasses.dataclass
+class BuiltStep:
+  """Everything `build_step` makes: the per-device step and what it needs."""
+  model: Any
+  objective: objectives.Objective
+  tx: Any
+  mask: Any  # Python-bool trainable mask, or None (everything trains).
+  teachers_params: tuple  # Replicated on the mesh (abstract: shapes).
+  per_device: Callable  # step.train_step with everything but its inputs bound.
+  init_state: Callable[[], step.TrainState]  # The initial state, on the host.
+  cache: Any = None  # The teacher cache a distill run reads, or None.
+
+
+def build_step(config: ml_collections.ConfigDict, mode: str, workdir: str,
+               mesh, *, total_steps: int, abstract: bool = False,
+               backend: str | None = None) -> BuiltStep:
+  """The training step of `mode` as train() runs it: model, optimizer,
+  teachers (or the teacher cache), objective, frozen-parameter mask.
+
+  The one place the step is put together: train() and the AOT check
+  (kdjax.aot, abstract=True: teacher weights as shapes, no cache, no
+  pretrained import, nothing read) both call it.
+  """
+  role = role_of(mode)
+  train_cfg = config[role].train
+  seed = int(config.seed)
+  backend = backend or config.parallel.backend
+  task = tasks.task_type(config)
+  model = specs.build_model(config, role)
+  tx = optim.make_optimizer(train_cfg, total_steps)
+  # distill from config.distill.teacher_cache: checked against this config;
+  # no teacher is loaded.
+  cache = None if abstract else teacher_cache.for_training(config, mode)
+  teacher_applies, teachers_params = (), ()
+  if mode == "distill" and cache is None:
+    # Frozen: placed once, never donated, never in the optimizer state or the
+    # student's checkpoint (kdjax.weights.teachers loads them).
+    loaded = teachers_lib.load_all(config, workdir, abstract=abstract)
+    teacher_applies = tuple(task.make_apply_fn(t.model) for t in loaded)
+    teachers_params = tuple(
+        parallel.abstract(t.params, parallel.replicated(mesh)) if abstract
+        else parallel.replicate(t.params, mesh) for t in loaded)
+  objective = (cache.objective(config, total_steps) if cache is not None else
+               objectives.from_config(config, mode, total_steps=total_steps,
+                                      num_teachers=len(teachers_params)))
+
+  def init_state() -> step.TrainState:
+    params = init_params(model, config, seed)
+    if not abstract:
+      params = pretrained.load_pretrained(
+          params, config[role].get("init_from", ""),
+          model_fields=specs.model_kwargs(config, role),
+          layers=tuple(config[role].get("init_layers", ())), field=role)
+      params = prompt_weights.init_from_config(params, config, role, seed)
+    aux_params = init_feature_projections(config, objective, model,
+                                          teacher_applies, teachers_params,
+                                          seed)
+    return step.create_train_state(params, tx, jax.random.key(seed + 1),
+                                   aux_params)
+
+  shapes = jax.eval_shape(lambda: init_params(model, config, seed))
+  mask = trainable_mask(shapes, train_cfg.get("trainable", ()),
+                        f"{role}.train.trainable")
+  if mask is not None:  # Frozen leaves: no optimizer state, never updated.
+    aux_shapes = jax.eval_shape(lambda: init_feature_projections(
+        config, objective, model, teacher_applies, teachers_params, seed))
+    tx = masks.freeze(tx, (mask, jax.tree.map(lambda _: True, aux_shapes)))
+  per_device = functools.partial(
+      step.train_step, student_apply=task.make_apply_fn(model),
+      teacher_applies=teacher_applies, objective=objective, tx=tx,
+      axis=parallel.DataAxis(backend),
+      grad_accum_steps=int(train_cfg.grad_accum_steps), trainable_mask=mask,
+      token_chunk_size=task.token_chunk_size(train_cfg),
+      teacher_outputs=cache.strategy() if cache is not None else None)
+  return BuiltStep(model=model, objective=objective, tx=tx, mask=mask,
+                   teachers_params=teachers_params, per_device=per_device,
+                   init_state=init_state, cache=cache)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -97,7 +167,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   seed = int(config.seed)
   mesh = parallel.make_mesh()
 
-  if mode == "teacher" and config_lib.pretrained_teacher(config):
+  if mode == "teacher" and specs.pretrained_teacher(config):
     raise config_lib.ConfigError(
         "config.teacher.pretrained=True: the teacher is imported from "
         f"config.teacher.init_from={config.teacher.init_from!r}, there is "
@@ -112,39 +182,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   total_steps = int(train_cfg.get("num_steps", 0) or
                     train_cfg.num_epochs * steps_per_epoch)
 
-  model = config_lib.build_model(config, role)
-  apply_fn = task.make_apply_fn(model)
-  tx = optim.make_optimizer(train_cfg, total_steps)
-  teacher_applies, teachers_params = (), ()
-  # distill from config.distill.teacher_cache: checked against this config;
-  # no teacher is loaded.
-  cache = teacher_cache.for_training(config, mode)
-  if mode == "distill" and cache is None:
-    teacher_applies, teachers_params = load_teachers(config, workdir, mesh,
-                                                     task.make_apply_fn)
-  objective = (cache.objective(config, total_steps) if cache is not None else
-               objectives.from_config(config, mode, total_steps=total_steps,
-                                      num_teachers=len(teachers_params)))
-
-  params = pretrained.load_pretrained(
-      init_params(model, config, seed), config[role].get("init_from", ""),
-      model_fields=config_lib.model_kwargs(config, role),
-      layers=tuple(config[role].get("init_layers", ())), field=role)
-  params = prompt.init_from_config(params, config, role, seed)  # After import.
-  aux_params = init_feature_projections(config, objective, model,
-                                        teacher_applies, teachers_params, seed)
-  mask = trainable_mask(params, train_cfg.get("trainable", ()),
-                        f"{role}.train.trainable")
-  if mask is not None:  # Frozen leaves: no optimizer state, never updated.
-    tx = prompt.freeze(tx, (mask, jax.tree.map(lambda _: True, aux_params)))
-  state = parallel.replicate(
-      step.create_train_state(params, tx, jax.random.key(seed + 1), aux_params),
-      mesh)
+  built = build_step(config, mode, workdir, mesh, total_steps=total_steps)
+  model, objective, mask, cache = (built.model, built.objective, built.mask,
+                                   built.cache)
+  state = parallel.replicate(built.init_state(), mesh)
+  params = state.params
   data_iter = task.train_iterator(global_batch_size=train_cfg.batch_size,
                                   seed=seed, augment=bool(train_cfg.augment),
                                   teacher_cache=cache)
 
-  meta = {"model": config_lib.model_spec(config, role), "role": mode,
+  meta = {"model": specs.model_spec(config, role), "role": mode,
           "objective": objectives.describe(objective), "seed": seed,
           "train_fraction": float(config.data.train_fraction),
           "num_classes": int(config.data.num_classes),
@@ -168,12 +215,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state = restored
     logging.info("Resumed %s from step %d in %s.", mode, restored_step, workdir)
 
-  per_device = functools.partial(
-      step.train_step, student_apply=apply_fn, teacher_applies=teacher_applies,
-      objective=objective, tx=tx, axis=parallel.DataAxis(config.parallel.backend),
-      grad_accum_steps=int(train_cfg.grad_accum_steps), trainable_mask=mask,
-      token_chunk_size=task.token_chunk_size(train_cfg))
-  run_step = parallel.map_over_devices(per_device, mesh, config.parallel.backend)
+  run_step = parallel.map_over_devices(built.per_device, mesh,
+                                      config.parallel.backend)
+  teachers_params = built.teachers_params
 
   eval_every = int(config.eval_every_steps or steps_per_epoch)
   log_every = int(config.log_every_steps)
@@ -248,7 +292,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   final = evaluated.get(total_steps) or task.evaluate(model, state.params,
                                                       mesh)
   if mask is not None:  # Trained leaves alone (kilobytes) + backbone note.
-    prompt.export_trainable(workdir, state.params, mask, meta,
+    prompt_weights.export_trainable(workdir, state.params, mask, meta,
                             config[role].get("init_from", ""))
   summary = {**meta, "steps": total_steps, "num_params": params_lib.count(params),
              "resumed_from_step": restored_step,

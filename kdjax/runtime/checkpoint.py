@@ -28,8 +28,9 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from kdjax.runtime import distributed, storage
 from kdjax.core import errors
+from kdjax.core.config import fail
+from kdjax.runtime import distributed, storage
 
 CHECKPOINT_SUBDIR = "checkpoints"
 ITEM_NAMES = ("params", "train", "data", "meta")
@@ -522,3 +523,10 @@ def params_bytes(workdir: str) -> int:
   params_dir = storage.join(directory, str(steps[-1]), "params")
   return sum(storage.file_size(storage.join(root, f))
              for root, _, files in storage.walk(params_dir) for f in files)
+
+
+def validate(checkpoint_config) -> None:
+  """config.checkpoint: positive save interval and number kept."""
+  if checkpoint_config.every_steps <= 0 or checkpoint_config.keep <= 0:
+    fail("checkpoint", dict(checkpoint_config),
+         "every_steps and keep must be > 0")

@@ -32,6 +32,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from kdjax.core import errors
+from kdjax.core.config import fail
 
 ENV_ADDRESS = "KDJAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "KDJAX_NUM_PROCESSES"
@@ -248,3 +249,19 @@ def barrier(name: str) -> None:
   """Waits until every process reaches the barrier `name` (no-op alone)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def validate(dist_config) -> None:
+  """config.distributed (absent = single host)."""
+  if dist_config is None:
+    return
+  if dist_config.initialization_timeout <= 0:
+    fail("distributed.initialization_timeout",
+         dist_config.initialization_timeout, "must be > 0 seconds")
+  if dist_config.num_processes < 0:
+    fail("distributed.num_processes", dist_config.num_processes,
+         "must be >= 0 (0 = from the environment or auto)")
+  if (dist_config.num_processes
+      and not -1 <= dist_config.process_id < dist_config.num_processes):
+    fail("distributed.process_id", dist_config.process_id,
+         f"must be in [0, num_processes={dist_config.num_processes})")

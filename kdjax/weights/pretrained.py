@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax import config as config_lib
+from kdjax.core import config as config_lib
+from kdjax.models import bert
+from kdjax.weights.importers import hf_bert, llama
 
 # Model fields a Llama checkpoint fixes (max_length only sizes caches).
 _LLAMA_ARCHITECTURE = ("vocab_size", "width", "num_heads", "num_kv_heads",
@@ -35,14 +37,12 @@ _LLAMA_ARCHITECTURE = ("vocab_size", "width", "num_heads", "num_kv_heads",
 
 def llama_path(init_from: str) -> str:
   """The checkpoint path of a 'llama:<path>' spec ('' = SmolLM2's GGUF)."""
-  from kdjax.weights.importers import llama  # pylint: disable=g-import-not-at-top
   return init_from.partition(":")[2] or llama.smollm2_gguf_path()
 
 
 @functools.lru_cache(maxsize=2)
 def _load_llama(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
   """(fields, numpy params); cached: a pipeline imports the same file often."""
-  from kdjax.weights.importers import llama  # pylint: disable=g-import-not-at-top
   if path.endswith(".gguf"):
     return llama.load_gguf(path)
   return llama.load_hf(path)
@@ -119,8 +119,6 @@ def load_pretrained(params: Any, init_from: str, *,
     raise config_lib.ConfigError(
         f"config.{field}.init_from={init_from!r}: allowed 'hf_bert:<dir>' "
         "into a 'bert' model or 'llama:<dir or .gguf>' into a 'llama' model.")
-  from kdjax.models import bert  # pylint: disable=g-import-not-at-top
-  from kdjax.weights.importers import hf_bert  # pylint: disable=g-import-not-at-top
   path = path or hf_bert.minilm_dir()
   fields = dict(hf_bert.load_config(path),
                 add_pooler="pooler" in params["encoder"])

@@ -14,9 +14,9 @@ from typing import Any
 
 
 from kdjax.runtime import checkpoint
-from kdjax.weights import pretrained
-from kdjax import config as config_lib
 from kdjax.weights import params as params_lib
+from kdjax.weights import pretrained
+from kdjax.weights import specs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,10 +27,10 @@ class Teacher:
   source: dict[str, Any]  # Model spec + checkpoint dir/step or init_from.
 
 
-def load(config, spec: config_lib.TeacherSpec, *,
+def load(config, spec: specs.TeacherSpec, *,
          abstract: bool = False) -> Teacher:
-  """One teacher (a config_lib.teacher_specs entry); shapes only if abstract."""
-  model = config_lib.model_from_spec(spec.model)
+  """One teacher (a specs.teacher_specs entry); shapes only if abstract."""
+  model = specs.model_from_spec(spec.model)
   shapes = params_lib.abstract(model, config.data)
   if abstract:
     return Teacher(model, shapes, {"model": spec.model})
@@ -41,7 +41,7 @@ def load(config, spec: config_lib.TeacherSpec, *,
         layers=tuple(config.teacher.get("init_layers", ())), field=spec.field)
     return Teacher(model, params, {"model": spec.model,
                                    "init_from": spec.init_from})
-  config_lib.check_checkpoint_model(spec.model, spec.path, spec.field)
+  specs.check_checkpoint_model(spec.model, spec.path, spec.field)
   step = checkpoint.latest_step(spec.path)
   params = checkpoint.restore_params(spec.path, shapes, step=step)
   return Teacher(model, params, {"model": spec.model,
@@ -52,4 +52,4 @@ def load(config, spec: config_lib.TeacherSpec, *,
 def load_all(config, workdir: str, *, abstract: bool = False) -> list[Teacher]:
   """config.teacher, then config.distill.extra_teachers, in that order."""
   return [load(config, spec, abstract=abstract)
-          for spec in config_lib.teacher_specs(config, workdir)]
+          for spec in specs.teacher_specs(config, workdir)]

@@ -10,7 +10,7 @@ buckets of `losses.topk_kl_from_cache`. With k = vocabulary size and float32
 storage that loss is the full forward KL, so a cached run trains the same
 student as an online one (tested).
 
-mode='cache_teacher' (`build`) runs config.teacher over config.cache.split
+mode='cache_teacher' (kdjax.run.cache_builder.build) runs config.teacher over config.cache.split
 (default: the training split, its config.data.train_fraction subset),
 data-parallel over every device of every process, in order, and writes
 config.cache.dir (default WORKDIR/teacher_cache):
@@ -45,10 +45,15 @@ hence shards of a few MB); array_record's zstd then shrinks real entries
 packed text, tokenizer, vocabulary, k, temperature, seq_length; any mismatch
 is refused naming it), the training iterator reads each batch's cached
 entries by the same record indices it reads the data by (kdjax.data: the
-grain iterator and its checkpointed state are unchanged), and the step hands
-them to `CachedObjective` (alpha * T^2 * KL_topk + (1 - alpha) * CE by
-default) as the teacher's outputs: for LMs through kdjax.distill.token_loss's
-chunked path, which passes per-token teacher entries through chunk by chunk.
+grain iterator and its checkpointed state are unchanged), and and `CachedTeachers` is the step's teacher strategy: it hands
+them over as the teacher's outputs (objectives.TeacherTopK), so config.distill's
+own objective turns every kl term into the top-k KL with a tail bucket
+(alpha * T^2 * KL_topk + (1 - alpha) * CE by default); for LMs through
+kdjax.distill.token_loss's chunked path, which passes per-token teacher
+entries through chunk by chunk.
+
+This module is the cache's format, settings, reader and step strategy;
+kdjax.run.cache_builder writes it.
 """
 
 from __future__ import annotations
@@ -56,28 +61,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import math
 import os
-import time
 from typing import Any, Sequence
 
-from absl import logging
 from etils import epath
-import flax
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from jax import lax
-from jax.experimental import multihost_utils
-from jax.sharding import PartitionSpec as P
 
-from kdjax import config as config_lib
-from kdjax.runtime import distributed, storage
-from kdjax.distill import losses, objectives, parallel
+from kdjax.core.config import ConfigError, fail
+from kdjax.data import lm as lm_data
 from kdjax.data import pipeline
-from kdjax.distill.objectives import ModelOutputs
+from kdjax.distill import objectives
+from kdjax.distill.objectives import ModelOutputs, TeacherTopK
+from kdjax.runtime import storage
 
 FORMAT = "kdjax.teacher_cache/1"
 MANIFEST = "manifest.json"
@@ -94,7 +93,7 @@ DEFAULTS = dict(dir="", split="", k=64, dtype="bfloat16", records_per_shard=256,
                 batch_size=0, chunk_size=0)
 
 
-class CacheMismatchError(config_lib.ConfigError):
+class CacheMismatchError(ConfigError):
   """A teacher cache was made for another dataset/tokenizer/vocab/k/T."""
 
 
@@ -120,7 +119,6 @@ def validate(config) -> None:
   if config.mode != "cache_teacher" and not using:
     return
   s = settings(config)
-  fail = config_lib._fail  # pylint: disable=protected-access
   k = s["k"]
   if isinstance(k, bool) or not isinstance(k, int) or k < 1:
     fail("cache.k", k, "must be an int >= 1 (entries kept per token; more "
@@ -209,7 +207,7 @@ def decode(raw: Sequence[bytes], dtype: np.dtype) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------
 
 
-class _Records:
+class Records:
   """The records of one split: inputs by index and what identifies them."""
   positions: int  # Per record: seq_length (LM) or 1 (classification).
   num_records: int  # In the whole split.
@@ -225,16 +223,15 @@ class _Records:
     raise NotImplementedError
 
 
-class _LMRecords(_Records):
+class _LMRecords(Records):
   """Packed sequences (kdjax.data.lm): one record per sequence."""
 
   def __init__(self, config, split: str):
-    from kdjax.data import lm  # pylint: disable=g-import-not-at-top
     self._config, self._split = config, split
-    self._packed = lm.packed_split(config.data, split)
+    self._packed = lm_data.packed_split(config.data, split)
     self.positions = self._packed.seq_length
     self.num_records = self._packed.num_sequences
-    self._lm = lm
+    self._lm = lm_data
 
   def inputs(self, rows):
     return self._packed.batch(rows)["inputs"]
@@ -257,7 +254,7 @@ class _LMRecords(_Records):
             "windows_sha256": hashlib.sha256(windows.tobytes()).hexdigest()}
 
 
-class _ClassificationRecords(_Records):
+class _ClassificationRecords(Records):
   """Examples of a tfds split: one record per example."""
 
   positions = 1
@@ -281,8 +278,7 @@ class _ClassificationRecords(_Records):
     info = getattr(self._source, "dataset_info", None)
     tokenizer = ""
     if pipeline.is_text(data):
-      from kdjax.data import lm  # pylint: disable=g-import-not-at-top
-      tokenizer = lm.file_sha256(os.path.join(data.tokenizer_dir,
+        tokenizer = lm_data.file_sha256(os.path.join(data.tokenizer_dir,
                                               "tokenizer.json"))
     return {"task": "classification", "dataset": data.name,
             "tfds_name": info.full_name if info is not None else "",
@@ -293,253 +289,10 @@ class _ClassificationRecords(_Records):
             "tokenizer_sha256": tokenizer}
 
 
-def _records_for(config, split: str) -> _Records:
+def records_for(config, split: str) -> Records:
   if pipeline.is_language_modelling(config.data):
     return _LMRecords(config, split)
   return _ClassificationRecords(config, split)
-
-
-# ----------------------------------------------------------------------------
-# Building the cache (mode='cache_teacher').
-# ----------------------------------------------------------------------------
-
-
-def _path_sha256(path: str) -> str:
-  """SHA-256 of a weights file, or of a directory's files (name + hash each)."""
-  from kdjax.data import lm  # pylint: disable=g-import-not-at-top
-  if os.path.isfile(path):
-    return lm.file_sha256(path)
-  h = hashlib.sha256()
-  for name in sorted(os.listdir(path)):
-    full = os.path.join(path, name)
-    if os.path.isfile(full) and name.endswith((".json", ".safetensors")):
-      h.update(f"{name}\0{lm.file_sha256(full)}\n".encode())
-  return h.hexdigest()
-
-
-def load_teacher(config, workdir: str):
-  """(model, params, description) of config.teacher, for the manifest: the
-  description names the weights' file hash or the checkpoint step and meta."""
-  from kdjax.runtime import checkpoint  # pylint: disable=g-import-not-at-top
-  from kdjax.weights import pretrained, teachers  # pylint: disable=g-import-not-at-top
-  spec = config_lib.teacher_specs(config, workdir)[0]
-  teacher = teachers.load(config, spec)
-  source = dict(teacher.source)
-  if spec.pretrained:
-    path = (pretrained.llama_path(spec.init_from)
-            if spec.init_from.startswith("llama:") else "")
-    source["weights_sha256"] = _path_sha256(path) if path else ""
-  else:
-    source["checkpoint_meta"] = checkpoint.read_meta(spec.path)
-  return teacher.model, teacher.params, source
-
-
-def _topk_function(apply_fn, mesh, *, language_model: bool, k: int,
-                   temperature: float, chunk_size: int, value_dtype,
-                   indices_dtype):
-  """Compiled (params, global inputs) -> top-k log-probs, indices, log tail.
-
-  Per device: the teacher's forward, then its top k at temperature T. For
-  LMs the head is applied chunk_size positions at a time (lax.map), so no
-  [B, L, V] logits exist, as in kdjax.distill.token_loss.
-  """
-  from kdjax.distill import token_loss  # pylint: disable=g-import-not-at-top
-
-  def topk(logits):
-    t = losses.teacher_topk(logits, k, temperature=temperature)
-    return (t.log_probs.astype(value_dtype), t.indices.astype(indices_dtype),
-            t.log_tail.astype(jnp.float32))
-
-  def per_device(params, inputs):
-    out = apply_fn(params, inputs, False, None)
-    if not language_model:
-      return topk(out.logits)
-    hidden, head = out.hidden, out.head
-    batch, length = hidden.shape[:2]
-    size = min(chunk_size or length, length)
-    num = -(-length // size)
-    hidden = jnp.pad(hidden, [(0, 0), (0, num * size - length), (0, 0)])
-    chunks = jnp.moveaxis(hidden.reshape(batch, num, size, -1), 1, 0)
-    results = lax.map(
-        lambda h: topk(token_loss.logits_from_hidden(h, head)), chunks)
-    return jax.tree.map(
-        lambda x: jnp.moveaxis(x, 0, 1).reshape(
-            (batch, num * size) + x.shape[3:])[:, :length], results)
-
-  axis = parallel.DATA_AXIS
-  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axis)),
-                               out_specs=P(axis)))
-
-
-def _local_rows(x: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in order."""
-  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-  return np.concatenate([np.asarray(s.data) for s in shards])
-
-
-def shard_name(index: int, count: int) -> str:
-  return f"topk-{index:05d}-of-{count:05d}.array_record"
-
-
-def _identity(manifest: dict[str, Any]) -> dict[str, Any]:
-  """The fields that define a cache (not its progress)."""
-  return {k: v for k, v in manifest.items()
-          if k not in ("complete", "shards", "bytes", "bytes_per_token",
-                       "seconds")}
-
-
-def _json_roundtrip(value):
-  return json.loads(json.dumps(value))
-
-
-def _write_shard(path: str, records: list[bytes]) -> None:
-  """Writes an array_record file atomically (storage.atomic_path)."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  with storage.atomic_path(path) as tmp:
-    writer = array_record_module.ArrayRecordWriter(tmp, WRITER_OPTIONS)
-    for r in records:
-      writer.write(r)
-    writer.close()
-
-
-def _shard_complete(path: str, expected_records: int) -> bool:
-  if not storage.exists(path):
-    return False
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  try:
-    reader = array_record_module.ArrayRecordReader(path)
-    count = reader.num_records()
-    reader.close()
-  except Exception:  # pylint: disable=broad-except
-    return False
-  return count == expected_records
-
-
-def build(config, workdir: str) -> dict[str, Any]:
-  """mode='cache_teacher': writes the cache (module docstring); its manifest.
-
-  Resumable: finished shards are kept and skipped. A directory holding a
-  cache of another teacher/data/k/T is refused.
-  """
-  s = settings(config)
-  directory = cache_dir(config, workdir)
-  split = s["split"] or config.data.train_split
-  records = _records_for(config, split)
-  rows_all = np.asarray(records.default_subset(), np.int64)
-  language_model = pipeline.is_language_modelling(config.data)
-  vocab = vocab_size(config, "teacher")  # The teacher's output size.
-  k, temperature = effective_k(config, "teacher"), float(
-      config.distill.temperature)
-  idx_dtype = index_dtype(vocab)
-  dtype = record_dtype(records.positions, k, s["dtype"], idx_dtype.str)
-  per_shard = int(s["records_per_shard"])
-  num_shards = max(1, -(-len(rows_all) // per_shard))
-  indices_sha = hashlib.sha256(rows_all.astype("<i8").tobytes()).hexdigest()
-
-  model, params, teacher = load_teacher(config, workdir)
-  manifest = _json_roundtrip({
-      "format": FORMAT, "teacher": teacher, "temperature": temperature,
-      "k": k, "vocab_size": vocab, "data": records.fingerprint(),
-      "records": int(len(rows_all)), "record_indices_sha256": indices_sha,
-      "positions_per_record": records.positions,
-      "encoding": {"values": s["dtype"], "indices": str(idx_dtype.name),
-                   "log_tail": "float32", "record_bytes": dtype.itemsize,
-                   "layout": str(dtype.descr), "writer_options": WRITER_OPTIONS},
-      "records_per_shard": per_shard, "num_shards": num_shards,
-      "complete": False})
-  found = storage.read_json(storage.join(directory, MANIFEST))
-  if found is not None and _identity(found) != _identity(manifest):
-    diff = sorted(k for k in set(_identity(found)) | set(_identity(manifest))
-                  if found.get(k) != manifest.get(k))
-    raise CacheMismatchError(
-        f"config.cache.dir={directory!r} holds a teacher cache made with "
-        f"different {', '.join(diff)}; use another config.cache.dir or "
-        "delete that directory to rebuild it.")
-  if jax.process_index() == 0 and found is None:
-    storage.write_bytes(storage.join(directory, INDICES_FILE),
-                        _npy_bytes(rows_all))
-    storage.write_json(storage.join(directory, MANIFEST), manifest)
-  distributed.barrier("kdjax_teacher_cache_start")
-
-  mesh = parallel.make_mesh()
-  batch = int(s["batch_size"] or config.student.train.batch_size)
-  batch = max(jax.device_count(), batch // jax.device_count()
-              * jax.device_count())
-  processes, me = jax.process_count(), jax.process_index()
-  local_batch = batch // processes
-  from kdjax.distill import step as step_lib  # pylint: disable=g-import-not-at-top
-  apply_fn = (step_lib.make_lm_apply_fn(model) if language_model
-              else step_lib.make_apply_fn(model))
-  forward = _topk_function(
-      apply_fn, mesh, language_model=language_model, k=k,
-      temperature=temperature, chunk_size=int(s["chunk_size"]),
-      value_dtype=(jnp.bfloat16 if s["dtype"] == "bfloat16" else jnp.float32),
-      indices_dtype=jnp.dtype(idx_dtype.name))
-  params = parallel.replicate(params, mesh)
-
-  def shard_rows(index: int) -> np.ndarray:
-    return rows_all[index * per_shard:(index + 1) * per_shard]
-
-  # Round r: process p writes shard r * P + p. Every process takes part in
-  # every forward (a global computation); a round is skipped only if all of
-  # its shards are done, which all processes agree on here.
-  rounds = -(-num_shards // processes)
-  done = np.array([r * processes + me >= num_shards or _shard_complete(
-      storage.join(directory, shard_name(r * processes + me, num_shards)),
-      len(shard_rows(r * processes + me))) for r in range(rounds)])
-  if processes > 1:
-    done = np.asarray(multihost_utils.process_allgather(done)).all(axis=0)
-  steps_per_shard = -(-per_shard // local_batch)
-  start, computed = time.time(), 0
-  for r in range(rounds):
-    if done[r]:
-      continue
-    index = r * processes + me
-    mine = shard_rows(index) if index < num_shards else rows_all[:1]
-    path = storage.join(directory, shard_name(index, num_shards))
-    keep = index < num_shards and not _shard_complete(path, len(mine))
-    outputs = []
-    for j in range(steps_per_shard):
-      rows = mine[j * local_batch:(j + 1) * local_batch]
-      real = len(rows)
-      if not real and processes == 1:
-        continue  # Others need not take part: nothing to compute.
-      if real < local_batch:  # Padding rows: computed, thrown away.
-        rows = np.concatenate([rows, np.resize(mine, local_batch - real)])
-      result = forward(params, parallel.shard_batch(records.inputs(rows),
-                                                    mesh))
-      if keep and real:
-        outputs.append((rows[:real], [_local_rows(x)[:real] for x in result]))
-      computed += real
-    if keep:
-      encoded = []
-      for rows, (log_probs, indices, log_tail) in outputs:
-        encoded += encode(rows, log_probs, indices, log_tail, dtype)
-      _write_shard(path, encoded)
-      logging.info("teacher cache: shard %d/%d written (%d records, %.1f "
-                   "records/s)", index + 1, num_shards, len(mine),
-                   computed / max(time.time() - start, 1e-9))
-  distributed.barrier("kdjax_teacher_cache_end")
-
-  shards = [shard_name(i, num_shards) for i in range(num_shards)]
-  total = sum(storage.file_size(storage.join(directory, f)) for f in shards)
-  manifest.update(complete=True, shards=shards, bytes=total,
-                  bytes_per_token=total / (len(rows_all) * records.positions),
-                  seconds=time.time() - start)
-  if jax.process_index() == 0:
-    storage.write_json(storage.join(directory, MANIFEST), manifest)
-  logging.info("teacher cache complete in %s: %d records, %d shards, %.1f "
-               "bytes per %s", directory, len(rows_all), num_shards,
-               manifest["bytes_per_token"],
-               "token" if language_model else "example")
-  return manifest
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-  buffer = io.BytesIO()
-  np.save(buffer, array)
-  return buffer.getvalue()
-
 
 
 # ----------------------------------------------------------------------------
@@ -557,7 +310,7 @@ class TeacherCache:
     self.directory = directory
     manifest = storage.read_json(storage.join(directory, MANIFEST))
     if manifest is None:
-      raise config_lib.ConfigError(
+      raise ConfigError(
           f"config.distill.teacher_cache={directory!r} holds no teacher "
           f"cache ({MANIFEST} missing); make one with --config.mode="
           f"cache_teacher --config.cache.dir={directory}.")
@@ -566,7 +319,7 @@ class TeacherCache:
           f"{directory!r}: cache format {manifest.get('format')!r}, this "
           f"kdjax reads {FORMAT!r}; rebuild it with mode=cache_teacher.")
     if not manifest.get("complete"):
-      raise config_lib.ConfigError(
+      raise ConfigError(
           f"config.distill.teacher_cache={directory!r} is incomplete (an "
           "interrupted mode=cache_teacher run); run mode=cache_teacher "
           "again with the same config to finish it (finished shards are "
@@ -648,7 +401,7 @@ class TeacherCache:
              m["vocab_size"], vocab_size(config))
     if m["k"] != effective_k(config):
       refuse("k (config.cache.k)", m["k"], effective_k(config))
-    records = _records_for(config, config.data.train_split)
+    records = records_for(config, config.data.train_split)
     found = records.fingerprint()
     for key, label in (("seq_length", "seq_length (config.data.seq_length)"),
                        ("tokenizer_sha256", "tokenizer (sha256 of "
@@ -675,8 +428,12 @@ class TeacherCache:
           f"{train_rows[~covered][:5].tolist()}): config.data.train_fraction/"
           "subset_seed select records the cache was not made for.")
 
-  def objective(self, config, total_steps: int) -> "CachedObjective":
+  def objective(self, config, total_steps: int) -> objectives.Objective:
     return cached_objective(config, total_steps, self)
+
+  def strategy(self) -> "CachedTeachers":
+    """The step's teacher strategy: outputs from each batch's BATCH_KEY."""
+    return CachedTeachers(BATCH_KEY)
 
 
 def for_training(config, mode: str) -> TeacherCache | None:
@@ -684,63 +441,50 @@ def for_training(config, mode: str) -> TeacherCache | None:
   if mode != "distill" or not enabled(config):
     return None
   cache = TeacherCache(config.distill.teacher_cache)
-  records = _records_for(config, config.data.train_split)
+  records = records_for(config, config.data.train_split)
   cache.check(config, records.default_subset())
   return cache
 
 
 # ----------------------------------------------------------------------------
-# The teacher's cached outputs in the step, and the objective on them.
+# The teacher's cached outputs in the step (a teacher strategy), the objective.
 # ----------------------------------------------------------------------------
 
 
-@flax.struct.dataclass
-class CachedTeacher:
-  """A batch of cached entries: [..., k] log-probs at T and indices, [...] tail."""
-  log_probs: jax.Array
-  indices: jax.Array
-  log_tail: jax.Array
+@dataclasses.dataclass(frozen=True)
+class CachedTeachers:
+  """The step's teacher strategy for a cache: the batch carries the outputs.
 
-  @property
-  def top1(self) -> jax.Array:
-    """The teacher's argmax (the first of its descending top k)."""
-    return self.indices[..., 0].astype(jnp.int32)
+  Called like step.LiveTeachers; `teachers_params` is empty and unused.
+  """
+  key: str = BATCH_KEY
 
-  def dense_log_probs(self, vocab: int) -> jax.Array:
-    """[..., vocab] log-probs at T: the top k, the tail spread evenly.
-
-    Only for argmax-based metrics of small (classification) vocabularies; the
-    loss uses the k + 1 buckets.
-    """
-    rest = vocab - self.log_probs.shape[-1]
-    fill = (self.log_tail.astype(jnp.float32) - math.log(rest) if rest
-            else jnp.full(self.log_tail.shape, -jnp.inf, jnp.float32))
-    dense = jnp.broadcast_to(fill[..., None], fill.shape + (vocab,))
-    return jnp.put_along_axis(dense, self.indices.astype(jnp.int32),
-                              self.log_probs.astype(jnp.float32), axis=-1,
-                              inplace=False)
+  def __call__(self, teachers_params, batch, *, capture_features: bool,
+               vocab: int | None) -> list[ModelOutputs]:
+    del teachers_params, capture_features  # Validation refuses feature terms.
+    return [teacher_outputs(batch[self.key], vocab)]
 
 
 def teacher_outputs(entries: dict[str, jax.Array],
                     vocab: int | None) -> ModelOutputs:
   """The teacher's ModelOutputs from a batch's cached entries.
 
-  `hidden` carries the CachedTeacher and `head` is None: kdjax.distill.token_loss
+  `hidden` carries the TeacherTopK and `head` is None: kdjax.distill.token_loss
   passes such per-token teacher entries through chunk by chunk instead of
   applying a head. `vocab` (classification) adds dense `logits` for the
   step's agreement metric; None (token loss) leaves them out.
   """
-  cached = CachedTeacher(**jax.tree.map(lax.stop_gradient, entries))
+  cached = TeacherTopK(**jax.tree.map(lax.stop_gradient, entries))
   logits = None if vocab is None else cached.dense_log_probs(vocab)
   return ModelOutputs(logits, hidden=cached, head=None)
 
 
 def cached_objective_terms(distill) -> list[dict[str, Any]]:
   """config.distill's terms, checked to be servable from a cache."""
-  specs = objectives._term_specs(distill)  # pylint: disable=protected-access
+  specs = objectives.term_specs(distill)
   for i, spec in enumerate(specs):
     if spec.get("name") not in CACHED_TERMS:
-      config_lib._fail(  # pylint: disable=protected-access
+      fail(
           f"distill.terms[{i}].name", spec.get("name"),
           "a teacher cache holds the teacher's top k only, which serves "
           f"{CACHED_TERMS} (the kl terms become the top-k KL with a tail "
@@ -748,55 +492,24 @@ def cached_objective_terms(distill) -> list[dict[str, Any]]:
   if (distill.get("temperature_schedule", "constant") != "constant"
       and distill.get("temperature_end", -1.0) >= 0
       and distill.temperature_end != distill.temperature):
-    config_lib._fail(  # pylint: disable=protected-access
+    fail(
         "distill.temperature_schedule", distill.temperature_schedule,
         "a teacher cache is made at one temperature; use 'constant'")
   return specs
 
 
-@dataclasses.dataclass(frozen=True)
-class CachedObjective(objectives.Objective):
-  """config.distill's objective with the cache's top k as the teacher.
-
-  Every KL term is `losses.topk_kl_from_cache` (k + 1 buckets, times T^2),
-  'ce' the task loss: by default alpha * T^2 * KL_topk + (1 - alpha) * CE.
-  """
-  k: int = 0
-
-  def __call__(self, student, teachers, labels, step, aux_params=None):
-    del aux_params  # No feature terms from a cache.
-    cached = teachers[0].hidden
-    temperature = self.temperature(step)
-    if self.hard_labels == "teacher":
-      labels = cached.top1
-    total = jnp.zeros(student.logits.shape[:-1], jnp.float32)
-    values = {}
-    for term in self.terms:
-      if term.name == objectives.TASK_TERM:
-        value = losses.softmax_cross_entropy(student.logits, labels)
-      else:
-        options = {k: v for k, v in term.options if k != "k"}
-        value = losses.topk_kl_from_cache(
-            student.logits, cached.log_probs, cached.indices.astype(jnp.int32),
-            teacher_log_tail=cached.log_tail, temperature=temperature,
-            **options)
-      values[term.label or term.name] = value
-      total = total + term.weight(step) * value
-    return total, values
-
-
 def cached_objective(config, total_steps: int,
-                     cache: TeacherCache) -> CachedObjective:
+                     cache: TeacherCache) -> objectives.Objective:
+  """config.distill's own objective, one teacher: the cache's (see TeacherTopK)."""
   specs = cached_objective_terms(config.distill)
   for i, spec in enumerate(specs):
     if spec["name"] == "topk_kl" and spec.get("k", cache.k) != cache.k:
-      config_lib._fail(  # pylint: disable=protected-access
+      fail(
           f"distill.terms[{i}].k", spec["k"],
           f"must equal the cache's k={cache.k} (or be left out)")
   base = objectives.distillation(config.distill, num_teachers=1,
                                  total_steps=total_steps)
   description = (f"{base.description} (every kl: top-{cache.k} KL + tail "
                  f"bucket from the teacher cache {cache.directory})")
-  fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
-  fields.update(description=description, teacher_weights=(1.0,))
-  return CachedObjective(**fields, k=cache.k)
+  return dataclasses.replace(base, description=description,
+                             teacher_weights=(1.0,))

@@ -1,0 +1,263 @@
+"""mode='cache_teacher': run the frozen teacher once over a split and write its
+top k (the format, settings and reader are kdjax.distill.teacher_cache's).
+
+Data-parallel over every device of every process, in order; resumable:
+finished shards are kept and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
+
+from kdjax.data import lm as lm_data
+from kdjax.data import pipeline
+from kdjax.distill import losses, parallel, step as step_lib, token_loss
+from kdjax.distill.teacher_cache import (
+    INDICES_FILE, MANIFEST, WRITER_OPTIONS, FORMAT, CacheMismatchError,
+    cache_dir, effective_k, encode, index_dtype, record_dtype, records_for,
+    settings, vocab_size)
+from kdjax.runtime import checkpoint, distributed, storage
+from kdjax.weights import pretrained, specs, teachers
+
+def _path_sha256(path: str) -> str:
+  """SHA-256 of a weights file, or of a directory's files (name + hash each)."""
+  if os.path.isfile(path):
+    return lm_data.file_sha256(path)
+  h = hashlib.sha256()
+  for name in sorted(os.listdir(path)):
+    full = os.path.join(path, name)
+    if os.path.isfile(full) and name.endswith((".json", ".safetensors")):
+      h.update(f"{name}\0{lm_data.file_sha256(full)}\n".encode())
+  return h.hexdigest()
+
+
+def load_teacher(config, workdir: str):
+  """(model, params, description) of config.teacher, for the manifest: the
+  description names the weights' file hash or the checkpoint step and meta."""
+  spec = specs.teacher_specs(config, workdir)[0]
+  teacher = teachers.load(config, spec)
+  source = dict(teacher.source)
+  if spec.pretrained:
+    path = (pretrained.llama_path(spec.init_from)
+            if spec.init_from.startswith("llama:") else "")
+    source["weights_sha256"] = _path_sha256(path) if path else ""
+  else:
+    source["checkpoint_meta"] = checkpoint.read_meta(spec.path)
+  return teacher.model, teacher.params, source
+
+
+def _topk_function(apply_fn, mesh, *, language_model: bool, k: int,
+                   temperature: float, chunk_size: int, value_dtype,
+                   indices_dtype):
+  """Compiled (params, global inputs) -> top-k log-probs, indices, log tail.
+
+  Per device: the teacher's forward, then its top k at temperature T. For
+  LMs the head is applied chunk_size positions at a time (lax.map), so no
+  [B, L, V] logits exist, as in kdjax.distill.token_loss.
+  """
+  def topk(logits):
+    t = losses.teacher_topk(logits, k, temperature=temperature)
+    return (t.log_probs.astype(value_dtype), t.indices.astype(indices_dtype),
+            t.log_tail.astype(jnp.float32))
+
+  def per_device(params, inputs):
+    out = apply_fn(params, inputs, False, None)
+    if not language_model:
+      return topk(out.logits)
+    hidden, head = out.hidden, out.head
+    batch, length = hidden.shape[:2]
+    size = min(chunk_size or length, length)
+    num = -(-length // size)
+    hidden = jnp.pad(hidden, [(0, 0), (0, num * size - length), (0, 0)])
+    chunks = jnp.moveaxis(hidden.reshape(batch, num, size, -1), 1, 0)
+    results = lax.map(
+        lambda h: topk(token_loss.logits_from_hidden(h, head)), chunks)
+    return jax.tree.map(
+        lambda x: jnp.moveaxis(x, 0, 1).reshape(
+            (batch, num * size) + x.shape[3:])[:, :length], results)
+
+  axis = parallel.DATA_AXIS
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axis)),
+                               out_specs=P(axis)))
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in order."""
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def shard_name(index: int, count: int) -> str:
+  return f"topk-{index:05d}-of-{count:05d}.array_record"
+
+
+def _identity(manifest: dict[str, Any]) -> dict[str, Any]:
+  """The fields that define a cache (not its progress)."""
+  return {k: v for k, v in manifest.items()
+          if k not in ("complete", "shards", "bytes", "bytes_per_token",
+                       "seconds")}
+
+
+def _json_roundtrip(value):
+  return json.loads(json.dumps(value))
+
+
+def _write_shard(path: str, records: list[bytes]) -> None:
+  """Writes an array_record file atomically (storage.atomic_path)."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  with storage.atomic_path(path) as tmp:
+    writer = array_record_module.ArrayRecordWriter(tmp, WRITER_OPTIONS)
+    for r in records:
+      writer.write(r)
+    writer.close()
+
+
+def _shard_complete(path: str, expected_records: int) -> bool:
+  if not storage.exists(path):
+    return False
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  try:
+    reader = array_record_module.ArrayRecordReader(path)
+    count = reader.num_records()
+    reader.close()
+  except Exception:  # pylint: disable=broad-except
+    return False
+  return count == expected_records
+
+
+def build(config, workdir: str) -> dict[str, Any]:
+  """Writes the cache (kdjax.distill.teacher_cache's docstring); its manifest.
+
+  Resumable: finished shards are kept and skipped. A directory holding a
+  cache of another teacher/data/k/T is refused.
+  """
+  s = settings(config)
+  directory = cache_dir(config, workdir)
+  split = s["split"] or config.data.train_split
+  records = records_for(config, split)
+  rows_all = np.asarray(records.default_subset(), np.int64)
+  language_model = pipeline.is_language_modelling(config.data)
+  vocab = vocab_size(config, "teacher")  # The teacher's output size.
+  k, temperature = effective_k(config, "teacher"), float(
+      config.distill.temperature)
+  idx_dtype = index_dtype(vocab)
+  dtype = record_dtype(records.positions, k, s["dtype"], idx_dtype.str)
+  per_shard = int(s["records_per_shard"])
+  num_shards = max(1, -(-len(rows_all) // per_shard))
+  indices_sha = hashlib.sha256(rows_all.astype("<i8").tobytes()).hexdigest()
+
+  model, params, teacher = load_teacher(config, workdir)
+  manifest = _json_roundtrip({
+      "format": FORMAT, "teacher": teacher, "temperature": temperature,
+      "k": k, "vocab_size": vocab, "data": records.fingerprint(),
+      "records": int(len(rows_all)), "record_indices_sha256": indices_sha,
+      "positions_per_record": records.positions,
+      "encoding": {"values": s["dtype"], "indices": str(idx_dtype.name),
+                   "log_tail": "float32", "record_bytes": dtype.itemsize,
+                   "layout": str(dtype.descr), "writer_options": WRITER_OPTIONS},
+      "records_per_shard": per_shard, "num_shards": num_shards,
+      "complete": False})
+  found = storage.read_json(storage.join(directory, MANIFEST))
+  if found is not None and _identity(found) != _identity(manifest):
+    diff = sorted(k for k in set(_identity(found)) | set(_identity(manifest))
+                  if found.get(k) != manifest.get(k))
+    raise CacheMismatchError(
+        f"config.cache.dir={directory!r} holds a teacher cache made with "
+        f"different {', '.join(diff)}; use another config.cache.dir or "
+        "delete that directory to rebuild it.")
+  if jax.process_index() == 0 and found is None:
+    storage.write_bytes(storage.join(directory, INDICES_FILE),
+                        _npy_bytes(rows_all))
+    storage.write_json(storage.join(directory, MANIFEST), manifest)
+  distributed.barrier("kdjax_teacher_cache_start")
+
+  mesh = parallel.make_mesh()
+  batch = int(s["batch_size"] or config.student.train.batch_size)
+  batch = max(jax.device_count(), batch // jax.device_count()
+              * jax.device_count())
+  processes, me = jax.process_count(), jax.process_index()
+  local_batch = batch // processes
+  apply_fn = (step_lib.make_lm_apply_fn(model) if language_model
+              else step_lib.make_apply_fn(model))
+  forward = _topk_function(
+      apply_fn, mesh, language_model=language_model, k=k,
+      temperature=temperature, chunk_size=int(s["chunk_size"]),
+      value_dtype=(jnp.bfloat16 if s["dtype"] == "bfloat16" else jnp.float32),
+      indices_dtype=jnp.dtype(idx_dtype.name))
+  params = parallel.replicate(params, mesh)
+
+  def shard_rows(index: int) -> np.ndarray:
+    return rows_all[index * per_shard:(index + 1) * per_shard]
+
+  # Round r: process p writes shard r * P + p. Every process takes part in
+  # every forward (a global computation); a round is skipped only if all of
+  # its shards are done, which all processes agree on here.
+  rounds = -(-num_shards // processes)
+  done = np.array([r * processes + me >= num_shards or _shard_complete(
+      storage.join(directory, shard_name(r * processes + me, num_shards)),
+      len(shard_rows(r * processes + me))) for r in range(rounds)])
+  if processes > 1:
+    done = np.asarray(multihost_utils.process_allgather(done)).all(axis=0)
+  steps_per_shard = -(-per_shard // local_batch)
+  start, computed = time.time(), 0
+  for r in range(rounds):
+    if done[r]:
+      continue
+    index = r * processes + me
+    mine = shard_rows(index) if index < num_shards else rows_all[:1]
+    path = storage.join(directory, shard_name(index, num_shards))
+    keep = index < num_shards and not _shard_complete(path, len(mine))
+    outputs = []
+    for j in range(steps_per_shard):
+      rows = mine[j * local_batch:(j + 1) * local_batch]
+      real = len(rows)
+      if not real and processes == 1:
+        continue  # Others need not take part: nothing to compute.
+      if real < local_batch:  # Padding rows: computed, thrown away.
+        rows = np.concatenate([rows, np.resize(mine, local_batch - real)])
+      result = forward(params, parallel.shard_batch(records.inputs(rows),
+                                                    mesh))
+      if keep and real:
+        outputs.append((rows[:real], [_local_rows(x)[:real] for x in result]))
+      computed += real
+    if keep:
+      encoded = []
+      for rows, (log_probs, indices, log_tail) in outputs:
+        encoded += encode(rows, log_probs, indices, log_tail, dtype)
+      _write_shard(path, encoded)
+      logging.info("teacher cache: shard %d/%d written (%d records, %.1f "
+                   "records/s)", index + 1, num_shards, len(mine),
+                   computed / max(time.time() - start, 1e-9))
+  distributed.barrier("kdjax_teacher_cache_end")
+
+  shards = [shard_name(i, num_shards) for i in range(num_shards)]
+  total = sum(storage.file_size(storage.join(directory, f)) for f in shards)
+  manifest.update(complete=True, shards=shards, bytes=total,
+                  bytes_per_token=total / (len(rows_all) * records.positions),
+                  seconds=time.time() - start)
+  if jax.process_index() == 0:
+    storage.write_json(storage.join(directory, MANIFEST), manifest)
+  logging.info("teacher cache complete in %s: %d records, %d shards, %.1f "
+               "bytes per %s", directory, len(rows_all), num_shards,
+               manifest["bytes_per_token"],
+               "token" if language_model else "example")
+  return manifest
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  return buffer.getvalue()

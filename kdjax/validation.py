@@ -1,0 +1,72 @@
+"""The top-level config check: every mistake named (field, value, what is
+allowed) before any compile.
+
+Each feature owns the check of its own config section; this module only
+decides which sections a mode uses and calls their validators in order.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+from kdjax import aot
+from kdjax.core.config import fail
+from kdjax.data import pipeline
+from kdjax.distill import objectives, optim, parallel
+from kdjax.distill import teacher_cache
+from kdjax.models import is_language_model
+from kdjax.runtime import checkpoint, distributed, workdir as workdir_lib
+from kdjax.weights import specs
+
+MODES = ("teacher", "scratch", "distill", "evaluate", "pipeline", "aot_check",
+         "generate_text", "cache_teacher")
+# The models each mode builds, and those it trains.
+MODELS_USED = {"teacher": ("teacher",), "generate_text": ("teacher",),
+               "cache_teacher": ("teacher",), "scratch": ("student",)}
+TRAINED = {"teacher": ("teacher",), "scratch": ("student",),
+           "distill": ("student",), "pipeline": ("teacher", "student")}
+
+
+def validate_pipeline(pipeline_config: ml_collections.ConfigDict) -> None:
+  """config.pipeline: seeds, variant modes, the small-data fraction."""
+  if not pipeline_config.seeds:
+    fail("pipeline.seeds", pipeline_config.seeds, "needs at least one seed")
+  for i, variant in enumerate(pipeline_config.get("variants", ())):
+    if variant.get("mode", "distill") not in ("scratch", "distill"):
+      fail(f"pipeline.variants[{i}].mode", variant.get("mode"),
+           "allowed: ('scratch', 'distill')")
+  if not 0.0 <= pipeline_config.small_data_fraction < 1.0:
+    fail("pipeline.small_data_fraction", pipeline_config.small_data_fraction,
+         "must be in [0, 1) (0 disables the small-data runs)")
+
+
+def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ConfigError naming the first bad field. Runs before any compile."""
+  if config.mode not in MODES:
+    fail("mode", config.mode, f"allowed: {MODES}")
+  parallel.validate(config.parallel.backend, jax.process_count())
+  pipeline.validate(config.data, language_model=is_language_model(
+      config.student.model.name))
+  objectives.validate_distill(config.distill)
+  checkpoint.validate(config.checkpoint)
+  for role in MODELS_USED.get(config.mode, ("teacher", "student")):
+    specs.validate_model(config, role)
+  for role in TRAINED.get(config.mode, ()):
+    optim.validate(config[role].train, f"{role}.train", jax.device_count())
+  if config.mode == "pipeline":
+    validate_pipeline(config.pipeline)
+  specs.validate_extra_teachers(config.distill)
+  teacher_cache.validate(config)  # config.cache, distill.teacher_cache.
+  if config.mode == "distill" and not teacher_cache.enabled(config):
+    for spec in specs.teacher_specs(config, workdir):
+      if not spec.pretrained:
+        specs.check_checkpoint_model(spec.model, spec.path, spec.field)
+  if (config.mode in ("evaluate", "cache_teacher")
+      and not specs.pretrained_teacher(config)):
+    specs.check_teacher_checkpoint(config, specs.teacher_dir(config, workdir))
+  distributed.validate(config.get("distributed"))
+  if config.mode == "aot_check":
+    aot.validate(config)
+  else:
+    workdir_lib.check_workdir(workdir)

@@ -1,0 +1,161 @@
+"""Which model a role runs and which teachers a run reads, from the config.
+
+A model spec (name + every model field) identifies a model in checkpoint meta;
+a TeacherSpec says where a frozen teacher's weights come from. The model and
+teacher config sections are validated here too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import ml_collections
+
+from kdjax import models
+from kdjax.core.config import ConfigError, fail
+from kdjax.runtime import checkpoint
+
+# (init_from prefix, model name) pairs an importer exists for.
+IMPORTERS = (("hf_bert", "bert"), ("llama", "llama"))
+
+
+def model_kwargs(config: ml_collections.ConfigDict, role: str) -> dict[str, Any]:
+  """The model fields of `config.<role>.model` with num_classes from the data."""
+  kwargs = dict(config[role].model.to_dict())
+  name = kwargs.pop("name")
+  if not models.is_language_model(name):
+    kwargs.setdefault("num_classes", config.data.num_classes)
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
+def model_spec(config: ml_collections.ConfigDict, role: str) -> dict[str, Any]:
+  """What identifies a model in checkpoint meta: its name and every field."""
+  return {"name": config[role].model.name, **model_kwargs(config, role)}
+
+
+def build_model(config: ml_collections.ConfigDict, role: str):
+  return models.get_model(config[role].model.name, **model_kwargs(config, role))
+
+
+def model_from_spec(spec: dict[str, Any]):
+  kwargs = dict(spec)
+  return models.get_model(kwargs.pop("name"), **kwargs)
+
+
+def teacher_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  return config.teacher.checkpoint_dir or os.path.join(workdir, "teacher")
+
+
+def _normalise(spec: dict[str, Any]) -> dict[str, Any]:
+  return {k: list(v) if isinstance(v, (tuple, list)) else v
+          for k, v in spec.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSpec:
+  """One frozen teacher: its model spec, checkpoint dir and the config field named in errors.
+
+  A pretrained teacher (config.teacher.pretrained) has no checkpoint: its
+  weights are imported from `init_from` as they are.
+  """
+  model: dict[str, Any]
+  path: str
+  field: str
+  init_from: str = ""
+
+  @property
+  def pretrained(self) -> bool:
+    return bool(self.init_from)
+
+
+def pretrained_teacher(config: ml_collections.ConfigDict) -> bool:
+  """The teacher is imported weights (config.teacher.init_from), never trained."""
+  return bool(config.teacher.get("pretrained", False))
+
+
+def teacher_specs(config: ml_collections.ConfigDict, workdir: str
+                  ) -> list[TeacherSpec]:
+  """config.teacher, then config.distill.extra_teachers, in that order."""
+  specs = [TeacherSpec(model_spec(config, "teacher"),
+                       teacher_dir(config, workdir), "teacher",
+                       config.teacher.init_from if pretrained_teacher(config)
+                       else "")]
+  for i, extra in enumerate(config.distill.get("extra_teachers", ())):
+    model = dict(extra["model"])
+    model.setdefault("num_classes", config.data.num_classes)
+    specs.append(TeacherSpec(
+        {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()},
+        extra["checkpoint_dir"], f"distill.extra_teachers[{i}]"))
+  return specs
+
+
+def check_checkpoint_model(expected_spec: dict[str, Any], path: str,
+                           field: str) -> None:
+  """A checkpoint exists at path and was trained with expected_spec."""
+  meta = checkpoint.read_meta(path)
+  if meta is None:
+    fail(f"{field}.checkpoint_dir", path,
+         "no teacher checkpoint there; train one with --config.mode=teacher "
+         "--workdir=<dir> and pass that dir")
+  expected = _normalise(expected_spec)
+  found = _normalise(meta["model"])
+  if found != expected:
+    diff = {k: (found.get(k), expected.get(k))
+            for k in set(found) | set(expected) if found.get(k) != expected.get(k)}
+    raise ConfigError(
+        f"The teacher checkpoint in {path!r} does not match config.{field}.model: "
+        + ", ".join(f"{k}: checkpoint has {a!r}, config has {b!r}"
+                    for k, (a, b) in sorted(diff.items()))
+        + f". Set config.{field}.model to the checkpoint's model or point "
+        f"config.{field}.checkpoint_dir at a matching teacher.")
+  if "num_classes" in expected and meta.get("num_classes") not in (
+      None, expected["num_classes"]):  # Language models have no classes.
+    raise ConfigError(
+        f"The teacher checkpoint in {path!r} has {meta['num_classes']} classes, "
+        f"config.data.num_classes is {expected.get('num_classes')}.")
+
+
+def check_teacher_checkpoint(config: ml_collections.ConfigDict, path: str) -> None:
+  """The primary teacher's checkpoint exists and matches config.teacher.model."""
+  check_checkpoint_model(model_spec(config, "teacher"), path, "teacher")
+
+
+def validate_model(config: ml_collections.ConfigDict, role: str) -> None:
+  """config.<role>.model builds, agrees with the data, and its init_from has an importer."""
+  model_cfg = config[role].model
+  if model_cfg.name not in models.MODELS:
+    fail(f"{role}.model.name", model_cfg.name,
+         f"allowed: {sorted(models.MODELS)}")
+  declared = model_cfg.get("num_classes")
+  if models.is_language_model(model_cfg.name):
+    if not config.data.get("seq_length", 0):
+      fail("data.seq_length", config.data.get("seq_length"),
+           f"must be > 0 tokens for the language model config.{role}.model")
+  elif declared is not None and declared != config.data.num_classes:
+    raise ConfigError(
+        f"config.{role}.model.num_classes={declared} disagrees with "
+        f"config.data.num_classes={config.data.num_classes}; drop the model "
+        "field (it defaults to the data's) or make them equal.")
+  try:
+    build_model(config, role)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.{role}.model: {e}") from e
+  init_from = config[role].get("init_from", "")
+  kind = init_from.partition(":")[0]
+  if init_from and (kind, model_cfg.name) not in IMPORTERS:
+    fail(f"{role}.init_from", init_from,
+         "'' (random init), 'hf_bert:<HF BERT dir>' ('hf_bert:' = "
+         "all-MiniLM-L6-v2) for a 'bert' model, or 'llama:<HF dir or "
+         ".gguf>' ('llama:' = SmolLM2-135M-Instruct) for a 'llama' model")
+  if config[role].get("pretrained", False) and not init_from:
+    fail(f"{role}.pretrained", True, f"needs config.{role}.init_from")
+
+
+def validate_extra_teachers(distill: ml_collections.ConfigDict) -> None:
+  for i, extra in enumerate(distill.get("extra_teachers", ())):
+    missing = {"checkpoint_dir", "model"} - set(extra)
+    if missing:
+      fail(f"distill.extra_teachers[{i}]", dict(extra),
+           f"needs fields {sorted(missing)} (and optionally weight)")
