@@ -24,7 +24,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # jax[tpu] brings libtpu (213 MB), which compiles for Cloud TPU topologies
-    # without a TPU: tests/test_aot.py checks the AOT memory/FLOPs report.
+    # without a TPU: tests/entry/test_aot.py checks the AOT memory/FLOPs report.
     "test": ["pytest>=8", "hypothesis>=6.100", "jax[tpu]==0.10.2"],
     # gs:// workdirs: etils.epath via gcsfs; Orbax's GCS deletes import
     # google.cloud.storage. launch/tpu.py installs it on the workers.

@@ -34,7 +34,7 @@ step 4.4 s (so the teacher trains only its top layer and head), BiLSTM step
 0.23 s (forward 17 ms).
 Presets (`--config=configs/rotten_tomatoes.py:<preset>`):
   smoke    4 steps of every run at 16 tokens, 128 eval examples: ~2.5 minutes
-           (tests/test_text_train.py).
+           (tests/e2e/test_text_train.py).
   teacher  only the teacher (mode=teacher).
   instructed  the teacher is the frozen MiniLM reading INSTRUCTION ("Is this
            movie review fresh or rotten?") before every review, only its

@@ -26,7 +26,7 @@ Presets (`--config=configs/shakespeare_smollm2.py:<preset>`):
   hour      (default) scratch and distill, 100 steps of 8 x 128 tokens each:
             about an hour on a 2-core CPU.
   variants  hour plus distill[layers] and scratch[seqkd]: about 2 hours.
-  smoke  a few steps of 2-layer students at 32 tokens (tests/test_lm_train.py).
+  smoke  a few steps of 2-layer students at 32 tokens (tests/e2e/test_lm_train.py).
 """
 
 import os

@@ -5,7 +5,7 @@ Every gcloud command line is built by `gcloud()` below and nowhere else; each
 subcommand builds a list of argv lists and `execute()` either runs them in
 order or, with --dry-run, prints them (shell-quoted, one per line) without
 running anything. The builders are pure functions of the parsed arguments, so
-tests/test_launch.py checks them without gcloud or a network.
+tests/launch/test_launch.py checks them without gcloud or a network.
 
 Usage, from the repository root (see launch/README.md for the walkthrough):
 

@@ -19,6 +19,8 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
+# Test helpers (word_tokenizer, fault_injection) for tests in every folder.
+sys.path.insert(0, str(REPO / "tests"))
 
 pytest_plugins = ["pytester"]  # tests/test_ci_skips.py runs pytest itself.
 

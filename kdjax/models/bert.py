@@ -312,7 +312,7 @@ def insert_instruction(tokens: jax.Array, attention_mask: jax.Array | None,
 
   Returns (tokens [B, L + K], attention mask [B, L + K], the instruction
   always attended). Equals tokenising "<instruction> <text>" whenever the
-  text was not truncated (tests/test_prompt.py).
+  text was not truncated (tests/weights/test_prompt.py).
   """
   batch = tokens.shape[0]
   mask = (tokens != pad_id if attention_mask is None

@@ -4,6 +4,7 @@ The other resume faults are in test_resume.py."""
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from kdjax.run import train
 from kdjax.runtime import checkpoint
 from kdjax.weights import specs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(pathlib.Path(__file__).resolve().parents[2])
 
 # Every key report.json documents in the README.
 REPORT_KEYS = {"dataset", "eval_split", "num_eval_examples", "teacher_model",

@@ -9,6 +9,7 @@ that silently restarted from step 0.
 import errno
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -25,8 +26,7 @@ from kdjax.run import train
 from kdjax.runtime import checkpoint, resume
 from kdjax.weights import specs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+REPO = str(pathlib.Path(__file__).resolve().parents[2])
 import fault_injection  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 

@@ -280,8 +280,8 @@ def test_minilm_from_copied_dir_with_prefixed_keys(tmp_path):
       tensors["encoder.layer.0.attention.self.query.weight"].T)
 
 
-TRANSFORMERS_MINILM = os.path.join(os.path.dirname(__file__), "fixtures",
-                                   "transformers_minilm.json")
+TRANSFORMERS_MINILM = os.path.join(
+    os.path.dirname(os.path.dirname(__file__)), "fixtures", "transformers_minilm.json")
 
 
 @minilm

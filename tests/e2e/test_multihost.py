@@ -5,6 +5,7 @@ with 2 processes; fail-fast messages of the distributed runtime and workdir.
 
 import json
 import os
+import pathlib
 import re
 import signal
 import socket
@@ -27,7 +28,7 @@ from kdjax.runtime import checkpoint, distributed
 from kdjax.runtime import workdir as workdir_lib
 from kdjax.weights import specs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(pathlib.Path(__file__).resolve().parents[2])
 NUM_STEPS = 40  # Long enough to interrupt twice; steps take ~0.1 s here.
 EVERY = 4  # Checkpoint interval.
 
@@ -306,7 +307,7 @@ def test_unwritable_workdir_fails_before_any_compile(digits_config, tmp_path):
                      match=r"--workdir=.*a_file/run.* cannot be written.*"
                            r"Pass a directory you can write"):
     modes.run(digits_config, str(blocker / "run"))
-  # gs:// workdirs (their probe and errors): tests/test_gcs.py.
+  # gs:// workdirs (their probe and errors): tests/e2e/test_gcs.py.
   if os.geteuid() != 0:  # root may write anywhere.
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)

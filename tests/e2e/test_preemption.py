@@ -2,6 +2,7 @@
 2 processes in test_multihost.py)."""
 
 import os
+import pathlib
 import re
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from kdjax.run import train
 from kdjax.runtime import checkpoint, preemption
 from kdjax.weights import specs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(pathlib.Path(__file__).resolve().parents[2])
 NUM_STEPS = 100
 
 

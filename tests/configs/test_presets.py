@@ -1,7 +1,7 @@
 """Presets the README names but no test trains: they build and validate.
 
-fashion_mnist and digits are in tests/test_config.py; the smoke presets are
-trained end to end in tests/test_lm_train.py and tests/test_text_train.py.
+fashion_mnist and digits are in tests/entry/test_validation.py; the smoke presets are
+trained end to end in tests/e2e/test_lm_train.py and tests/e2e/test_text_train.py.
 Here the rest is built and validated (no training), and the runs of the
 presets whose runs differ from the smoke ones are checked one by one:
 ':variants' (Shakespeare: a student from teacher layers and sequence-level

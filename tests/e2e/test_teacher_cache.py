@@ -3,6 +3,7 @@ distillation from the cache == online distillation when k = vocabulary."""
 
 import json
 import os
+import pathlib
 import shutil
 import socket
 import subprocess
@@ -135,7 +136,7 @@ def test_cached_distillation_equals_online_when_k_is_the_vocabulary(
   assert manifest["teacher"]["checkpoint_step"] == 1
   online_dir = os.path.join(workdir, "online")
   # Online through the direct token loss, cached through the chunked one
-  # (the two paths are equal, tests/test_lm_train.py).
+  # (the two paths are equal, tests/e2e/test_lm_train.py).
   online = _run(config, "distill", online_dir,
                 **{"student.train.loss_chunk_size": 0})
 
@@ -421,7 +422,7 @@ def test_two_processes_write_the_cache_one_process_writes(digits_runs,
              XLA_FLAGS="--xla_force_host_platform_device_count=4",
              KDJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
              KDJAX_NUM_PROCESSES="2")
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = str(pathlib.Path(__file__).resolve().parents[2])
   logs = [tmp_path / f"process{i}.log" for i in range(2)]
   procs = []
   for i, log in enumerate(logs):

@@ -3,7 +3,7 @@
 Tiny random BERTs always run; tests marked `minilm` use the real
 all-MiniLM-L6-v2 weights and tokenizer (skipped, with the install command,
 where the package is missing). The export of real training runs is tested
-on the smoke pipeline in tests/test_text_train.py.
+on the smoke pipeline in tests/e2e/test_text_train.py.
 """
 
 import functools

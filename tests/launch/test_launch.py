@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("kdjax_launch_tpu",
                                                REPO / "launch" / "tpu.py")
 tpu = importlib.util.module_from_spec(_spec)

@@ -7,6 +7,7 @@ what kdjax prints on a host without a TPU: nothing from libtpu.
 
 import glob
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 from kdjax.runtime import distributed
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(pathlib.Path(__file__).resolve().parents[2])
 _LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")  # absl/glog line header.
 _TPU_NOISE = ("TPU_WORKER_HOSTNAMES", "TPU accelerator", "backend 'tpu'",
               "libtpu")

@@ -637,8 +637,8 @@ def test_smollm2_perplexity(smollm2_model, timon):
   assert ppl < SMOLLM2_PPL_BOUND
 
 
-TRANSFORMERS_SMOLLM2 = os.path.join(os.path.dirname(__file__), "fixtures",
-                                    "transformers_smollm2.json")
+TRANSFORMERS_SMOLLM2 = os.path.join(
+    os.path.dirname(os.path.dirname(__file__)), "fixtures", "transformers_smollm2.json")
 # Measured: 6.2e-5 at most here (logits), 1.8e-4 on the 2 x 32 tokens of
 # benchmarks/check_llama_import.py; a wrong import (e.g. Q/K left permuted)
 # moves logits by whole units.
