@@ -144,7 +144,7 @@ def main(argv):
     _exit_with("--workdir is required (except with --config.mode=aot_check).",
                2)
   try:
-    distributed.initialize(config)  # Before anything touches jax devices.
+    distributed.initialize(config.get("distributed"))  # Before any jax use.
     modes.run(config, _WORKDIR.value or "")
   except preemption.Preempted as e:
     logging.warning("%s", e)  # Exit status 0: the scheduler may restart us.

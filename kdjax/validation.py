@@ -58,7 +58,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
     validate_pipeline(config.pipeline)
   specs.validate_extra_teachers(config.distill)
   teacher_cache.validate(config)  # config.cache, distill.teacher_cache.
-  if config.mode == "distill" and not teacher_cache.enabled(config):
+  if config.mode == "distill" and not teacher_cache.enabled(config.distill):
     for spec in specs.teacher_specs(config, workdir):
       if not spec.pretrained:
         specs.check_checkpoint_model(spec.model, spec.path, spec.field)

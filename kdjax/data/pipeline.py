@@ -236,9 +236,8 @@ class ShuffledIndexBatches:
   .repeat(None).batch(batch_size, drop_remainder=True)` (same index_shuffle
   permutation per epoch, batches crossing epoch boundaries alike), so runs and
   checkpoints are unchanged; but each epoch's permutation is computed once and
-  batches are array slices. grain's per-element shuffle and batch cost ~3.4 ms
-  of Python per batch of 128: a sixth of the fused step's CPU time on two
-  cores (benchmarks/input_pipeline.py).
+  batches are array slices, instead of grain's per-element Python shuffle and
+  batch (their cost next to the fused step: benchmarks/input_pipeline.py).
   """
 
   def __init__(self, indices: np.ndarray, batch_size: int, seed: int):

@@ -277,12 +277,12 @@ def describe_distill(distill, num_teachers: int) -> str:
   return text
 
 
-def from_config(config, mode: str, *, total_steps: int = 1,
+def from_config(distill_config, mode: str, *, total_steps: int = 1,
                 num_teachers: int = 1) -> Objective:
   """CE for the teacher and scratch modes, config.distill's objective otherwise."""
   if mode in ("teacher", "scratch"):
     return cross_entropy()
-  return distillation(config.distill, num_teachers=num_teachers,
+  return distillation(distill_config, num_teachers=num_teachers,
                       total_steps=total_steps)
 
 

@@ -15,8 +15,8 @@ of per-device gradients is the full-batch gradient.
 On a one-device mesh there is nothing to map: the shard_map backend compiles
 the per-device function with a plain `jax.jit`, where the axis is unbound and
 every `DataAxis` collective is the identity (the function already sees the
-whole batch). Measured on the 2-core CPU (benchmarks/README.md): shard_map's
-no-op all-reduce of the gradients cost ~5% of the reference GPT step.
+whole batch), so it pays no all-reduce of the gradients (what that costs:
+benchmarks/README.md).
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ hence shards of a few MB); array_record's zstd then shrinks real entries
 (SmolLM2 on Shakespeare: 163 bytes per token, benchmarks/cached_teacher.py).
 
 `distill` with config.distill.teacher_cache = <dir> never loads a teacher:
-`for_training` checks the manifest against the config (dataset, split,
+the training loop opens it with `open_checked`, which checks the manifest
+against the config (dataset, split,
 packed text, tokenizer, vocabulary, k, temperature, seq_length; any mismatch
 is refused naming it), the training iterator reads each batch's cached
 entries by the same record indices it reads the data by (kdjax.data: the
@@ -97,28 +98,28 @@ class CacheMismatchError(ConfigError):
   """A teacher cache was made for another dataset/tokenizer/vocab/k/T."""
 
 
-def settings(config) -> dict[str, Any]:
-  """config.cache with defaults for missing fields."""
-  given = config.get("cache") or {}
+def settings(cache_config) -> dict[str, Any]:
+  """config.cache (None: absent) with defaults for missing fields."""
+  given = cache_config or {}
   return {k: given.get(k, v) for k, v in DEFAULTS.items()}
 
 
-def cache_dir(config, workdir: str) -> str:
-  return settings(config)["dir"] or storage.join(workdir, "teacher_cache")
+def cache_dir(cache_settings: dict[str, Any], workdir: str) -> str:
+  return cache_settings["dir"] or storage.join(workdir, "teacher_cache")
 
 
-def enabled(config) -> bool:
+def enabled(distill_config) -> bool:
   """distill reads a cache (config.distill.teacher_cache) instead of a teacher."""
-  return bool(config.distill.get("teacher_cache", ""))
+  return bool(distill_config.get("teacher_cache", ""))
 
 
 def validate(config) -> None:
   """Raises ConfigError naming a bad config.cache / teacher_cache setting
   (modes cache_teacher and distill from a cache only)."""
-  using = config.mode == "distill" and enabled(config)
+  using = config.mode == "distill" and enabled(config.distill)
   if config.mode != "cache_teacher" and not using:
     return
-  s = settings(config)
+  s = settings(config.get("cache"))
   k = s["k"]
   if isinstance(k, bool) or not isinstance(k, int) or k < 1:
     fail("cache.k", k, "must be an int >= 1 (entries kept per token; more "
@@ -149,16 +150,16 @@ def validate(config) -> None:
     cached_objective_terms(config.distill)  # Raises on an unsupported term.
 
 
-def vocab_size(config, role: str = "student") -> int:
-  """Classes (classification) or the role's vocabulary (LM)."""
-  if pipeline.is_language_modelling(config.data):
-    return int(config[role].model.get("vocab_size", 0))
-  return int(config.data.num_classes)
+def vocab_size(data_config, model_config) -> int:
+  """Classes (classification) or the model's vocabulary (LM)."""
+  if pipeline.is_language_modelling(data_config):
+    return int(model_config.get("vocab_size", 0))
+  return int(data_config.num_classes)
 
 
-def effective_k(config, role: str = "student") -> int:
+def effective_k(k: int, vocab: int) -> int:
   """config.cache.k, at most the vocabulary (then: the whole distribution)."""
-  return min(int(settings(config)["k"]), vocab_size(config, role))
+  return min(int(k), int(vocab))
 
 
 def index_dtype(vocab: int) -> np.dtype:
@@ -226,9 +227,9 @@ class Records:
 class _LMRecords(Records):
   """Packed sequences (kdjax.data.lm): one record per sequence."""
 
-  def __init__(self, config, split: str):
-    self._config, self._split = config, split
-    self._packed = lm_data.packed_split(config.data, split)
+  def __init__(self, data_config, split: str):
+    self._data, self._split = data_config, split
+    self._packed = lm_data.packed_split(data_config, split)
     self.positions = self._packed.seq_length
     self.num_records = self._packed.num_sequences
     self._lm = lm_data
@@ -237,12 +238,12 @@ class _LMRecords(Records):
     return self._packed.batch(rows)["inputs"]
 
   def default_subset(self):
-    if self._split != self._config.data.train_split:
+    if self._split != self._data.train_split:
       return np.arange(self.num_records)
-    return self._lm.train_sequence_indices(self.num_records, self._config.data)
+    return self._lm.train_sequence_indices(self.num_records, self._data)
 
   def fingerprint(self):
-    data = self._config.data
+    data = self._data
     windows = np.ascontiguousarray(self._packed.windows, "<i4")
     tokenizer = self._lm.tokenizer_file(data.tokenizer_path)
     return {"task": "language_modelling", "dataset": data.name,
@@ -259,27 +260,27 @@ class _ClassificationRecords(Records):
 
   positions = 1
 
-  def __init__(self, config, split: str):
-    self._config, self._split = config, split
-    self._source = pipeline.get_source(config.data, split)
-    self._read = pipeline.ReadBatch(self._source, config.data)
+  def __init__(self, data_config, split: str):
+    self._data, self._split = data_config, split
+    self._source = pipeline.get_source(data_config, split)
+    self._read = pipeline.ReadBatch(self._source, data_config)
     self.num_records = len(self._source)
 
   def inputs(self, rows):
     return self._read.map(np.asarray(rows))["inputs"]
 
   def default_subset(self):
-    if self._split != self._config.data.train_split:
+    if self._split != self._data.train_split:
       return np.arange(self.num_records)
-    return pipeline.train_subset(self.num_records, self._config.data)
+    return pipeline.train_subset(self.num_records, self._data)
 
   def fingerprint(self):
-    data = self._config.data
+    data = self._data
     info = getattr(self._source, "dataset_info", None)
     tokenizer = ""
     if pipeline.is_text(data):
-        tokenizer = lm_data.file_sha256(os.path.join(data.tokenizer_dir,
-                                              "tokenizer.json"))
+      tokenizer = lm_data.file_sha256(os.path.join(data.tokenizer_dir,
+                                                   "tokenizer.json"))
     return {"task": "classification", "dataset": data.name,
             "tfds_name": info.full_name if info is not None else "",
             "split": self._split, "num_records": self.num_records,
@@ -289,10 +290,11 @@ class _ClassificationRecords(Records):
             "tokenizer_sha256": tokenizer}
 
 
-def records_for(config, split: str) -> Records:
-  if pipeline.is_language_modelling(config.data):
-    return _LMRecords(config, split)
-  return _ClassificationRecords(config, split)
+def records_for(data_config, split: str) -> Records:
+  """The records of `split` a cache holds: sequences (LM) or examples."""
+  if pipeline.is_language_modelling(data_config):
+    return _LMRecords(data_config, split)
+  return _ClassificationRecords(data_config, split)
 
 
 # ----------------------------------------------------------------------------
@@ -370,8 +372,13 @@ class TeacherCache:
   def __getstate__(self):
     return dict(self.__dict__, _source=None)
 
-  def check(self, config, train_rows: np.ndarray) -> None:
-    """Refuses a cache made for another dataset/text/tokenizer/vocab/k/T."""
+  def check(self, data_config, *, temperature: float, vocab: int, k: int,
+            train_rows: np.ndarray) -> None:
+    """Refuses a cache made for another dataset/text/tokenizer/vocab/k/T.
+
+    `vocab`: the student's classes or vocabulary; `k`: the configured k
+    (at most vocab); `train_rows`: the records this run trains on.
+    """
     m, where = self.manifest, f"The teacher cache {self.directory!r}"
 
     def refuse(what, cached, configured, hint=""):
@@ -382,26 +389,26 @@ class TeacherCache:
           "teacher_cache at a matching cache.")
 
     data = m["data"]
-    language_model = pipeline.is_language_modelling(config.data)
+    language_model = pipeline.is_language_modelling(data_config)
     task = "language_modelling" if language_model else "classification"
     if data["task"] != task:
       refuse("task", data["task"], task)
-    if data["dataset"] != config.data.name:
-      refuse("dataset (config.data.name)", data["dataset"], config.data.name)
-    if data["split"] != config.data.train_split:
-      refuse("split (config.data.train_split)", data["split"],
-             config.data.train_split)
-    if not math.isclose(m["temperature"], float(config.distill.temperature),
+    if data["dataset"] != data_config.name:
+      refuse("dataset (data_config.name)", data["dataset"], data_config.name)
+    if data["split"] != data_config.train_split:
+      refuse("split (data_config.train_split)", data["split"],
+             data_config.train_split)
+    if not math.isclose(m["temperature"], float(temperature),
                         rel_tol=0, abs_tol=1e-12):
       refuse("temperature (config.distill.temperature)", m["temperature"],
-             float(config.distill.temperature),
+             float(temperature),
              " (the top k are tied to T)")
-    if m["vocab_size"] != vocab_size(config):
+    if m["vocab_size"] != vocab:
       refuse("vocabulary size" if language_model else "class count",
-             m["vocab_size"], vocab_size(config))
-    if m["k"] != effective_k(config):
-      refuse("k (config.cache.k)", m["k"], effective_k(config))
-    records = records_for(config, config.data.train_split)
+             m["vocab_size"], vocab)
+    if m["k"] != k:
+      refuse("k (config.cache.k)", m["k"], k)
+    records = records_for(data_config, data_config.train_split)
     found = records.fingerprint()
     for key, label in (("seq_length", "seq_length (config.data.seq_length)"),
                        ("tokenizer_sha256", "tokenizer (sha256 of "
@@ -428,21 +435,21 @@ class TeacherCache:
           f"{train_rows[~covered][:5].tolist()}): config.data.train_fraction/"
           "subset_seed select records the cache was not made for.")
 
-  def objective(self, config, total_steps: int) -> objectives.Objective:
-    return cached_objective(config, total_steps, self)
+  def objective(self, distill_config, total_steps: int) -> objectives.Objective:
+    return cached_objective(distill_config, total_steps, self)
 
   def strategy(self) -> "CachedTeachers":
     """The step's teacher strategy: outputs from each batch's BATCH_KEY."""
     return CachedTeachers(BATCH_KEY)
 
 
-def for_training(config, mode: str) -> TeacherCache | None:
-  """The checked cache a distill run reads instead of a teacher, else None."""
-  if mode != "distill" or not enabled(config):
-    return None
-  cache = TeacherCache(config.distill.teacher_cache)
-  records = records_for(config, config.data.train_split)
-  cache.check(config, records.default_subset())
+def open_checked(directory: str, data_config, *, temperature: float,
+                 vocab: int, k: int) -> TeacherCache:
+  """The cache in `directory`, checked against this run's data, T, vocab, k."""
+  cache = TeacherCache(directory)
+  records = records_for(data_config, data_config.train_split)
+  cache.check(data_config, temperature=temperature, vocab=vocab, k=k,
+              train_rows=records.default_subset())
   return cache
 
 
@@ -498,16 +505,16 @@ def cached_objective_terms(distill) -> list[dict[str, Any]]:
   return specs
 
 
-def cached_objective(config, total_steps: int,
+def cached_objective(distill_config, total_steps: int,
                      cache: TeacherCache) -> objectives.Objective:
   """config.distill's own objective, one teacher: the cache's (see TeacherTopK)."""
-  specs = cached_objective_terms(config.distill)
+  specs = cached_objective_terms(distill_config)
   for i, spec in enumerate(specs):
     if spec["name"] == "topk_kl" and spec.get("k", cache.k) != cache.k:
       fail(
           f"distill.terms[{i}].k", spec["k"],
           f"must equal the cache's k={cache.k} (or be left out)")
-  base = objectives.distillation(config.distill, num_teachers=1,
+  base = objectives.distillation(distill_config, num_teachers=1,
                                  total_steps=total_steps)
   description = (f"{base.description} (every kl: top-{cache.k} KL + tail "
                  f"bucket from the teacher cache {cache.directory})")

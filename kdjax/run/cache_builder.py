@@ -144,15 +144,15 @@ def build(config, workdir: str) -> dict[str, Any]:
   Resumable: finished shards are kept and skipped. A directory holding a
   cache of another teacher/data/k/T is refused.
   """
-  s = settings(config)
-  directory = cache_dir(config, workdir)
+  s = settings(config.get("cache"))
+  directory = cache_dir(s, workdir)
   split = s["split"] or config.data.train_split
-  records = records_for(config, split)
+  records = records_for(config.data, split)
   rows_all = np.asarray(records.default_subset(), np.int64)
   language_model = pipeline.is_language_modelling(config.data)
-  vocab = vocab_size(config, "teacher")  # The teacher's output size.
-  k, temperature = effective_k(config, "teacher"), float(
-      config.distill.temperature)
+  vocab = vocab_size(config.data, config.teacher.model)  # Teacher's outputs.
+  k = effective_k(s["k"], vocab)
+  temperature = float(config.distill.temperature)
   idx_dtype = index_dtype(vocab)
   dtype = record_dtype(records.positions, k, s["dtype"], idx_dtype.str)
   per_shard = int(s["records_per_shard"])

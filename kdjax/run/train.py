@@ -80,6 +80,18 @@ def trainable_mask(params, trainable, field: str):
 
 
 
+def open_teacher_cache(config, mode: str) -> teacher_cache.TeacherCache | None:
+  """The checked cache a distill run reads instead of a teacher, else None."""
+  if mode != "distill" or not teacher_cache.enabled(config.distill):
+    return None
+  vocab = teacher_cache.vocab_size(config.data, config.student.model)
+  return teacher_cache.open_checked(
+      config.distill.teacher_cache, config.data,
+      temperature=float(config.distill.temperature), vocab=vocab,
+      k=teacher_cache.effective_k(
+          teacher_cache.settings(config.get("cache"))["k"], vocab))
+
+
 @dataclasses.dataclass
 class BuiltStep:
   """Everything `build_step` makes: the per-device step and what it needs."""
@@ -112,7 +124,7 @@ def build_step(config: ml_collections.ConfigDict, mode: str, workdir: str,
   tx = optim.make_optimizer(train_cfg, total_steps)
   # distill from config.distill.teacher_cache: checked against this config;
   # no teacher is loaded.
-  cache = None if abstract else teacher_cache.for_training(config, mode)
+  cache = None if abstract else open_teacher_cache(config, mode)
   teacher_applies, teachers_params = (), ()
   if mode == "distill" and cache is None:
     # Frozen: placed once, never donated, never in the optimizer state or the
@@ -122,9 +134,12 @@ def build_step(config: ml_collections.ConfigDict, mode: str, workdir: str,
     teachers_params = tuple(
         parallel.abstract(t.params, parallel.replicated(mesh)) if abstract
         else parallel.replicate(t.params, mesh) for t in loaded)
-  objective = (cache.objective(config, total_steps) if cache is not None else
-               objectives.from_config(config, mode, total_steps=total_steps,
-                                      num_teachers=len(teachers_params)))
+  if cache is not None:
+    objective = cache.objective(config.distill, total_steps)
+  else:
+    objective = objectives.from_config(config.distill, mode,
+                                       total_steps=total_steps,
+                                       num_teachers=len(teachers_params))
 
   def init_state() -> step.TrainState:
     params = init_params(model, config, seed)

@@ -203,14 +203,15 @@ def _check_coordinator(settings: Settings) -> None:
       f"({type(last_error).__name__}: {last_error}). {_WHAT_TO_CHECK}")
 
 
-def initialize(config) -> bool:
+def initialize(dist_config) -> bool:
   """Starts jax.distributed if this run spans several processes.
 
+  `dist_config`: config.distributed (None when the config has none).
   Returns True if it was started here. Must run before any jax device use.
   """
   if jax.distributed.is_initialized():
     return False
-  settings = resolve(config.get("distributed") if config is not None else None)
+  settings = resolve(dist_config)
   if settings is None:
     return False
   where = ("the Cloud TPU slice's coordinator (from the VM metadata)"

@@ -59,8 +59,7 @@ def _llama(**fields):
 
 
 def _lm_config(corpus, workdir: str) -> ml_collections.ConfigDict:
-  import fashion_mnist  # pylint: disable=g-import-not-at-top
-  config = fashion_mnist.get_config()
+  config = load_config("fashion_mnist")
   config.data = ml_collections.ConfigDict(dict(
       name="text_directory", data_dir=str(corpus / "tfds"),
       source_dir=str(corpus / "texts"), input_key="text",
@@ -198,7 +197,7 @@ def test_training_batches_carry_their_records_entries_and_resume(lm_runs):
   config, _, _ = lm_runs
   run = ml_collections.ConfigDict(config.to_dict())
   run.distill.teacher_cache = config.cache.dir
-  cache = teacher_cache.for_training(run, "distill")
+  cache = train.open_teacher_cache(run, "distill")
   packed = lm.packed_split(config.data, "train")
   ds = lm.lm_train_dataset(config.data, global_batch_size=4, seed=3,
                            teacher_cache=cache)
@@ -271,7 +270,7 @@ def test_a_cache_for_other_settings_is_refused(lm_runs, tmp_path, field, value,
   config_lib.set_fields(run, {"mode": "distill", field: value,
                               "distill.teacher_cache": config.cache.dir})
   with pytest.raises(teacher_cache.CacheMismatchError, match=message):
-    teacher_cache.for_training(run, "distill")
+    train.open_teacher_cache(run, "distill")
 
 
 def test_other_tokenizer_or_text_is_refused(lm_runs, corpus, tmp_path):
@@ -283,7 +282,7 @@ def test_other_tokenizer_or_text_is_refused(lm_runs, corpus, tmp_path):
   other.write_text(text.replace('"w0"', '"w00"'))  # Another vocabulary file.
   run.data.tokenizer_path = str(other)
   with pytest.raises(teacher_cache.CacheMismatchError, match="tokenizer"):
-    teacher_cache.for_training(run, "distill")
+    train.open_teacher_cache(run, "distill")
   # Same tokenizer and sequence length, other text: the windows differ.
   run.data.tokenizer_path = config.data.tokenizer_path
   source = tmp_path / "texts"
@@ -295,7 +294,7 @@ def test_other_tokenizer_or_text_is_refused(lm_runs, corpus, tmp_path):
   run.data.data_dir = str(tmp_path / "tfds")
   with pytest.raises(teacher_cache.CacheMismatchError,
                      match="packed training text|tfds dataset"):
-    teacher_cache.for_training(run, "distill")
+    train.open_teacher_cache(run, "distill")
 
 
 def test_unsupported_objectives_and_settings_are_refused(lm_runs):
@@ -313,7 +312,7 @@ def test_unsupported_objectives_and_settings_are_refused(lm_runs):
   run.cache.dtype = "bfloat16"
   run.distill.teacher_cache = workdir  # No manifest there.
   with pytest.raises(config_lib.ConfigError, match="no teacher cache"):
-    teacher_cache.for_training(run, "distill")
+    train.open_teacher_cache(run, "distill")
 
 
 def test_encoding_round_trip_and_bytes_per_token(tmp_path):
@@ -351,8 +350,7 @@ def test_encoding_round_trip_and_bytes_per_token(tmp_path):
 def digits_runs(data_dir, tmp_path_factory):
   """Digits (half the training set): a random CNN teacher checkpoint and its
   k = classes, float32 cache, 5 shards, written by this process."""
-  import digits  # pylint: disable=g-import-not-at-top
-  config = digits.get_config("tiny")
+  config = load_config("digits", "tiny")
   workdir = str(tmp_path_factory.mktemp("cache_digits"))
   config_lib.set_fields(config, {
       "data.data_dir": data_dir, "data.train_fraction": 0.5,
@@ -384,10 +382,10 @@ def test_classification_cache_matches_online_distillation(digits_runs):
   run = ml_collections.ConfigDict(config.to_dict())
   run.distill.teacher_cache = config.cache.dir
   run.data.train_fraction = 0.25
-  assert teacher_cache.for_training(run, "distill") is not None
+  assert train.open_teacher_cache(run, "distill") is not None
   run.data.train_fraction = 1.0
   with pytest.raises(teacher_cache.CacheMismatchError, match="not among"):
-    teacher_cache.for_training(run, "distill")
+    train.open_teacher_cache(run, "distill")
 
 
 def _get(config, dotted: str):
