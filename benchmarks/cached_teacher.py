@@ -43,11 +43,12 @@ from kdjax import modes  # pylint: disable=g-import-not-at-top,wrong-import-posi
 from kdjax.core import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kdjax.data import lm  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kdjax.runtime import metrics_writer, storage  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kdjax.weights import resolve  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _config(args) -> ml_collections.ConfigDict:
   import shakespeare_smollm2  # pylint: disable=g-import-not-at-top
-  config = shakespeare_smollm2.get_config(args.preset)
+  config = resolve.resolve_config(shakespeare_smollm2.get_config(args.preset))
   config.data.seq_length = args.seq_length
   num = lm.num_train_sequences(config.data)  # All training sequences.
   wanted = args.steps * args.batch

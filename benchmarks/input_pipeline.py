@@ -26,7 +26,7 @@ import numpy as np
 from kdjax.data import pipeline
 from kdjax.distill import objectives, optim, parallel, step
 from kdjax.run import train
-from kdjax.weights import specs
+from kdjax.weights import resolve, specs
 
 
 def _load_config(path: str):
@@ -34,7 +34,7 @@ def _load_config(path: str):
   module = importlib.util.module_from_spec(spec)
   sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
   spec.loader.exec_module(module)
-  return module.get_config()
+  return resolve.resolve_config(module.get_config())
 
 
 def _time(run_step, state, frozen, feed, steps: int, prefetch: bool

@@ -3,18 +3,15 @@
     python -m kdjax.main --config=configs/digits.py --workdir=/tmp/kd_digits
 
 Expected runtime on a 2-core CPU: about a minute for the whole pipeline.
-It reuses the Fashion-MNIST config's fields and changes the data and sizes.
+It reuses the Fashion-MNIST config's fields (the default config,
+kdjax/core/defaults.py) and changes the data and sizes.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fashion_mnist  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kdjax.core import defaults
 
 
 def get_config(preset: str = ""):
-  config = fashion_mnist.get_config()
+  config = defaults.get_config()
   config.data.name = "sklearn_digits"
   config.data.source_dir = ""
   config.data.input_shape = (8, 8, 1)

@@ -15,15 +15,14 @@ Expected runtime on a 2-core CPU: about 40 minutes (second teacher ~10 min,
 then 6 students per seed at 10 epochs). Preset `smoke`: a few steps of each.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fashion_mnist  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kdjax.core import defaults
 
 
 def get_config(preset: str = ""):
-  config = fashion_mnist.get_config("smoke" if preset == "smoke" else "")
+  # configs/fashion_mnist.py's config and 'smoke' preset.
+  config = defaults.get_config()
+  if preset == "smoke":
+    defaults.smoke(config)
   config.student.train.num_epochs = 10
   config.pipeline.seeds = (0, 1)
   config.pipeline.small_data_fraction = 0.0

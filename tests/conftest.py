@@ -1,5 +1,8 @@
 """Test setup: 8 simulated CPU devices, set before jax is imported anywhere.
 
+Config files load by path, as kdjax.main loads them (no configs/ on
+sys.path): `from conftest import config_module, load_config`.
+
 Under CI (the environment variable CI set, as .ci/run does) a skipped test
 fails the run: every package a test needs is installed there, so a skip
 would be a hole in CI, not a missing optional extra. The run ends with the
@@ -12,17 +15,50 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import importlib.util  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pathlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
+import types  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
+CONFIGS = REPO / "configs"
 # Test helpers (word_tokenizer, fault_injection) for tests in every folder.
 sys.path.insert(0, str(REPO / "tests"))
 
 pytest_plugins = ["pytester"]  # tests/test_ci_skips.py runs pytest itself.
+
+
+# --- The shipped config files. ------------------------------------------------
+
+_config_modules: dict[str, types.ModuleType] = {}
+
+
+def config_module(name: str) -> types.ModuleType:
+  """configs/<name>.py as a module, loaded from its path like kdjax.main does."""
+  if name not in _config_modules:
+    spec = importlib.util.spec_from_file_location(f"kdjax_config_{name}",
+                                                  CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _config_modules[name] = module
+  return _config_modules[name]
+
+
+def load_config(name: str, preset: str | None = None, resolve: bool = True):
+  """--config=configs/<name>.py[:preset] as a run sees it (unlocked).
+
+  preset None calls get_config() with its own default, as a flag without
+  ':preset' does. With `resolve`, 'hf_bert:', 'llama:' and instruction texts
+  become paths and token ids, as kdjax.modes.run does before validating.
+  """
+  module = config_module(name)
+  config = module.get_config(*([] if preset is None else [preset]))
+  if resolve:
+    from kdjax.weights import resolve as resolve_lib  # pylint: disable=g-import-not-at-top
+    resolve_lib.resolve_config(config)
+  return config
 
 
 # --- Under CI a skip is a failure. -------------------------------------------
@@ -88,8 +124,7 @@ def data_dir(tmp_path_factory) -> str:
 @pytest.fixture
 def digits_config(data_dir):
   """The real digits config at its 'tiny' preset, unlocked for edits."""
-  import digits  # pylint: disable=g-import-not-at-top
-  config = digits.get_config("tiny")
+  config = load_config("digits", "tiny")
   config.data.data_dir = data_dir
   return config
 
@@ -100,9 +135,8 @@ def digits_teacher(data_dir, tmp_path_factory) -> str:
 
   Shared: tests read it (distill from it, validate against it), never write.
   """
-  import digits  # pylint: disable=g-import-not-at-top
   from kdjax import modes  # pylint: disable=g-import-not-at-top
-  config = digits.get_config("tiny")
+  config = load_config("digits", "tiny")
   config.data.data_dir = data_dir
   config.mode = "teacher"
   path = str(tmp_path_factory.mktemp("digits_teacher"))

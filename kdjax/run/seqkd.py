@@ -22,6 +22,7 @@ import os
 import time
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -29,7 +30,7 @@ from kdjax.core import config as config_lib
 from kdjax.data import lm as lm_data
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.models import generate
-from kdjax.run import lm_eval
+from kdjax.run import lm_report
 from kdjax.runtime import storage
 from kdjax.weights import specs
 
@@ -65,7 +66,7 @@ def generate_text(config, workdir: str) -> dict:
   new_tokens = seq_length + 1 - prompt_length
   sampling = generate.Sampling(float(seqkd.temperature), int(seqkd.top_k),
                                float(seqkd.top_p))
-  model, params = lm_eval.load_teacher(config, workdir)
+  model, params = lm_report.load_teacher(config, workdir)
   params = jax.device_put(params, jax.local_devices()[0])
   parts_dir = os.path.join(out_dir, "parts")
   os.makedirs(parts_dir, exist_ok=True)
@@ -110,7 +111,6 @@ def generate_text(config, workdir: str) -> dict:
 
 def dict_without_windows_file(data_config):
   """The data config reading the real training text (not generated windows)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   plain = ml_collections.ConfigDict(data_config.to_dict())
   plain.train_windows_file = ""
   return plain

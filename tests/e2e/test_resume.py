@@ -25,6 +25,7 @@ from kdjax.core import config as config_lib
 from kdjax.run import train
 from kdjax.runtime import checkpoint, resume
 from kdjax.weights import specs
+from conftest import load_config
 
 REPO = str(pathlib.Path(__file__).resolve().parents[2])
 import fault_injection  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -66,8 +67,7 @@ def _resumed_from(workdir):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir):
   """An uninterrupted 6-step teacher run with checkpoints at steps 2, 4, 6."""
-  import digits  # pylint: disable=g-import-not-at-top
-  config = digits.get_config("tiny")
+  config = load_config("digits", "tiny")
   config.data.data_dir = data_dir
   workdir = str(tmp_path_factory.mktemp("reference"))
   modes.run(_teacher_config(config), workdir)
@@ -222,8 +222,7 @@ def test_safe_fields_may_change_on_resume(digits_config, reference, tmp_path):
 
 
 def test_describe_run_keeps_what_a_mode_reads():
-  import digits  # pylint: disable=g-import-not-at-top
-  config = digits.get_config("tiny")
+  config = load_config("digits", "tiny")
   config.mode = "teacher"
   fields = resume.describe_run(config)
   assert "teacher.train.optimizer" in fields and "seed" in fields
@@ -293,7 +292,6 @@ def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_one_before(
   subprocess.run(_main_command(reference_dir, num_steps), cwd=REPO, env=env,
                  check=True, capture_output=True)
   assert _resumed_from(str(workdir)) == 10
-  import digits  # pylint: disable=g-import-not-at-top
-  config = digits.get_config("tiny")
+  config = load_config("digits", "tiny")
   _assert_same_params(_params(config, str(workdir)),
                       _params(config, str(reference_dir)))

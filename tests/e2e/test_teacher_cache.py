@@ -26,6 +26,7 @@ from kdjax.run import cache_builder
 from kdjax.run import tasks, train
 from kdjax.runtime import checkpoint
 from kdjax.weights import specs
+from conftest import load_config
 import word_tokenizer
 
 WORDS = tuple(f"w{i}" for i in range(40))

@@ -23,6 +23,7 @@ from kdjax.runtime import checkpoint
 from kdjax.weights import prompt as prompt_weights
 from kdjax.weights import specs
 from kdjax.weights.importers import hf_bert
+from conftest import load_config
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec(hf_bert.MINILM_PACKAGE) is None
@@ -49,8 +50,7 @@ def _restore(config, run_dir):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-  import rotten_tomatoes  # pylint: disable=g-import-not-at-top
-  config = rotten_tomatoes.get_config("smoke")
+  config = load_config("rotten_tomatoes", "smoke")
   config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
   workdir = str(tmp_path_factory.mktemp("rt_smoke"))
   return config, workdir, modes.run(config, workdir)
@@ -146,8 +146,7 @@ def test_exports_only_where_a_trainable_mask_is_set(smoke_run):
     ("teacher.init_from", "gguf:x", "teacher.init_from"),
 ])
 def test_validation_names_the_text_fields(tmp_path, field, value, message):
-  import rotten_tomatoes  # pylint: disable=g-import-not-at-top
-  config = rotten_tomatoes.get_config("smoke")
+  config = load_config("rotten_tomatoes", "smoke")
   section, leaf = field.split(".")
   config[section][leaf] = value
   with pytest.raises(config_lib.ConfigError, match=message):
@@ -155,8 +154,7 @@ def test_validation_names_the_text_fields(tmp_path, field, value, message):
 
 
 def test_validation_names_a_bad_variant_mode(tmp_path):
-  import rotten_tomatoes  # pylint: disable=g-import-not-at-top
-  config = rotten_tomatoes.get_config("smoke")
+  config = load_config("rotten_tomatoes", "smoke")
   config.pipeline.variants = (dict(config.pipeline.variants[0], mode="teacher"),)
   with pytest.raises(config_lib.ConfigError, match=r"pipeline.variants\[0\].mode"):
     validation.validate(config, str(tmp_path))

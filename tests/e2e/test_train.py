@@ -18,6 +18,7 @@ from kdjax import modes
 from kdjax.run import train
 from kdjax.runtime import checkpoint
 from kdjax.weights import specs
+from conftest import load_config
 
 REPO = str(pathlib.Path(__file__).resolve().parents[2])
 
@@ -120,8 +121,7 @@ def test_killed_run_resumes_to_the_same_parameters(data_dir, tmp_path):
                  check=True, capture_output=True)
   with open(interrupted / train.RUN_FILE) as f:  # Resumed, not restarted.
     assert json.load(f)["resumed_from_step"] == killed_at
-  import digits
-  config = digits.get_config("tiny")
+  config = load_config("digits", "tiny")
   resumed = _params(config, "teacher", str(interrupted))
   uninterrupted = _params(config, "teacher", str(reference))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,

@@ -1,6 +1,5 @@
 """Config validation: each mistake fails before any compile, naming field, value, allowed."""
 
-import fashion_mnist
 import jax
 import jax.numpy as jnp
 import pytest
@@ -8,10 +7,11 @@ import pytest
 from kdjax import modes
 from kdjax import validation
 from kdjax.core import config as config_lib
+from conftest import load_config
 
 
 def _config(**changes):
-  config = fashion_mnist.get_config()
+  config = load_config("fashion_mnist")
   return config_lib.set_fields(config, changes)
 
 
@@ -126,9 +126,9 @@ def test_validation_compiles_nothing(digits_config, digits_teacher, tmp_path,
 
 
 def test_shipped_configs_validate(tmp_path):
-  import digits
-  for config in (fashion_mnist.get_config(), fashion_mnist.get_config("smoke"),
-                 digits.get_config(), digits.get_config("tiny")):
+  for config in (load_config("fashion_mnist"),
+                 load_config("fashion_mnist", "smoke"), load_config("digits"),
+                 load_config("digits", "tiny")):
     validation.validate(config, str(tmp_path))
   with pytest.raises(ValueError, match="Unknown preset 'fast'"):
-    fashion_mnist.get_config("fast")
+    load_config("fashion_mnist", "fast")

@@ -25,8 +25,10 @@ from kdjax.models import bert
 from kdjax.models import prompt as prompt_lib
 from kdjax.run import train
 from kdjax.weights import prompt as prompt_weights
+from kdjax.weights import resolve
 from kdjax.weights import specs
 from kdjax.weights.importers import hf_bert
+from conftest import config_module, load_config
 
 TINY = dict(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,
             intermediate_size=32, max_position_embeddings=8,
@@ -86,8 +88,8 @@ def test_bad_prompt_fields_fail_at_construction(fields, message):
 
 @minilm
 def test_config_validation_names_the_prompt_field(tmp_path):
-  import rotten_tomatoes  # pylint: disable=g-import-not-at-top
-  config = rotten_tomatoes.get_config("smoke")
+  rotten_tomatoes = config_module("rotten_tomatoes")
+  config = load_config("rotten_tomatoes", "smoke")
   config.student.model = dict(
       rotten_tomatoes._prompt_student(config, 4)["student.model"],  # pylint: disable=protected-access
       prompt_init_words=())
@@ -102,8 +104,8 @@ def test_config_validation_names_the_prompt_field(tmp_path):
 @pytest.fixture(scope="module")
 def minilm_prompt_params():
   """A smoke-preset prompt student's params, MiniLM imported, prompt random."""
-  import rotten_tomatoes  # pylint: disable=g-import-not-at-top
-  config = rotten_tomatoes.get_config("smoke")
+  rotten_tomatoes = config_module("rotten_tomatoes")
+  config = load_config("rotten_tomatoes", "smoke")
   config_lib.set_fields(config, rotten_tomatoes._prompt_student(config, 4))  # pylint: disable=protected-access
   model = specs.build_model(config, "student")
   params = train.init_params(model, config, 0)
@@ -252,9 +254,10 @@ def test_insert_instruction_puts_ids_after_cls():
 def test_instructed_model_reads_instruction_then_review():
   """The instructed model on review ids == the plain model on the tokenised
   text '<instruction> <review>' (same params: the instruction adds none)."""
-  import rotten_tomatoes  # pylint: disable=g-import-not-at-top
+  rotten_tomatoes = config_module("rotten_tomatoes")
   tokenizer = tokenizer_lib.load(hf_bert.minilm_dir())
-  ids = rotten_tomatoes.instruction_ids(hf_bert.minilm_dir())
+  ids = resolve.instruction_ids(hf_bert.minilm_dir(),
+                                rotten_tomatoes.INSTRUCTION)
   assert len(ids) == 8  # is this movie review fresh or rotten ?
   reviews = ["A triumph.", "Dull, overlong and badly acted from start to end",
              "fine"]

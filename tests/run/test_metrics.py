@@ -1,7 +1,7 @@
 """Evaluation metrics against hand-written numpy references, values not ranges.
 
-`evaluate.classification_metrics` (after `evaluate.predict_logits`, which pads
-the last batch) and `lm_eval.token_metrics` (padded rows, masked tokens) on
+`metrics.classification_metrics` (after `metrics.predict_logits`, which pads
+the last batch) and `lm_metrics.token_metrics` (padded rows, masked tokens) on
 hand-built logits: the models here are identities that return their inputs as
 logits. The references are written out below in float64 numpy; sklearn, which
 the report itself uses, is deliberately not one of them.
@@ -9,13 +9,13 @@ the report itself uses, is deliberately not one of them.
 
 import math
 
-import jax
 import numpy as np
 import pytest
 
+from kdjax import models
 from kdjax.distill import parallel
 from kdjax.distill.objectives import ModelOutputs
-from kdjax.run import evaluate, lm_eval
+from kdjax.run import lm_metrics, metrics
 
 
 def _identity_apply(params, inputs, train, dropout_rng, capture_features=False):
@@ -95,7 +95,7 @@ def test_classification_metrics_by_hand():
   # The teacher agrees on rows 0, 2, 4 and puts row i's logits elsewhere.
   teacher = np.roll(logits, 1, axis=-1)
   teacher[[0, 2, 4]] = logits[[0, 2, 4]]
-  result = evaluate.classification_metrics(logits, labels, teacher)
+  result = metrics.classification_metrics(logits, labels, teacher)
   # Each disagreeing row: p = softmax(teacher) puts e/(e + 3e^-2) on c+1,
   # q on c; KL = sum p (log p - log q) = (a - b)(p_hi - p_lo) with a - b = 3.
   e_hi, e_lo = math.exp(1.0), math.exp(-2.0)
@@ -109,11 +109,51 @@ def test_classification_metrics_by_hand():
   assert result.keys() == expected.keys()
   for key, value in expected.items():
     assert result[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
-  assert evaluate.classification_metrics(logits, labels, brief=True) == {
+  assert metrics.classification_metrics(logits, labels, brief=True) == {
       "accuracy": 0.5}
   # A class that is a label but never predicted: precision 0 (not 0/0).
-  result = evaluate.classification_metrics(logits[:2], np.array([1, 1]))
+  result = metrics.classification_metrics(logits[:2], np.array([1, 1]))
   assert result["precision_macro"] == 0.0 and result["recall_macro"] == 0.0
+
+
+def test_ties_and_classes_never_predicted_or_never_labelled():
+  """Ties go to the lowest class; every class that is a label or a
+  prediction counts in the macro means, a 0/0 ratio as 0.
+
+  Rows (5 classes; the tied maxima in brackets):
+    r0 [0 1] -> 0   r1 [1 2 3] -> 1   r2 [0 1 2 3] -> 0   r3 [2 3] -> 2
+    r4 -> 0         r5 -> 3           r6 [0 1 2 3] -> 0
+  predictions 0 1 0 2 0 3 0, labels 1 1 0 2 0 2 4:
+    class 0: tp 2, fp 2, fn 0 -> P 1/2, R 1,   F1 2/3
+    class 1: tp 1, fp 0, fn 1 -> P 1,   R 1/2, F1 2/3
+    class 2: tp 1, fp 0, fn 1 -> P 1,   R 1/2, F1 2/3
+    class 3: predicted, never a label: tp 0, fp 1 -> P 0, R 0/0 = 0, F1 0
+    class 4: a label, never predicted: tp 0, fn 1 -> P 0/0 = 0, R 0, F1 0
+  macro P = 2.5 / 5, macro R = 2 / 5, macro F1 = 2 / 5; accuracy 4 / 7.
+  """
+  logits = np.array([[2, 2, 0, 0, -1],
+                     [0, 1, 1, 1, -1],
+                     [0, 0, 0, 0, -1],
+                     [0, 0, 5, 5, -1],
+                     [1, 0, 0, 0, -1],
+                     [0, 0, 0, 3, -1],
+                     [0, 0, 0, 0, -1]], np.float32)
+  labels = np.array([1, 1, 0, 2, 0, 2, 4])
+  # The teacher breaks rows 0 and 1's ties the other way: argmax 1, then 0.
+  teacher = logits.copy()
+  teacher[0] = [0, 2, 2, 0, -1]
+  teacher[1] = [1, 1, 1, 1, -1]
+  result = metrics.classification_metrics(logits, labels, teacher)
+  log_p, log_q = _log_softmax(teacher), _log_softmax(logits)
+  kl = [sum(math.exp(a) * (a - b) for a, b in zip(log_p[i], log_q[i]))
+        for i in (0, 1)]  # The other rows are equal: KL 0.
+  expected = {"accuracy": 4 / 7, "precision_macro": 2.5 / 5,
+              "recall_macro": 2 / 5, "f1_macro": 2 / 5,
+              "agreement_with_teacher": 5 / 7, "kl_to_teacher": sum(kl) / 7}
+  assert result.keys() == expected.keys()
+  for key, value in expected.items():
+    assert result[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+  assert sum(kl) > 0.5  # The two rows differ by far more than rounding.
 
 
 @pytest.mark.parametrize("n,batch_size", [(13, 1024), (13, 8), (16, 8)])
@@ -127,10 +167,10 @@ def test_predict_logits_then_metrics_match_reference(n, batch_size):
   teacher_logits = (inputs + rng.normal(size=inputs.shape) * 1.5).astype(
       np.float32)
   mesh = parallel.make_mesh()
-  logits = evaluate.predict_logits(_identity_apply, {}, inputs, mesh,
-                                   batch_size=batch_size)
+  logits = metrics.predict_logits(_identity_apply, {}, inputs, mesh,
+                                  batch_size=batch_size)
   np.testing.assert_array_equal(logits, inputs)
-  result = evaluate.classification_metrics(logits, labels, teacher_logits)
+  result = metrics.classification_metrics(logits, labels, teacher_logits)
   expected = _reference_classification(inputs, labels, teacher_logits)
   assert result.keys() == expected.keys()
   for key, value in expected.items():
@@ -157,9 +197,9 @@ def test_token_metrics_match_reference():
   arrays = {"inputs": np.stack([student, teacher], axis=-2).astype(np.float32),
             "labels": labels, "mask": mask}
   mesh = parallel.make_mesh()
-  result = lm_eval.token_metrics(_student_apply, {}, arrays, mesh,
-                                 teacher_apply=_teacher_apply,
-                                 teacher_params={}, batch_size=8)
+  result = lm_metrics.token_metrics(_student_apply, {}, arrays, mesh,
+                                    teacher_apply=_teacher_apply,
+                                    teacher_params={}, batch_size=8)
 
   s = arrays["inputs"][..., 0, :].astype(np.float64)
   t = arrays["inputs"][..., 1, :].astype(np.float64)
@@ -185,7 +225,17 @@ def test_token_metrics_match_reference():
   assert 0 < expected["accuracy"] < 1 and 0 < expected["agreement_with_teacher"] < 1
 
   # Without a teacher: the student's own metrics only, the same values.
-  alone = lm_eval.token_metrics(_student_apply, {}, arrays, mesh, batch_size=8)
+  alone = lm_metrics.token_metrics(_student_apply, {}, arrays, mesh,
+                                   batch_size=8)
   assert alone.keys() == {"perplexity", "nll", "accuracy", "tokens"}
   for key in alone:
     assert alone[key] == pytest.approx(expected[key], rel=2e-6), key
+
+
+def test_generation_speed_is_nan_for_models_without_a_kv_cache():
+  """Only Llama generates through a KV cache (kdjax.models.generate)."""
+  gpt = models.get_model("gpt", vocab_size=11, width=8, num_layers=1,
+                         num_heads=2, max_length=16)
+  arrays = {"inputs": np.zeros((4, 8), np.int32)}
+  assert math.isnan(lm_metrics.generation_speed(
+      gpt, {}, arrays, batch=2, prompt_length=4, new_tokens=2))

@@ -1,108 +1,30 @@
-"""Teacher-vs-student evaluation and the report (report.json, report.md, report.png).
+"""The classification report (report.json, report.md, report.png).
 
 `write_report(config, workdir)` finds every finished run under the workdir
 (their run.json), evaluates each on the test split next to the teacher, and
-groups students by training data and method so seeds can be compared.
+groups students by training data and method so seeds can be compared. The
+numbers come from kdjax.run.metrics, the figure from kdjax.runtime.plots.
+`find_runs`, `load_params` and `group_key` serve the LM report too.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
-from sklearn import metrics as skmetrics
 
 from kdjax.data import pipeline
 from kdjax.distill import parallel, step
+from kdjax.run import metrics
 from kdjax.runtime import checkpoint, plots, storage
 from kdjax.weights import params as params_lib
 from kdjax.weights import specs
 from kdjax.weights import teachers as teachers_lib
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
-
-
-def predict_logits(apply_fn, params, inputs: np.ndarray, mesh, *,
-                   batch_size: int = 1024) -> np.ndarray:
-  """Logits for all `inputs`, data-parallel over the mesh, gathered to host."""
-  num_devices = mesh.devices.size
-  n = len(inputs)
-  # No bigger than needed: a small eval set is not padded to 1024 examples.
-  batch_size = min(batch_size, -(-n // num_devices) * num_devices)
-  batch_size = max(num_devices, batch_size // num_devices * num_devices)
-  forward = _jitted_forward(apply_fn)
-  params = parallel.replicate(params, mesh)
-  outputs = []
-  for start in range(0, n, batch_size):
-    chunk = inputs[start:start + batch_size]
-    pad = (-len(chunk)) % batch_size if len(chunk) < batch_size else 0
-    if pad:
-      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:],
-                                              chunk.dtype)])
-    per_process = len(chunk) // jax.process_count()
-    local = chunk[jax.process_index() * per_process:
-                  (jax.process_index() + 1) * per_process]
-    logits = forward(params, parallel.shard_batch(local, mesh))
-    logits = multihost_utils.process_allgather(logits, tiled=True)
-    outputs.append(np.asarray(logits)[:len(chunk) - pad])
-  return np.concatenate(outputs)
-
-
-@functools.lru_cache(maxsize=16)
-def _jitted_forward(apply_fn):
-  """One compiled forward per model (apply_fn), reused across calls."""
-  return jax.jit(lambda params, x: step.predict(apply_fn, params, x))
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-  logits = logits.astype(np.float64)
-  shifted = logits - logits.max(-1, keepdims=True)
-  return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-
-
-def classification_metrics(logits: np.ndarray, labels: np.ndarray,
-                           teacher_logits: np.ndarray | None = None, *,
-                           brief: bool = False) -> dict[str, float]:
-  """Accuracy, macro precision/recall/F1, and agreement/KL with the teacher."""
-  predictions = np.argmax(logits, -1)
-  result = {"accuracy": float(np.mean(predictions == labels))}
-  if brief:
-    return result
-  precision, recall, f1, _ = skmetrics.precision_recall_fscore_support(
-      labels, predictions, average="macro", zero_division=0)
-  result.update(precision_macro=float(precision), recall_macro=float(recall),
-                f1_macro=float(f1))
-  if teacher_logits is not None:
-    result["agreement_with_teacher"] = float(
-        np.mean(predictions == np.argmax(teacher_logits, -1)))
-    log_p, log_q = _log_softmax(teacher_logits), _log_softmax(logits)
-    result["kl_to_teacher"] = float(
-        np.mean(np.sum(np.exp(log_p) * (log_p - log_q), -1)))
-  return result
-
-
-def inference_examples_per_second(apply_fn, params, inputs: np.ndarray, *,
-                                  batch_size: int = 256, repeats: int = 5
-                                  ) -> float:
-  """Median throughput of the jitted forward pass on one device of this machine."""
-  forward = jax.jit(lambda p, x: step.predict(apply_fn, p, x))
-  device = jax.local_devices()[0]
-  params = jax.device_put(params, device)
-  x = jax.device_put(jnp.asarray(inputs[:batch_size]), device)
-  forward(params, x).block_until_ready()  # Compile.
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    forward(params, x).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return float(batch_size / np.median(times))
 
 
 def _not_a_run(name: str) -> bool:
@@ -128,15 +50,8 @@ def load_params(config, role: str, run_dir: str, spec=None):
       run_dir, params_lib.abstract(model, config.data))
 
 
-@functools.lru_cache(maxsize=16)
-def cached_apply_fn(model):
-  """One apply function per model, so _jitted_forward's cache hits."""
-  return step.make_apply_fn(model)
-
-
 def _run_json(run_dir: str) -> dict[str, Any]:
   return storage.read_json(storage.join(run_dir, "run.json"), default={})
-
 
 
 def group_key(run: dict) -> str:
@@ -159,15 +74,15 @@ def write_report(config, workdir: str) -> dict[str, Any]:
                                                               workdir)[0])
   teacher_model, teacher_params = teacher.model, teacher.params
   teacher_apply = step.make_apply_fn(teacher_model)
-  teacher_logits = predict_logits(teacher_apply, teacher_params, data["inputs"],
-                                  mesh)
+  teacher_logits = metrics.predict_logits(teacher_apply, teacher_params,
+                                          data["inputs"], mesh)
   teacher_entry = {
-      **classification_metrics(teacher_logits, labels),
+      **metrics.classification_metrics(teacher_logits, labels),
       "num_params": params_lib.count(teacher_params),
       "num_trainable_params": _run_json(teacher_path).get(
           "num_trainable_params", params_lib.count(teacher_params)),
       "checkpoint_bytes": checkpoint.params_bytes(teacher_path),
-      "inference_examples_per_second": inference_examples_per_second(
+      "inference_examples_per_second": metrics.inference_examples_per_second(
           teacher_apply, teacher_params, data["inputs"]),
       "run_dir": storage.relpath(teacher_path, workdir),
   }
@@ -179,17 +94,18 @@ def write_report(config, workdir: str) -> dict[str, Any]:
     # Each run's own model (pipeline variants may train another student).
     student_model, params = load_params(config, "student", run_dir,
                                          run.get("model"))
-    student_apply = cached_apply_fn(student_model)
-    logits = predict_logits(student_apply, params, data["inputs"], mesh)
+    student_apply = metrics.cached_apply_fn(student_model)
+    logits = metrics.predict_logits(student_apply, params, data["inputs"],
+                                    mesh)
     arch = json.dumps(run.get("model"), sort_keys=True)
     if arch not in speeds:  # Time each architecture once.
-      speeds[arch] = inference_examples_per_second(student_apply, params,
-                                                   data["inputs"])
+      speeds[arch] = metrics.inference_examples_per_second(
+          student_apply, params, data["inputs"])
     students.append({
         "group": group_key(run), "method": run["role"],
         "variant": run.get("variant", ""), "seed": run["seed"],
         "train_fraction": run["train_fraction"], "objective": run["objective"],
-        **classification_metrics(logits, labels, teacher_logits),
+        **metrics.classification_metrics(logits, labels, teacher_logits),
         "model": run.get("model", {}).get("name", ""),
         "num_params": params_lib.count(params),
         "num_trainable_params": run.get("num_trainable_params",
