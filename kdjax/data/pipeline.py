@@ -169,7 +169,7 @@ def preprocess_batch(records, data_config) -> dict[str, np.ndarray]:
 class ReadBatch(grain.transforms.Map):
   """A batch of record indices -> a preprocessed batch (one bulk read).
 
-  With a teacher cache (kdjax.teacher_cache.TeacherCache), the batch also
+  With a teacher cache (kdjax.distill.teacher_cache.TeacherCache), the batch also
   carries the cached teacher entries of the same records.
   """
 

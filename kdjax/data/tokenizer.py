@@ -10,7 +10,7 @@ tokenizer, and the Llama importer reads its fields with the same function.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -159,3 +159,31 @@ def from_gguf(reader):
         single=single, pair=pair, special_tokens=specials))
   tokenizer.post_processor = tk.processors.Sequence(processors)
   return tokenizer
+
+
+# Tried in order when eos_id = -1.
+EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
+
+
+def resolve_eos_id(tokenizer, eos_id: int) -> int:
+  """eos_id checked against the vocabulary; -1 = the tokenizer's own."""
+  vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+  if eos_id == -1:
+    for token in EOS_TOKENS:
+      found = tokenizer.token_to_id(token)
+      if found is not None:
+        return int(found)
+    raise ValueError(
+        "config.data.eos_id=-1 (the tokenizer's own) but the tokenizer has "
+        f"none of {EOS_TOKENS}; set config.data.eos_id to a token id.")
+  if not 0 <= eos_id < vocab_size:
+    raise ValueError(f"config.data.eos_id={eos_id} is invalid: must be -1 or "
+                     f"an id in [0, {vocab_size}) of the tokenizer.")
+  return int(eos_id)
+
+
+def tokenize_documents(tokenizer, texts: Sequence[str], eos_id: int
+                       ) -> list[np.ndarray]:
+  """Each text's ids (no special tokens) followed by eos_id, as int32."""
+  encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
+  return [np.asarray(e.ids + [eos_id], np.int32) for e in encodings]

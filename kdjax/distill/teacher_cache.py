@@ -74,6 +74,7 @@ from jax import lax
 
 from kdjax.core.config import ConfigError, fail
 from kdjax.data import lm as lm_data
+from kdjax.data import packing
 from kdjax.data import pipeline
 from kdjax.distill import objectives
 from kdjax.distill.objectives import ModelOutputs, TeacherTopK
@@ -229,10 +230,9 @@ class _LMRecords(Records):
 
   def __init__(self, data_config, split: str):
     self._data, self._split = data_config, split
-    self._packed = lm_data.packed_split(data_config, split)
+    self._packed = packing.packed_split(data_config, split)
     self.positions = self._packed.seq_length
     self.num_records = self._packed.num_sequences
-    self._lm = lm_data
 
   def inputs(self, rows):
     return self._packed.batch(rows)["inputs"]
@@ -240,18 +240,18 @@ class _LMRecords(Records):
   def default_subset(self):
     if self._split != self._data.train_split:
       return np.arange(self.num_records)
-    return self._lm.train_sequence_indices(self.num_records, self._data)
+    return lm_data.train_sequence_indices(self.num_records, self._data)
 
   def fingerprint(self):
     data = self._data
     windows = np.ascontiguousarray(self._packed.windows, "<i4")
-    tokenizer = self._lm.tokenizer_file(data.tokenizer_path)
+    tokenizer = packing.tokenizer_file(data.tokenizer_path)
     return {"task": "language_modelling", "dataset": data.name,
             "tfds_name": self._packed.stats.get("dataset", ""),
             "split": self._split, "num_records": self.num_records,
             "seq_length": self.positions,
             "eos_id": int(self._packed.stats.get("eos_id", -1)),
-            "tokenizer_sha256": self._lm.file_sha256(tokenizer),
+            "tokenizer_sha256": storage.file_sha256(tokenizer),
             "windows_sha256": hashlib.sha256(windows.tobytes()).hexdigest()}
 
 
@@ -279,7 +279,7 @@ class _ClassificationRecords(Records):
     info = getattr(self._source, "dataset_info", None)
     tokenizer = ""
     if pipeline.is_text(data):
-      tokenizer = lm_data.file_sha256(os.path.join(data.tokenizer_dir,
+      tokenizer = storage.file_sha256(os.path.join(data.tokenizer_dir,
                                                    "tokenizer.json"))
     return {"task": "classification", "dataset": data.name,
             "tfds_name": info.full_name if info is not None else "",

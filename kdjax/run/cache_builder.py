@@ -22,7 +22,6 @@ from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from kdjax.data import lm as lm_data
 from kdjax.data import pipeline
 from kdjax.distill import losses, parallel, step as step_lib, token_loss
 from kdjax.distill.teacher_cache import (
@@ -32,15 +31,16 @@ from kdjax.distill.teacher_cache import (
 from kdjax.runtime import checkpoint, distributed, storage
 from kdjax.weights import pretrained, specs, teachers
 
+
 def _path_sha256(path: str) -> str:
   """SHA-256 of a weights file, or of a directory's files (name + hash each)."""
   if os.path.isfile(path):
-    return lm_data.file_sha256(path)
+    return storage.file_sha256(path)
   h = hashlib.sha256()
   for name in sorted(os.listdir(path)):
     full = os.path.join(path, name)
     if os.path.isfile(full) and name.endswith((".json", ".safetensors")):
-      h.update(f"{name}\0{lm_data.file_sha256(full)}\n".encode())
+      h.update(f"{name}\0{storage.file_sha256(full)}\n".encode())
   return h.hexdigest()
 
 

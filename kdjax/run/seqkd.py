@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from kdjax.core import config as config_lib
-from kdjax.data import lm as lm_data
+from kdjax.data import packing
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.models import generate
 from kdjax.run import lm_report
@@ -59,7 +59,7 @@ def generate_text(config, workdir: str) -> dict:
     raise config_lib.ConfigError(
         f"config.seqkd.prompt_length={prompt_length} must be in [1, "
         f"config.data.seq_length={seq_length}].")
-  source = lm_data.packed_split(
+  source = packing.packed_split(
       dict_without_windows_file(config.data), config.data.train_split)
   num = min(int(seqkd.num_sequences), source.num_sequences)
   prompts = source.windows[:num, :prompt_length]

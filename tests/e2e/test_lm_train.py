@@ -46,9 +46,9 @@ def test_pipeline_report(smoke_config, tmp_path):
                                    "distill (full data)",
                                    "scratch[seqkd] (full data)"}
   # The teacher continued the first 8 training windows from 8 real tokens.
-  from kdjax.data import lm as lm_data  # pylint: disable=g-import-not-at-top
+  from kdjax.data import packing  # pylint: disable=g-import-not-at-top
   generated = np.load(os.path.join(workdir, "teacher_text", "windows.npy"))
-  real = lm_data.packed_split(smoke_config.data, "train").windows[:8]
+  real = packing.packed_split(smoke_config.data, "train").windows[:8]
   assert generated.shape == real.shape == (8, 33)
   np.testing.assert_array_equal(generated[:, :8], real[:, :8])
   assert (generated[:, 8:] != real[:, 8:]).mean() > 0.5

@@ -19,13 +19,15 @@ from kdjax import modes
 from kdjax import validation
 from kdjax.core import config as config_lib
 from kdjax.data import lm
+from kdjax.data import packing
+from kdjax.data import text_sources
 from kdjax.distill import step
 from kdjax.distill import teacher_cache
-from kdjax.weights import teachers as teachers_lib
 from kdjax.run import cache_builder
 from kdjax.run import tasks, train
 from kdjax.runtime import checkpoint
 from kdjax.weights import specs
+from kdjax.weights import teachers as teachers_lib
 from conftest import load_config
 import word_tokenizer
 
@@ -44,7 +46,7 @@ def corpus(tmp_path_factory):
   i = 0
   while counts["train"] < 8 or counts["validation"] < 1:
     name = f"doc{i}.txt"
-    counts[lm.file_split(name)] += 1
+    counts[text_sources.file_split(name)] += 1
     (source / name).parent.mkdir(parents=True, exist_ok=True)
     (source / name).write_text(" ".join(rng.choice(WORDS, size=60)))
     i += 1
@@ -162,7 +164,7 @@ def test_cached_distillation_equals_online_when_k_is_the_vocabulary(
 def test_records_hold_the_teacher_topk_in_order(lm_runs):
   config, _, manifest = lm_runs
   cache = teacher_cache.TeacherCache(config.cache.dir)
-  packed = lm.packed_split(config.data, "train")
+  packed = packing.packed_split(config.data, "train")
   assert manifest["records"] == packed.num_sequences
   assert manifest["num_shards"] == -(-packed.num_sequences // 8)
   rows = np.array([packed.num_sequences - 1, 0, 3])
@@ -199,7 +201,7 @@ def test_training_batches_carry_their_records_entries_and_resume(lm_runs):
   run = ml_collections.ConfigDict(config.to_dict())
   run.distill.teacher_cache = config.cache.dir
   cache = train.open_teacher_cache(run, "distill")
-  packed = lm.packed_split(config.data, "train")
+  packed = packing.packed_split(config.data, "train")
   ds = lm.lm_train_dataset(config.data, global_batch_size=4, seed=3,
                            teacher_cache=cache)
   it = iter(ds)
@@ -289,7 +291,7 @@ def test_other_tokenizer_or_text_is_refused(lm_runs, corpus, tmp_path):
   source = tmp_path / "texts"
   shutil.copytree(corpus / "texts", source)
   for path in sorted(source.iterdir()):
-    if lm.file_split(path.name) == "train":
+    if text_sources.file_split(path.name) == "train":
       path.write_text(path.read_text().replace("w1 ", "w2 "))
   run.data.source_dir = str(source)
   run.data.data_dir = str(tmp_path / "tfds")

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+# (import removed)
 from kdjax.data import lm as lm_data
 from kdjax.models import llama
 from kdjax.run import lm_metrics, lm_report

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from kdjax.core import config as config_lib
-from kdjax.data import lm as lm_data
+from kdjax.data import packing
 from kdjax.models import generate, llama
 from kdjax.run import lm_report, seqkd
 import word_tokenizer
@@ -99,7 +99,7 @@ def fakes(monkeypatch):
   def packed_split(data_config, split):
     calls["packed_split"].append((split, data_config.train_windows_file))
     windows = _source_windows()
-    return lm_data.PackedSplit(windows=windows, num_tokens=windows.size,
+    return packing.PackedSplit(windows=windows, num_tokens=windows.size,
                                seq_length=SEQ, stats={})
 
   def load_teacher(config, workdir):
@@ -113,7 +113,7 @@ def fakes(monkeypatch):
     calls["generate"] += 1
     return real_generate(*args, **kwargs)
 
-  monkeypatch.setattr(lm_data, "packed_split", packed_split)
+  monkeypatch.setattr(packing, "packed_split", packed_split)
   monkeypatch.setattr(lm_report, "load_teacher", load_teacher)
   monkeypatch.setattr(generate, "generate", counted_generate)
   return calls
