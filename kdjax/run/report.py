@@ -57,7 +57,7 @@ def _run_json(run_dir: str) -> dict[str, Any]:
 def group_key(run: dict) -> str:
   """'distill (full data)', 'distill[jsd] (3% of data)', 'scratch (...)'."""
   fraction = run["train_fraction"]
-  data = "full data" if fraction >= 1.0 else f"{fraction:.0%} of data"
+  data = "full data" if fraction >= 1.0 else f"{fraction * 100:g}% of data"
   variant = f"[{run['variant']}]" if run.get("variant") else ""
   return f"{run['role']}{variant} ({data})"
 

@@ -142,6 +142,10 @@ def test_find_runs_walks_the_pipeline_layout(workdir):
     (dict(role="scratch", train_fraction=0.1, variant="prompt"),
      "scratch[prompt] (10% of data)"),
     (dict(role="distill", train_fraction=0.25), "distill (25% of data)"),
+    # As the pipeline names the run dir (data_0.5pct): two small fractions
+    # must not share a group.
+    (dict(role="distill", train_fraction=0.005), "distill (0.5% of data)"),
+    (dict(role="distill", train_fraction=0.125), "distill (12.5% of data)"),
 ])
 def test_group_key(run, key):
   assert report.group_key(run) == key
