@@ -2,8 +2,7 @@
 
     python -m kdjax.main --config=configs/digits.py --workdir=/tmp/kd_digits
 
-Expected runtime on a 2-core CPU: about a minute for the whole pipeline.
-It reuses the Fashion-MNIST config's fields (the default config,
+The whole pipeline in about the time of a test. It reuses the Fashion-MNIST config's fields (the default config,
 kdjax/core/defaults.py) and changes the data and sizes.
 """
 

@@ -7,10 +7,10 @@ section 6), then write WORKDIR/report.{json,md,png}.
 
     python -m kdjax.main --config=configs/fashion_mnist.py --workdir=/tmp/kd_fmnist
 
-Measured runtime on a 2-core CPU: 25m49s end to end, install included (most
-of it the teacher's forward passes in the distill steps). Presets
+Runtime and results: the README's quick start (most of the time is the
+teacher's forward passes in the distill steps). Presets
 (`--config=configs/fashion_mnist.py:<preset>`):
-  smoke   a few hundred steps of everything, 1 seed: ~1 minute on CPU.
+  smoke   a few hundred steps of everything, 1 seed.
   teacher only the teacher (mode=teacher).
 Any field can be overridden, e.g. --config.distill.temperature=4.
 """

@@ -10,9 +10,9 @@ in probability space). One report compares them all.
         --workdir=runs/objectives \\
         --config.teacher.checkpoint_dir=runs/fashion_mnist/teacher
 
-(Reusing the quick start's teacher; leave checkpoint_dir out to train one.)
-Expected runtime on a 2-core CPU: about 40 minutes (second teacher ~10 min,
-then 6 students per seed at 10 epochs). Preset `smoke`: a few steps of each.
+(Reusing the quick start's teacher; leave checkpoint_dir out to train one:
+a second teacher, then 6 students per seed at 10 epochs; results in the
+README's "Objective families" section.) Preset `smoke`: a few steps of each.
 """
 
 from kdjax.core import defaults

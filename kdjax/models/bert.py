@@ -232,7 +232,8 @@ class BertClassifier(BertFields):
   real tokens (prompt positions excluded, as the sentence embedding of
   all-MiniLM-L6-v2 is computed), 'cls' (the [CLS] state) or 'pooler' (BERT's
   tanh pooler on [CLS]). Prompt tuning trains `prompt` (and `head`) only: see
-  kdjax/prompt.py for the optimizer mask, the initialisations and the
+  kdjax/distill/masks.py for the optimizer mask, kdjax/models/prompt.py and
+  kdjax/weights/prompt.py for the initialisations and the
   prompt-only export. With `instruction_ids` the model reads every input
   with a fixed instruction after [CLS] (an instruction-prompted teacher on
   the same batches as its student); mean pooling then includes the
