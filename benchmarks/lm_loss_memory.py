@@ -22,9 +22,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from kdjax.core import defaults
 from kdjax.distill import objectives, token_loss
 
 MB = 1e6
@@ -79,8 +79,8 @@ def main():
   if args.platform:
     jax.config.update("jax_platforms", args.platform)
 
-  distill = ml_collections.ConfigDict(dict(
-      alpha=0.5, temperature=2.0, hard_labels="dataset", terms=()))
+  distill = defaults.get_config().distill
+  distill.update(alpha=0.5, temperature=2.0)
   objective = objectives.distillation(distill, num_teachers=1, total_steps=1)
   inputs = _inputs(args)
   operands = tuple(inputs.values())

@@ -68,11 +68,12 @@ def _kdjax_parts():
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from kdjax import models  # pylint: disable=g-import-not-at-top
+  from kdjax.core import defaults  # pylint: disable=g-import-not-at-top
   from kdjax.distill import objectives, optim  # pylint: disable=g-import-not-at-top
   teacher = models.get_model("gpt", vocab_size=VOCAB, max_length=SEQ, **TEACHER)
   student = models.get_model("gpt", vocab_size=VOCAB, max_length=SEQ, **STUDENT)
-  distill = ml_collections.ConfigDict(dict(
-      alpha=ALPHA, temperature=TEMPERATURE, hard_labels="dataset", terms=()))
+  distill = defaults.get_config().distill
+  distill.update(alpha=ALPHA, temperature=TEMPERATURE)
   objective = objectives.distillation(distill, num_teachers=1, total_steps=1)
   tx = optim.make_optimizer(ml_collections.ConfigDict(dict(
       optimizer="adamw", learning_rate=LR, weight_decay=WEIGHT_DECAY,

@@ -142,7 +142,7 @@ def build_step(config, mode: str, mesh, workdir: str = "") -> StepPlan:
   role = train.role_of(mode)
   train_cfg = config[role].train
   # The schedule's length changes constants, not shapes, memory or FLOPs.
-  total_steps = int(train_cfg.get("num_steps", 0) or 1000)
+  total_steps = int(train_cfg.num_steps or 1000)
   replicated = NamedSharding(mesh, P())
   built = train.build_step(config, mode, workdir or "/nonexistent", mesh,
                            total_steps=total_steps, abstract=True,

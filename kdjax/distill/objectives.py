@@ -226,24 +226,24 @@ def distillation(distill, *, num_teachers: int, total_steps: int) -> Objective:
         weight=make_schedule(float(spec["weight"]), spec.get("weight_end"),
                              spec.get("schedule", "constant"), total_steps),
         options=options, label=spec["name"]))
-  temperature_end = distill.get("temperature_end", -1.0)
+  temperature_end = distill.temperature_end
   temperature = make_schedule(
       float(distill.temperature),
       None if temperature_end is None or temperature_end < 0 else temperature_end,
-      distill.get("temperature_schedule", "constant"), total_steps)
+      distill.temperature_schedule, total_steps)
   feature_terms = tuple(
       features_lib.FeatureTerm.from_spec(dict(spec), total_steps, make_schedule)
-      for spec in distill.get("features", ()))
+      for spec in distill.features)
   weights = tuple(float(w) for w in teacher_weights(distill, num_teachers))
   return Objective(terms=tuple(terms), temperature=temperature,
                    hard_labels=distill.hard_labels, teacher_weights=weights,
-                   combine=distill.get("combine", "ensemble"),
+                   combine=distill.combine,
                    feature_terms=feature_terms,
                    description=describe_distill(distill, num_teachers))
 
 
 def teacher_weights(distill, num_teachers: int) -> list[float]:
-  extra = [float(t.get("weight", 1.0)) for t in distill.get("extra_teachers", ())]
+  extra = [float(t.get("weight", 1.0)) for t in distill.extra_teachers]
   return ([float(distill.get("teacher_weight", 1.0))] + extra)[:num_teachers]
 
 
@@ -266,9 +266,9 @@ def describe_distill(distill, num_teachers: int) -> str:
   parts = [fmt(s) for s in term_specs(distill)]
   parts += [f"{float(f.get('weight', 1.0)):g} * feature_{f.get('loss', 'mse')}"
             f"({f['student']}<-{f['teacher']})"
-            for f in distill.get("features", ())]
+            for f in distill.features]
   temperature = f"T={float(distill.temperature):g}"
-  if distill.get("temperature_schedule", "constant") != "constant":
+  if distill.temperature_schedule != "constant":
     temperature += (f"->{float(distill.temperature_end):g} "
                     f"{distill.temperature_schedule}")
   text = " + ".join(parts) + f", {temperature}"
@@ -308,13 +308,13 @@ def validate_distill(distill) -> None:
     if spec.get("schedule", "constant") not in SCHEDULES:
       fail(f"distill.terms[{i}].schedule", spec.get("schedule"),
            f"allowed: {SCHEDULES}")
-  if distill.get("temperature_schedule", "constant") not in SCHEDULES:
+  if distill.temperature_schedule not in SCHEDULES:
     fail("distill.temperature_schedule", distill.temperature_schedule,
          f"allowed: {SCHEDULES}")
-  if distill.get("combine", "ensemble") not in TEACHER_COMBINATIONS:
+  if distill.combine not in TEACHER_COMBINATIONS:
     fail("distill.combine", distill.combine,
          f"allowed: {TEACHER_COMBINATIONS}")
-  for i, spec in enumerate(distill.get("features", ())):
+  for i, spec in enumerate(distill.features):
     try:
       features_lib.validate_spec(dict(spec), i)
     except ValueError as e:

@@ -47,7 +47,7 @@ def validate(train_config, field: str, devices: int) -> None:
          f"grad_accum_steps ({train_config.grad_accum_steps}) = {per_step}")
   if train_config.learning_rate <= 0:
     fail(f"{field}.learning_rate", train_config.learning_rate, "must be > 0")
-  if train_config.num_epochs <= 0 and train_config.get("num_steps", 0) <= 0:
+  if train_config.num_epochs <= 0 and train_config.num_steps <= 0:
     fail(f"{field}.num_epochs", train_config.num_epochs,
          "must be > 0 (or set num_steps > 0)")
   if train_config.optimizer not in OPTIMIZERS:

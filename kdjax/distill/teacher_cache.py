@@ -90,9 +90,6 @@ VALUE_DTYPES = ("bfloat16", "float32")
 # Distillation terms a cache can serve: the top-k KL with its tail bucket
 # (forward KL when k = vocab) and the task loss.
 CACHED_TERMS = ("kl", "forward_kl", "topk_kl", objectives.TASK_TERM)
-# config.cache fields and their defaults (a config without them works).
-DEFAULTS = dict(dir="", split="", k=64, dtype="bfloat16", records_per_shard=256,
-                batch_size=0, chunk_size=0)
 
 
 class CacheMismatchError(ConfigError):
@@ -100,9 +97,8 @@ class CacheMismatchError(ConfigError):
 
 
 def settings(cache_config) -> dict[str, Any]:
-  """config.cache (None: absent) with defaults for missing fields."""
-  given = cache_config or {}
-  return {k: given.get(k, v) for k, v in DEFAULTS.items()}
+  """config.cache as a plain dict (its fields: kdjax/core/defaults.py)."""
+  return dict(cache_config)
 
 
 def cache_dir(cache_settings: dict[str, Any], workdir: str) -> str:
@@ -111,7 +107,7 @@ def cache_dir(cache_settings: dict[str, Any], workdir: str) -> str:
 
 def enabled(distill_config) -> bool:
   """distill reads a cache (config.distill.teacher_cache) instead of a teacher."""
-  return bool(distill_config.get("teacher_cache", ""))
+  return bool(distill_config.teacher_cache)
 
 
 def validate(config) -> None:
@@ -120,7 +116,7 @@ def validate(config) -> None:
   using = config.mode == "distill" and enabled(config.distill)
   if config.mode != "cache_teacher" and not using:
     return
-  s = settings(config.get("cache"))
+  s = settings(config.cache)
   k = s["k"]
   if isinstance(k, bool) or not isinstance(k, int) or k < 1:
     fail("cache.k", k, "must be an int >= 1 (entries kept per token; more "
@@ -136,15 +132,15 @@ def validate(config) -> None:
   if batch < 0 or (batch and batch % jax.device_count()):
     fail("cache.batch_size", batch, f"must be 0 (the student's batch size) "
          f"or a positive multiple of the device count ({jax.device_count()})")
-  if config.distill.get("extra_teachers", ()):
+  if config.distill.extra_teachers:
     fail("distill.extra_teachers", config.distill.extra_teachers,
          "a teacher cache holds one teacher (config.teacher); leave it empty")
   if using:
-    if config.student.train.get("augment", False):
+    if config.student.train.augment:
       fail("student.train.augment", True,
            "a teacher cache holds the teacher's outputs on un-augmented "
            "inputs; distilling from it needs augment=False")
-    if config.distill.get("features", ()):
+    if config.distill.features:
       fail("distill.features", config.distill.features,
            "feature terms need the teacher's activations, which a cache "
            "does not hold")
@@ -496,8 +492,8 @@ def cached_objective_terms(distill) -> list[dict[str, Any]]:
           "a teacher cache holds the teacher's top k only, which serves "
           f"{CACHED_TERMS} (the kl terms become the top-k KL with a tail "
           "bucket); use an online teacher for other divergences")
-  if (distill.get("temperature_schedule", "constant") != "constant"
-      and distill.get("temperature_end", -1.0) >= 0
+  if (distill.temperature_schedule != "constant"
+      and distill.temperature_end >= 0
       and distill.temperature_end != distill.temperature):
     fail(
         "distill.temperature_schedule", distill.temperature_schedule,

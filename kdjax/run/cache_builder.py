@@ -144,7 +144,7 @@ def build(config, workdir: str) -> dict[str, Any]:
   Resumable: finished shards are kept and skipped. A directory holding a
   cache of another teacher/data/k/T is refused.
   """
-  s = settings(config.get("cache"))
+  s = settings(config.cache)
   directory = cache_dir(s, workdir)
   split = s["split"] or config.data.train_split
   records = records_for(config.data, split)

@@ -89,7 +89,7 @@ def open_teacher_cache(config, mode: str) -> teacher_cache.TeacherCache | None:
       config.distill.teacher_cache, config.data,
       temperature=float(config.distill.temperature), vocab=vocab,
       k=teacher_cache.effective_k(
-          teacher_cache.settings(config.get("cache"))["k"], vocab))
+          teacher_cache.settings(config.cache)["k"], vocab))
 
 
 @dataclasses.dataclass
@@ -194,7 +194,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise config_lib.ConfigError(
         f"config.{role}.train.batch_size={train_cfg.batch_size} is larger than "
         f"the {num_records} training examples.")
-  total_steps = int(train_cfg.get("num_steps", 0) or
+  total_steps = int(train_cfg.num_steps or
                     train_cfg.num_epochs * steps_per_epoch)
 
   built = build_step(config, mode, workdir, mesh, total_steps=total_steps)

@@ -82,7 +82,7 @@ def teacher_specs(config: ml_collections.ConfigDict, workdir: str
                        teacher_dir(config, workdir), "teacher",
                        config.teacher.init_from if pretrained_teacher(config)
                        else "")]
-  for i, extra in enumerate(config.distill.get("extra_teachers", ())):
+  for i, extra in enumerate(config.distill.extra_teachers):
     model = dict(extra["model"])
     model.setdefault("num_classes", config.data.num_classes)
     specs.append(TeacherSpec(
@@ -154,7 +154,7 @@ def validate_model(config: ml_collections.ConfigDict, role: str) -> None:
 
 
 def validate_extra_teachers(distill: ml_collections.ConfigDict) -> None:
-  for i, extra in enumerate(distill.get("extra_teachers", ())):
+  for i, extra in enumerate(distill.extra_teachers):
     missing = {"checkpoint_dir", "model"} - set(extra)
     if missing:
       fail(f"distill.extra_teachers[{i}]", dict(extra),

@@ -6,23 +6,20 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
+from kdjax.core import defaults
 from kdjax import models
 from kdjax.distill import features, losses, objectives, parallel, step
 from kdjax.distill.objectives import ModelOutputs
 
 
 def _distill(**fields):
-  base = dict(alpha=0.5, temperature=2.0, hard_labels="dataset", terms=(),
-              temperature_end=-1.0, temperature_schedule="constant",
-              features=(), extra_teachers=(), teacher_weight=1.0,
-              combine="ensemble")
-  base.update(fields)
-  return ml_collections.ConfigDict(base)
+  distill = defaults.get_config().distill
+  distill.update({"alpha": 0.5, "temperature": 2.0, **fields})
+  return distill
 
 
 def _np_log_softmax(z):

@@ -18,8 +18,8 @@ import numpy as np
 import optax
 import pytest
 
-import ml_collections
 
+from kdjax.core import defaults
 from kdjax import models, modes
 from kdjax.distill import losses, objectives, parallel, step
 
@@ -30,8 +30,8 @@ LEARNING_RATE = 0.5  # SGD; parameters move by ~1e-2 per step.
 
 
 def _hinton(alpha=0.7, temperature=2.0):
-  distill = ml_collections.ConfigDict(dict(
-      alpha=alpha, temperature=temperature, hard_labels="dataset", terms=()))
+  distill = defaults.get_config().distill
+  distill.update(alpha=alpha, temperature=temperature)
   return objectives.distillation(distill, num_teachers=1, total_steps=10)
 
 

@@ -6,11 +6,11 @@ import re
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from kdjax.core import defaults
 from kdjax.distill import objectives, parallel, token_loss
 from kdjax.distill.objectives import ModelOutputs
 
@@ -18,12 +18,8 @@ B, L, D, DT, V = 3, 24, 16, 20, 96
 
 
 def _distill(**fields):
-  base = dict(alpha=0.5, temperature=2.0, hard_labels="dataset", terms=(),
-              temperature_end=-1.0, temperature_schedule="constant",
-              features=(), extra_teachers=(), teacher_weight=1.0,
-              combine="ensemble")
-  base.update(fields)
-  distill = ml_collections.ConfigDict(base)
+  distill = defaults.get_config().distill
+  distill.update({"alpha": 0.5, "temperature": 2.0, **fields})
   objectives.validate_distill(distill)
   return distill
 

@@ -7,11 +7,11 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
+from kdjax.core import defaults
 from kdjax.core import config as config_lib
 from kdjax.distill import objectives, parallel, step
 from kdjax.models import llama
@@ -112,8 +112,8 @@ def test_chunked_and_direct_token_loss_train_alike():
            "mask": (np.arange(12) < 10).astype(np.float32)[None].repeat(8, 0)}
   init = lambda m, k: jax.jit(lambda key: m.init(key, tokens[:1, :-1]))(
       jax.random.key(k))["params"]
-  distill = ml_collections.ConfigDict(dict(
-      alpha=0.5, temperature=2.0, hard_labels="dataset", terms=()))
+  distill = defaults.get_config().distill
+  distill.update(alpha=0.5, temperature=2.0)
   objective = objectives.distillation(distill, num_teachers=1, total_steps=1)
   student_params = jax.tree.map(np.asarray, init(student, 0))
   teacher_params = init(teacher, 1)

@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kdjax import modes
 from kdjax import validation
 from kdjax.core import config as config_lib
 from conftest import load_config

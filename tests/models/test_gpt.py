@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from kdjax.core import defaults
 from kdjax import models
 from kdjax.distill import objectives, optim, parallel, step
 from kdjax.models import gpt
@@ -147,8 +148,8 @@ def test_distillation_step_on_token_labels():
   student = models.get_model("gpt", **SIZES)
   tokens = np.random.default_rng(5).integers(0, 37, (8, 13)).astype(np.int32)
   batch = {"inputs": tokens[:, :-1], "labels": tokens[:, 1:]}
-  distill = ml_collections.ConfigDict(dict(alpha=0.5, temperature=2.0,
-                                           hard_labels="dataset", terms=()))
+  distill = defaults.get_config().distill
+  distill.update(alpha=0.5, temperature=2.0)
   tx = optim.make_optimizer(ml_collections.ConfigDict(dict(
       optimizer="adamw", learning_rate=1e-3, weight_decay=0.01,
       warmup_steps=0, schedule="constant")), 10)

@@ -6,7 +6,6 @@ injected, since they cannot be produced on a local disk.
 """
 
 import errno
-import json
 import os
 import shutil
 
