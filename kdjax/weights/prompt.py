@@ -9,7 +9,7 @@ WORKDIR/trainable_params.msgpack at its end (`export_trainable`; flax msgpack
 serialisation, not Orbax: one small file), holding the trained leaves and a
 note of the backbone they need (init_from, model spec, seed, a SHA-256 of the
 frozen leaves). `load_onto(backbone_params, path)` puts them back on a frozen
-backbone (checking it is the same one); `rebuild(path, dummy_inputs)` builds
+backbone (checking it is the same one); `rebuild(path, data_config)` builds
 the whole model from the note alone. `split`/`merge` give the trained-only
 tree (kilobytes). The Orbax checkpoint (resume) is unchanged.
 """
@@ -181,7 +181,7 @@ def load_onto(backbone_params: dict[str, Any], path: str, *,
   return merge(trained, traverse_util.unflatten_dict(frozen))
 
 
-def rebuild(path: str, dummy_inputs) -> tuple[nn.Module, dict[str, Any]]:
+def rebuild(path: str, data_config) -> tuple[nn.Module, dict[str, Any]]:
   """(model, params) from an export alone, as the run built them: the model
   its note names, initialised with its seed, the backbone imported, the
   prompt initialised, then the export loaded (and verified)."""
@@ -190,8 +190,7 @@ def rebuild(path: str, dummy_inputs) -> tuple[nn.Module, dict[str, Any]]:
           for k, v in note["model"].items()}
   model = specs.model_from_spec(spec)
   seed = int(note["seed"])
-  params = jax.jit(lambda key: model.init(key, dummy_inputs)["params"])(
-      jax.random.key(seed))
+  params = params_lib.init(model, data_config, seed)
   params = pretrained.load_pretrained(params, note["init_from"])
   run = ml_collections.ConfigDict(
       {"run": {"model": note["model"], "init_from": note["init_from"]}})

@@ -153,6 +153,22 @@ def validate_model(config: ml_collections.ConfigDict, role: str) -> None:
     fail(f"{role}.pretrained", True, f"needs config.{role}.init_from")
 
 
+def validate_teachers(config: ml_collections.ConfigDict, workdir: str,
+                      mode: str, *, from_cache: bool) -> None:
+  """The teachers a mode reads exist and match their configured models."""
+  if mode == "teacher" and pretrained_teacher(config):
+    raise ConfigError(
+        "config.teacher.pretrained=True: the teacher is imported from "
+        f"config.teacher.init_from={config.teacher.init_from!r}, there is "
+        "nothing to train in mode='teacher'.")
+  if mode == "distill" and not from_cache:
+    for spec in teacher_specs(config, workdir):
+      if not spec.pretrained:
+        check_checkpoint_model(spec.model, spec.path, spec.field)
+  if mode in ("evaluate", "cache_teacher") and not pretrained_teacher(config):
+    check_teacher_checkpoint(config, teacher_dir(config, workdir))
+
+
 def validate_extra_teachers(distill: ml_collections.ConfigDict) -> None:
   for i, extra in enumerate(distill.extra_teachers):
     missing = {"checkpoint_dir", "model"} - set(extra)

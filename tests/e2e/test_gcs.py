@@ -1,6 +1,6 @@
 """gs:// workdirs end to end, on a fake Cloud Storage backed by a local directory.
 
-There is no GCS here. `fake_gcs` registers an fsspec filesystem for 'gs'
+There is no GCS here. `fake_gcs` (tests/gcs_fake.py) registers an fsspec filesystem for 'gs'
 that maps gs://BUCKET/PATH to ROOT/BUCKET/PATH and answers like gcsfs: paths
 without 'gs://' in its listings and walks, no append. Everything kdjax reads
 and writes through etils.epath (run.json, metrics.jsonl, TensorBoard events,
@@ -16,70 +16,17 @@ the bucket's hierarchical-namespace lookup (a Cloud API call) answers 'no'.
 
 import json
 import os
-import sys
 
 import pytest
 from etils import epath
-from fsspec.implementations.dirfs import DirFileSystem
-from fsspec.implementations.local import LocalFileSystem
-from fsspec.spec import AbstractFileSystem
-from orbax.checkpoint._src.path import gcs_utils
 
 from kdjax import modes
 from kdjax.core import config as config_lib
 from kdjax.run import train
 from kdjax.runtime import checkpoint, metrics_writer, storage
-from kdjax.runtime import workdir as workdir_lib
+from gcs_fake import fake_gcs  # pylint: disable=unused-import
 
 WORKDIR = "gs://fake-bucket/run"
-
-
-class _FakeGCS(DirFileSystem):
-  """gs://BUCKET/PATH -> ROOT/BUCKET/PATH; lists 'BUCKET/PATH' names like gcsfs."""
-
-  protocol = ("gs", "gcs")
-  cachable = False  # A new ROOT per test.
-  root = ""
-
-  def __init__(self, *args, **kwargs):  # gcsfs options (finalize_on_close).
-    del args, kwargs
-    # No directories on GCS: writing a/b/c needs no a/b first.
-    super().__init__(path=_FakeGCS.root, fs=LocalFileSystem(auto_mkdir=True))
-
-  def walk(self, path, *args, **kwargs):
-    # gcsfs walks with fsspec's generic walk: top-down pruning works.
-    yield from AbstractFileSystem.walk(self, path, *args, **kwargs)
-
-  def open(self, path, mode="rb", **kwargs):
-    if "a" in mode:
-      raise NotImplementedError("Cloud Storage objects cannot be appended to")
-    return super().open(path, mode=mode, **kwargs)
-
-
-def _clear_epath_cache():
-  epath.backend._FileSystemSpecBackend._get_filesystem.cache_clear()  # pylint: disable=protected-access
-
-
-@pytest.fixture
-def fake_gcs(tmp_path, monkeypatch):
-  """The local directory that gs://... maps to."""
-  root = tmp_path / "gcs"
-  root.mkdir()
-  monkeypatch.setattr(_FakeGCS, "root", str(root))
-  registry = sys.modules["fsspec.registry"]._registry  # pylint: disable=protected-access
-  monkeypatch.setitem(registry, "gcs", _FakeGCS)
-  monkeypatch.setitem(registry, "gs", _FakeGCS)
-
-  def local_kvstore(path):
-    bucket, rest = gcs_utils.parse_gcs_path(path, add_trailing_slash=False)
-    return {"driver": "file", "path": os.path.join(root, bucket, rest)}
-
-  monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs", local_kvstore)
-  monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled",
-                      lambda path: False)
-  _clear_epath_cache()
-  yield root
-  _clear_epath_cache()
 
 
 def test_fake_gcs_answers_like_gcsfs(fake_gcs):
@@ -164,50 +111,4 @@ def test_gcs_workdir_end_to_end(fake_gcs, digits_config, caplog):
     assert modes._train_unless_done(config, teacher) == {}  # pylint: disable=protected-access
 
 
-def test_check_workdir_probes_the_bucket(fake_gcs, monkeypatch):
-  written = []
-  write_text = storage.write_text
-  monkeypatch.setattr(storage, "write_text",
-                      lambda path, text: written.append(path) or write_text(
-                          path, text))
-  workdir_lib.check_workdir(WORKDIR)
-  # A probe object was written in the workdir, and removed again.
-  (probe,) = written
-  assert probe.startswith(WORKDIR + "/.kdjax-write-probe-")
-  assert not storage.exists(probe)
-  assert not [f for f in fake_gcs.rglob("*") if f.is_file()]
-
-
-@pytest.mark.parametrize("workdir,match", [
-    ("s3://bucket/run", r"s3:// is not supported"),
-    ("gs://", r"give a bucket and a path"),
-    ("gs://bucket", r"give a bucket and a path"),
-    ("gs:///run", r"give a bucket and a path"),
-])
-def test_check_workdir_refuses_bad_urls(fake_gcs, workdir, match):
-  with pytest.raises(workdir_lib.WorkdirError, match=match):
-    workdir_lib.check_workdir(workdir)
-
-
-def test_check_workdir_says_to_install_the_gcs_extra(monkeypatch):
-  """Without gcsfs, epath raises ImportError for gs://: the error says what to add."""
-  registry = sys.modules["fsspec.registry"]._registry  # pylint: disable=protected-access
-  monkeypatch.delitem(registry, "gcs", raising=False)
-  monkeypatch.setitem(sys.modules, "gcsfs", None)  # import gcsfs fails.
-  _clear_epath_cache()
-  try:
-    with pytest.raises(workdir_lib.WorkdirError,
-                       match=r"needs gcsfs.*pip install -e '\.\[gcs\]'"):
-      workdir_lib.check_workdir(WORKDIR)
-  finally:
-    _clear_epath_cache()
-
-
-def test_check_workdir_names_the_bucket_when_it_cannot_write(fake_gcs,
-                                                             monkeypatch):
-  def denied(self, *args, **kwargs):
-    raise PermissionError("403 does not have storage.objects.create access")
-  monkeypatch.setattr(_FakeGCS, "open", denied)
-  with pytest.raises(workdir_lib.WorkdirError,
-                     match=r"gs://fake-bucket exists.*roles/storage\.objectUser"):
-    workdir_lib.check_workdir(WORKDIR)
+# check_workdir's probe and refusals on gs:// URLs: tests/runtime/test_workdir.py.

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 
 from kdjax import modes
-from kdjax import validation
 from kdjax.core import config as config_lib
 from kdjax.data import pipeline
 from kdjax.run import train
-from kdjax.runtime import checkpoint, distributed
+from kdjax.runtime import checkpoint
 from kdjax.runtime import workdir as workdir_lib
+from kdjax.weights import params as params_lib
 from kdjax.weights import specs
 from conftest import load_config
 
@@ -140,7 +140,7 @@ def _wait_for_checkpoint(run: TwoProcesses, workdir, at_least: int) -> None:
 
 def _student(config, workdir):
   model = specs.build_model(config, "student")
-  abstract = jax.eval_shape(lambda: train.init_params(model, config, 0))
+  abstract = params_lib.abstract(model, config.data)
   return checkpoint.restore_params(workdir, abstract)
 
 
@@ -242,37 +242,9 @@ def test_two_processes_survive_sigterm_then_sigkill(
 
 
 # --- Fail fast: what to change, before any compile. ---
-
-def test_distributed_settings_from_fields_and_environment():
-  none = distributed.resolve(None, environ={}, on_tpu=False)
-  assert none is None
-  env = {distributed.ENV_ADDRESS: "10.0.0.2:8476",
-         distributed.ENV_NUM_PROCESSES: "4", distributed.ENV_PROCESS_ID: "3"}
-  s = distributed.resolve(None, environ=env, on_tpu=False)
-  assert (s.coordinator_address, s.num_processes, s.process_id) == (
-      "10.0.0.2:8476", 4, 3)
-  # Config fields win over the environment.
-  config = _digits("", **{"distributed.process_id": 1})
-  assert distributed.resolve(config.distributed, environ=env,
-                             on_tpu=False).process_id == 1
-  # A Cloud TPU VM: jax.distributed.initialize() with no arguments.
-  config.distributed.process_id = -1
-  assert distributed.resolve(config.distributed, environ={}, on_tpu=True).auto
-  # ... unless told there is one process.
-  config.distributed.num_processes = 1
-  assert distributed.resolve(config.distributed, environ={}, on_tpu=True) is None
-  with pytest.raises(distributed.DistributedInitError,
-                     match="config.distributed.process_id is not"):
-    distributed.resolve(None, environ={distributed.ENV_ADDRESS: "h:1",
-                                       distributed.ENV_NUM_PROCESSES: "2"})
-  with pytest.raises(distributed.DistributedInitError, match="needs a port"):
-    distributed.resolve(None, environ=dict(env, **{
-        distributed.ENV_ADDRESS: "10.0.0.2"}))
-  with pytest.raises(distributed.DistributedInitError,
-                     match="no coordinator address"):
-    distributed.resolve(None, environ={distributed.ENV_NUM_PROCESSES: "2",
-                                       distributed.ENV_PROCESS_ID: "1"})
-
+# (In-process checks of the distributed settings and the coordinator port:
+# tests/runtime/test_distributed.py; pmap with several processes:
+# tests/entry/test_validation.py.)
 
 def test_unreachable_coordinator_fails_fast_with_what_to_check(data_dir,
                                                                tmp_path):
@@ -323,27 +295,3 @@ def test_device_count_not_dividing_the_batch_says_what_to_change(
                      match=r"config.teacher.train.batch_size=60 is invalid: "
                            r"must be a positive multiple of device count \(8\)"):
     modes.run(digits_config, str(tmp_path))
-
-
-def test_pmap_backend_with_several_processes_is_refused(digits_config,
-                                                        tmp_path):
-  digits_config.mode = "teacher"
-  digits_config.parallel.backend = "pmap"
-  with mock.patch.object(jax, "process_count", lambda: 2):
-    with pytest.raises(config_lib.ConfigError,
-                       match=r"config.parallel.backend='pmap'.*use 'shard_map'"):
-      validation.validate(digits_config, str(tmp_path))
-
-
-def test_coordinator_port_in_use_is_named_before_jax_starts():
-  with socket.socket() as taken:
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    port = taken.getsockname()[1]
-    with pytest.raises(distributed.DistributedInitError,
-                       match=f"port {port} is already in use"):
-      distributed._check_coordinator(distributed.Settings(  # pylint: disable=protected-access
-          f"127.0.0.1:{port}", num_processes=2, process_id=0))
-    # A peer only needs something listening there.
-    distributed._check_coordinator(distributed.Settings(  # pylint: disable=protected-access
-        f"127.0.0.1:{port}", num_processes=2, process_id=1, timeout_seconds=5))

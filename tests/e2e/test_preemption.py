@@ -13,7 +13,8 @@ import jax
 import numpy as np
 
 from kdjax.run import train
-from kdjax.runtime import checkpoint, preemption
+from kdjax.runtime import checkpoint
+from kdjax.weights import params as params_lib
 from kdjax.weights import specs
 from conftest import load_config
 
@@ -38,7 +39,7 @@ def _steps(workdir) -> list[int]:
 def _params(workdir):
   config = load_config("digits", "tiny")
   model = specs.build_model(config, "teacher")
-  abstract = jax.eval_shape(lambda: train.init_params(model, config, 0))
+  abstract = params_lib.abstract(model, config.data)
   return checkpoint.restore_params(workdir, abstract)
 
 
@@ -81,12 +82,3 @@ def test_sigterm_saves_at_the_agreed_step_exits_0_and_resumes(data_dir,
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
                                                        atol=1e-7),
                _params(workdir), _params(reference))
-
-
-def test_watcher_in_one_process_flags_sigterm_and_restores_the_handler():
-  before = signal.getsignal(signal.SIGTERM)
-  with preemption.Watcher() as watcher:
-    assert not watcher.reached(1)
-    os.kill(os.getpid(), signal.SIGTERM)
-    assert watcher.reached(2)
-  assert signal.getsignal(signal.SIGTERM) == before

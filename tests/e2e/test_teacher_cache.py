@@ -26,6 +26,7 @@ from kdjax.distill import teacher_cache
 from kdjax.run import cache_builder
 from kdjax.run import tasks, train
 from kdjax.runtime import checkpoint
+from kdjax.weights import params as params_lib
 from kdjax.weights import specs
 from kdjax.weights import teachers as teachers_lib
 from conftest import load_config
@@ -94,7 +95,7 @@ def _save_random_teacher(config, scale: float) -> None:
   Its output layer is scaled so its distribution is far from uniform.
   """
   model = specs.build_model(config, "teacher")
-  params = train.init_params(model, config, 7)
+  params = params_lib.init(model, config.data, 7)
   last = "embed" if "embed" in params else sorted(params)[-1]
   params = dict(params, **{last: jax.tree.map(lambda x: x * scale,
                                               params[last])})
@@ -117,7 +118,7 @@ def _run(config, mode, workdir, **changes):
 
 def _student_params(config, workdir):
   model = specs.build_model(config, "student")
-  abstract = jax.eval_shape(lambda: train.init_params(model, config, 0))
+  abstract = params_lib.abstract(model, config.data)
   return checkpoint.restore_params(workdir, abstract)
 
 
@@ -152,7 +153,7 @@ def test_cached_distillation_equals_online_when_k_is_the_vocabulary(
   assert "teacher cache" in cached["objective"]
   a = _student_params(config, online_dir)
   b = _student_params(config, cached_dir)
-  init = train.init_params(specs.build_model(config, "student"), config, 0)
+  init = params_lib.init(specs.build_model(config, "student"), config.data, 0)
   moved = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, init)
   assert max(jax.tree.leaves(moved)) > 1e-3  # Training changed the params.
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4,
@@ -318,35 +319,8 @@ def test_unsupported_objectives_and_settings_are_refused(lm_runs):
     train.open_teacher_cache(run, "distill")
 
 
-def test_encoding_round_trip_and_bytes_per_token(tmp_path):
-  """k = 64 at vocabulary 49,152, bfloat16 + uint16: 260 bytes a token, and
-  at most 300 in a written shard (incompressible random entries)."""
-  dtype = teacher_cache.record_dtype(128, 64, "bfloat16",
-                                     teacher_cache.index_dtype(49152).str)
-  assert dtype.itemsize == 8 + 128 * 260
-  assert teacher_cache.index_dtype(65536) == np.uint16
-  assert teacher_cache.index_dtype(65537) == np.int32
-  rng = np.random.default_rng(0)
-  log_probs = -rng.random((3, 128, 64)).astype(np.float32) * 10
-  indices = rng.integers(0, 49152, (3, 128, 64)).astype(np.uint16)
-  tail = np.log(rng.random((3, 128))).astype(np.float32)
-  raw = teacher_cache.encode(np.array([5, 9, 2]), log_probs, indices, tail,
-                             dtype)
-  assert [len(r) for r in raw] == [dtype.itemsize] * 3
-  back = teacher_cache.decode(raw, dtype)
-  np.testing.assert_array_equal(back["record"], [5, 9, 2])
-  np.testing.assert_array_equal(back["indices"], indices)
-  np.testing.assert_array_equal(back["log_tail"], tail)
-  np.testing.assert_allclose(back["log_probs"].astype(np.float32), log_probs,
-                             rtol=2 ** -8)
-  path = str(tmp_path / cache_builder.shard_name(0, 1))
-  n = 64  # A shard costs a fixed ~64-128 KiB of array_record framing.
-  raw = teacher_cache.encode(
-      np.arange(n), -10 * rng.random((n, 128, 64)),
-      rng.integers(0, 49152, (n, 128, 64)), np.log(rng.random((n, 128))),
-      dtype)
-  cache_builder._write_shard(path, raw)  # pylint: disable=protected-access
-  assert os.path.getsize(path) / (n * 128) <= 300
+# The record format (encode/decode, bytes per token):
+# tests/distill/test_teacher_cache_format.py.
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from kdjax import modes
 from kdjax import validation
 from kdjax.core import config as config_lib
 from kdjax.data import pipeline
-from kdjax.run import train
 from kdjax.runtime import checkpoint
+from kdjax.weights import params as params_lib
 from kdjax.weights import prompt as prompt_weights
 from kdjax.weights import specs
 from kdjax.weights.importers import hf_bert
@@ -44,7 +44,7 @@ def _restore(config, run_dir):
   spec = {k: tuple(v) if isinstance(v, list) else v
           for k, v in run["model"].items()}
   model = specs.model_from_spec(spec)
-  abstract = jax.eval_shape(lambda: train.init_params(model, config, 0))
+  abstract = params_lib.abstract(model, config.data)
   return run, jax.device_get(checkpoint.restore_params(run_dir, abstract))
 
 
@@ -114,7 +114,7 @@ def test_prompt_runs_leave_backbone_bit_identical(smoke_run, run_name):
   assert set(trained) == {"prompt", "head"}
   assert note["init_from"] == config.teacher.init_from  # The MiniLM.
   assert note["num_params"] == run["num_trainable_params"] == 20 * 384 + 770
-  model, rebuilt = prompt_weights.rebuild(export, pipeline.dummy_inputs(config.data))
+  model, rebuilt = prompt_weights.rebuild(export, config.data)
   assert model == specs.model_from_spec(
       {k: tuple(v) if isinstance(v, list) else v
        for k, v in run["model"].items()})

@@ -2,6 +2,7 @@
 
 The other resume faults are in test_resume.py."""
 
+import hashlib
 import json
 import os
 import pathlib
@@ -17,6 +18,7 @@ import pytest
 from kdjax import modes
 from kdjax.run import train
 from kdjax.runtime import checkpoint
+from kdjax.weights import params as params_lib
 from kdjax.weights import specs
 from conftest import load_config
 
@@ -36,7 +38,7 @@ STUDENT_KEYS = MODEL_ENTRY_KEYS | {"agreement_with_teacher", "kl_to_teacher",
 
 def _params(config, role, run_dir):
   model = specs.build_model(config, role)
-  abstract = jax.eval_shape(lambda: train.init_params(model, config, 0))
+  abstract = params_lib.abstract(model, config.data)
   return checkpoint.restore_params(run_dir, abstract)
 
 
@@ -159,3 +161,31 @@ def test_pipeline_variants_features_and_two_teachers(digits_config, tmp_path):
   assert set(_params(digits_config, "student", run_dir)) == {"dense_0", "head"}
   with open(os.path.join(str(tmp_path), "report.md")) as f:
     assert "distill[two_teachers]" in f.read()
+
+
+def _file_hashes(directory: str) -> dict[str, str]:
+  """sha256 of every file under directory, by relative path."""
+  hashes = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        hashes[os.path.relpath(path, directory)] = hashlib.sha256(
+            f.read()).hexdigest()
+  return hashes
+
+
+def test_teacher_checkpoint_files_unchanged_by_distillation(
+    digits_config, digits_teacher, tmp_path):
+  """A real distill run reads the teacher's checkpoint and writes none of it:
+  every file under the teacher's dir is byte-identical afterwards."""
+  before = _file_hashes(digits_teacher)
+  assert len(before) > 3, before  # A checkpoint with its files, not an empty dir.
+  digits_config.mode = "distill"
+  digits_config.teacher.checkpoint_dir = digits_teacher
+  digits_config.student.train.num_steps = 2
+  student_dir = str(tmp_path / "student")
+  modes.run(digits_config, student_dir)
+  with open(os.path.join(student_dir, "run.json")) as f:
+    assert json.load(f)["role"] == "distill"
+  assert _file_hashes(digits_teacher) == before

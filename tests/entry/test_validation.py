@@ -1,5 +1,7 @@
 """Config validation: each mistake fails before any compile, naming field, value, allowed."""
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -131,3 +133,13 @@ def test_shipped_configs_validate(tmp_path):
     validation.validate(config, str(tmp_path))
   with pytest.raises(ValueError, match="Unknown preset 'fast'"):
     load_config("fashion_mnist", "fast")
+
+
+def test_pmap_backend_with_several_processes_is_refused(digits_config,
+                                                        tmp_path):
+  digits_config.mode = "teacher"
+  digits_config.parallel.backend = "pmap"
+  with mock.patch.object(jax, "process_count", lambda: 2):
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"config.parallel.backend='pmap'.*use 'shard_map'"):
+      validation.validate(digits_config, str(tmp_path))

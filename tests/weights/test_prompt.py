@@ -23,7 +23,7 @@ from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.distill import masks
 from kdjax.models import bert
 from kdjax.models import prompt as prompt_lib
-from kdjax.run import train
+from kdjax.weights import params as params_lib
 from kdjax.weights import prompt as prompt_weights
 from kdjax.weights import resolve
 from kdjax.weights import specs
@@ -108,7 +108,7 @@ def minilm_prompt_params():
   config = load_config("rotten_tomatoes", "smoke")
   config_lib.set_fields(config, rotten_tomatoes._prompt_student(config, 4))  # pylint: disable=protected-access
   model = specs.build_model(config, "student")
-  params = train.init_params(model, config, 0)
+  params = params_lib.init(model, config.data, 0)
   fields = dict(hf_bert.load_config(hf_bert.minilm_dir()),
                 add_pooler="pooler" in params["encoder"])
   imported = hf_bert.load_params(hf_bert.minilm_dir(), fields)
