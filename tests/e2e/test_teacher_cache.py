@@ -18,6 +18,7 @@ import pytest
 from kdjax import modes
 from kdjax import validation
 from kdjax.core import config as config_lib
+from kdjax.core import defaults
 from kdjax.data import lm
 from kdjax.data import packing
 from kdjax.data import text_sources
@@ -64,13 +65,13 @@ def _llama(**fields):
 
 def _lm_config(corpus, workdir: str) -> ml_collections.ConfigDict:
   config = load_config("fashion_mnist")
-  config.data = ml_collections.ConfigDict(dict(
+  config.data = defaults.lm_data(
       name="text_directory", data_dir=str(corpus / "tfds"),
       source_dir=str(corpus / "texts"), input_key="text",
       tokenizer_path=str(corpus / "tokenizer.json"), seq_length=12,
       eos_id=EOS, train_split="train", eval_split="validation",
       train_fraction=1.0, subset_seed=0, max_eval_sequences=8,
-      eval_batch_size=8, num_classes=0))
+      eval_batch_size=8, num_classes=0)
   config.teacher.model = ml_collections.ConfigDict(_llama(width=24,
                                                           num_layers=2))
   config.teacher.checkpoint_dir = os.path.join(workdir, "teacher")
