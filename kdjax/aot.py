@@ -152,7 +152,7 @@ def build_step(config, mode: str, mesh, workdir: str = "") -> StepPlan:
   teachers_params = built.teachers_params
   # parallel.map_over_devices' shard_map program, as a jit we can lower.
   program = parallel.jit_over_mesh(built.per_device, mesh)
-  teacher_applies = built.per_device.keywords["teacher_applies"]
+  teacher_applies = built.teacher_applies
 
   batch_size = int(train_cfg.batch_size)
   sharded = NamedSharding(mesh, P(parallel.DATA_AXIS))

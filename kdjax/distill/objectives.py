@@ -244,7 +244,7 @@ def distillation(distill, *, num_teachers: int, total_steps: int) -> Objective:
 
 def teacher_weights(distill, num_teachers: int) -> list[float]:
   extra = [float(t.get("weight", 1.0)) for t in distill.extra_teachers]
-  return ([float(distill.get("teacher_weight", 1.0))] + extra)[:num_teachers]
+  return ([float(distill.teacher_weight)] + extra)[:num_teachers]
 
 
 def describe_distill(distill, num_teachers: int) -> str:

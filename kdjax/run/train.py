@@ -91,8 +91,8 @@ class BuiltStep:
   """Everything `build_step` makes: the per-device step and what it needs."""
   model: Any
   objective: objectives.Objective
-  tx: Any
   mask: Any  # Python-bool trainable mask, or None (everything trains).
+  teacher_applies: tuple  # One apply function per live teacher (() cached).
   teachers_params: tuple  # Replicated on the mesh (abstract: shapes).
   per_device: Callable  # step.train_step with everything but its inputs bound.
   init_state: Callable[[], step.TrainState]  # The initial state, on the host.
@@ -163,7 +163,8 @@ def build_step(config: ml_collections.ConfigDict, mode: str, workdir: str,
       grad_accum_steps=int(train_cfg.grad_accum_steps), trainable_mask=mask,
       token_chunk_size=task.token_chunk_size(train_cfg),
       teacher_outputs=cache.strategy() if cache is not None else None)
-  return BuiltStep(model=model, objective=objective, tx=tx, mask=mask,
+  return BuiltStep(model=model, objective=objective, mask=mask,
+                   teacher_applies=teacher_applies,
                    teachers_params=teachers_params, per_device=per_device,
                    init_state=init_state, cache=cache)
 
