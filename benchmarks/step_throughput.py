@@ -70,6 +70,7 @@ def _kdjax_parts():
   from kdjax import models  # pylint: disable=g-import-not-at-top
   from kdjax.core import defaults  # pylint: disable=g-import-not-at-top
   from kdjax.distill import objectives, optim  # pylint: disable=g-import-not-at-top
+  from kdjax.models.partitioning import unbox  # pylint: disable=g-import-not-at-top
   teacher = models.get_model("gpt", vocab_size=VOCAB, max_length=SEQ, **TEACHER)
   student = models.get_model("gpt", vocab_size=VOCAB, max_length=SEQ, **STUDENT)
   distill = defaults.get_config().distill
@@ -79,7 +80,7 @@ def _kdjax_parts():
       optimizer="adamw", learning_rate=LR, weight_decay=WEIGHT_DECAY,
       warmup_steps=0, schedule="constant")), total_steps=1)
   tokens = jax.numpy.zeros((1, SEQ), jax.numpy.int32)
-  init = jax.jit(lambda model, key: model.init(key, tokens)["params"],
+  init = jax.jit(lambda model, key: unbox(model.init(key, tokens)["params"]),
                  static_argnums=0)
   return teacher, student, objective, tx, init(teacher, jax.random.key(0)), \
       init(student, jax.random.key(1))

@@ -37,7 +37,7 @@ from kdjax.core import defaults
 SMOLLM2 = dict(name="llama", vocab_size=49152, width=576, num_layers=30,
                num_heads=9, num_kv_heads=3, head_dim=0, mlp_dim=1536,
                rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True,
-               max_length=2048, dtype="float32")
+               max_length=2048)
 # Student layer k <- teacher layer TEACHER_LAYERS[k]. Chosen by perplexity on
 # validation sequences at init, against every 6th layer and the first six
 # (the numbers: see README, Language models: SmolLM2-135M -> a 6-layer Llama).

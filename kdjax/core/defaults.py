@@ -34,6 +34,23 @@ from __future__ import annotations
 import ml_collections
 
 
+# Logical axis (kdjax/models/partitioning.py) -> mesh axes, MaxText style:
+# the batch over data x fsdp, weights' width over fsdp (ZeRO-3), heads, MLP
+# hidden and vocabulary over model (tensor parallel); unnamed = replicated.
+PARTITION_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "model"),
+    ("embed", "fsdp"),
+    ("heads", "model"),
+    ("kv_heads", "model"),
+    ("mlp", "model"),
+    ("act_heads", "model"),
+    ("act_kv_heads", "model"),
+    ("act_mlp", "model"),
+    ("act_vocab", "model"),
+)
+
+
 def get_config() -> ml_collections.ConfigDict:
   """The default config: every config's fields, Fashion-MNIST's values."""
   config = ml_collections.ConfigDict()
@@ -72,12 +89,14 @@ def get_config() -> ml_collections.ConfigDict:
       dense_features=512,
       dropout_rate=0.3))
   config.teacher.checkpoint_dir = ""  # distill/evaluate: '' = WORKDIR/teacher.
+  config.teacher.precision = precision()
   config.teacher.train = train(num_epochs=15, augment=True, weight_decay=5e-4)
 
   config.student = ml_collections.ConfigDict()
   config.student.model = ml_collections.ConfigDict(dict(
       name="mlp", hidden=(128,), dropout_rate=0.0))
   config.student.train = train(num_epochs=40, augment=False)
+  config.student.precision = precision()
 
   config.distill = ml_collections.ConfigDict()
   config.distill.alpha = 0.5  # Weight of T^2 * KL(teacher_T || student_T).
@@ -118,8 +137,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.pipeline.small_data_fraction = 0.03  # 0 disables the small-data runs.
   config.pipeline.small_data_num_epochs = 150  # Same step count order as full data.
 
+  # One mesh for teacher and student (kdjax/distill/mesh.py). All devices on
+  # 'data' = the replicated layout; any 'fsdp' or 'model' > 1 shards both
+  # models' parameters by the rules (logical axis -> mesh axes) and runs the
+  # same step under jit with shardings (GSPMD). One size may be -1 (the rest).
   config.parallel = ml_collections.ConfigDict()
-  config.parallel.backend = "shard_map"  # Or 'pmap' (same per-device step).
+  config.parallel.mesh = ml_collections.ConfigDict(
+      dict(data=-1, fsdp=1, model=1))
+  # The replicated layout's program: 'shard_map' or 'pmap' (same per-device
+  # step); 'gspmd' runs the sharded layout's program on any mesh.
+  config.parallel.backend = "shard_map"
+  config.parallel.rules = PARTITION_RULES
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 1000  # Save every N steps (and at the end).
@@ -171,6 +199,16 @@ def train(**overrides) -> ml_collections.ConfigDict:
   ))
   section.update(overrides)  # New keys too: see OPTIONAL's <role>.train.*.
   return section
+
+
+def precision(params: str = "float32", compute: str = "float32"
+              ) -> ml_collections.ConfigDict:
+  """A role's precision (config.teacher.precision, config.student.precision):
+  a run setting, not part of the model, so a float32 checkpoint loads into a
+  bfloat16 run. `params`: the dtype weights are held in ('bfloat16' for the
+  frozen teacher only: half the memory, never a float32 copy on device);
+  `compute`: activations and matmul inputs ('llama' and 'gpt' so far)."""
+  return ml_collections.ConfigDict(dict(params=params, compute=compute))
 
 
 def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -31,6 +31,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kdjax.core.config import fail
+from kdjax.distill import mesh as mesh_lib
 
 DATA_AXIS = "data"
 BACKENDS = ("shard_map", "pmap")
@@ -111,15 +112,33 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(put, tree)
 
 
+def place(tree: Any, shardings: Any) -> Any:
+  """Host values placed with per-leaf `shardings`: each process builds only
+  its addressable pieces (works across hosts; every process holds `tree`)."""
+  def put(x, sharding):
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding),
+                                      impl=jax.random.key_impl(x))
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+      return x
+    if isinstance(x, jax.Array) and x.is_fully_addressable:
+      return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding,
+                                        lambda index: host[index])
+  return jax.tree.map(put, tree, shardings)
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `tree` with per-leaf `shardings` (nothing placed)."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree, shardings)
+
+
 def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
   """Builds global batch arrays (split on the data axis) from this host's piece."""
-  sharding = batch_sharded(mesh)
-
-  def put(x):
-    if isinstance(x, jax.Array) and x.sharding == sharding:
-      return x  # Already placed (put_batch prefetched it).
-    return jax.make_array_from_process_local_data(sharding, x)
-  return jax.tree.map(put, local_batch)
+  return place_batch(local_batch, batch_sharded(mesh))
 
 
 def put_batch(local_batch: Any, mesh: Mesh, backend: str) -> Any:
@@ -185,10 +204,60 @@ def map_over_devices(per_device_fn: Callable, mesh: Mesh, backend: str, *,
   return run
 
 
-def validate(backend: str, process_count: int) -> None:
-  """config.parallel.backend is known and can span `process_count` hosts."""
-  if backend not in BACKENDS:
-    fail("parallel.backend", backend, f"allowed: {BACKENDS}")
+def jit_sharded(step_fn: Callable, mesh: Mesh, rule_pairs, *,
+                state_shardings: Any, frozen_shardings: Any,
+                donate_first: bool = True) -> Callable:
+  """The sharded layout's program (GSPMD): the same step function under
+  `jax.jit` with explicit in/out shardings.
+
+  No data axis is bound, so `DataAxis` collectives are identities and the
+  function sees the global batch; XLA inserts the reductions the shardings
+  imply. Mesh and logical rules are in scope while it traces, so the models'
+  activation constraints apply. Takes this host's piece of the batch.
+  """
+  batch_sharding = mesh_lib.batch_sharding(mesh, rule_pairs)
+
+  jitted = jax.jit(step_fn,
+                   in_shardings=(state_shardings, batch_sharding,
+                                 frozen_shardings),
+                   out_shardings=(state_shardings, replicated(mesh)),
+                   donate_argnums=(0,) if donate_first else ())
+
+  def run(state, local_batch, frozen):
+    batch = place_batch(local_batch, batch_sharding)
+    with mesh_lib.active(mesh, rule_pairs):  # Traced (once) in scope.
+      return jitted(state, batch, frozen)
+
+  def lower(*args):
+    with mesh_lib.active(mesh, rule_pairs):
+      return jitted.lower(*args)
+  run.lower = lower
+  run.batch_sharding = batch_sharding
+  return run
+
+
+def place_batch(local_batch: Any, sharding: NamedSharding) -> Any:
+  """Global batch arrays with `sharding` from this host's piece."""
+  def put(x):
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+      return x
+    return jax.make_array_from_process_local_data(sharding, x)
+  return jax.tree.map(put, local_batch)
+
+
+def validate(parallel_config, num_devices: int, process_count: int) -> None:
+  """config.parallel: a backend that can run the mesh over `process_count`
+  hosts, mesh sizes that multiply to the device count, well-formed rules."""
+  backend = parallel_config.backend
+  if backend not in BACKENDS + ("gspmd",):
+    fail("parallel.backend", backend, f"allowed: {BACKENDS + ('gspmd',)}")
+  shape = mesh_lib.sizes(parallel_config.get("mesh", {}), num_devices)
+  if mesh_lib.is_sharded(shape) and backend == "pmap":
+    fail("parallel.backend", backend,
+         f"pmap runs the replicated layout only; parallel.mesh={shape} shards "
+         "parameters, which runs under jit with shardings ('shard_map' or "
+         "'gspmd')")
+  mesh_lib.validate_rules(mesh_lib.rules(parallel_config))
   if process_count > 1 and backend == "pmap":
     fail("parallel.backend", backend,
          f"pmap maps over one host's devices; with {process_count} "

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kdjax.distill.objectives import ModelOutputs
+from kdjax.models import partitioning
 
 Array = jax.Array
 
@@ -52,8 +53,12 @@ def logits_from_hidden(hidden: Array, head: Array) -> Array:
   (exact products, so the same as upcasting first) without a float32 copy
   of the head.
   """
-  return jnp.einsum("...d,dv->...v", hidden, head,
-                    preferred_element_type=jnp.float32)
+  logits = jnp.einsum("...d,dv->...v", hidden, head,
+                      preferred_element_type=jnp.float32)
+  # Sharded layout: the vocabulary stays split over 'model' (the log-sum-exp
+  # reduces across its shards); the identity without rules in scope.
+  names = ("batch",) + (None,) * (logits.ndim - 2) + ("act_vocab",)
+  return partitioning.constrain(logits, names[-logits.ndim:])
 
 
 def direct_objective(objective, student_hidden: Array, student_head: Array,

@@ -33,13 +33,14 @@ is clamped), so callers must keep prompt + new tokens <= max_length.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from kdjax.models import partitioning as part
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
           "float16": jnp.float16}
@@ -56,27 +57,51 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],),
-                       jnp.float32)
+    scale = self.param("scale", part.param(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), jnp.float32)
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)
                               + self.eps)
     return (x32 * scale).astype(self.dtype)
 
 
-def rope_frequencies(head_dim: int, theta: float) -> np.ndarray:
-  """Inverse frequencies theta^(-2i/Dh), i < Dh/2, as transformers computes them."""
-  return (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32)
-                           / np.float32(head_dim)))).astype(np.float32)
+ROPE_TYPES = ("default", "llama3")
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float, rope_type: str = "default",
+                     factor: float = 8.0, low_freq_factor: float = 1.0,
+                     high_freq_factor: float = 4.0,
+                     original_max_length: int = 8192) -> np.ndarray:
+  """Inverse frequencies theta^(-2i/Dh), i < Dh/2, as transformers computes them.
+
+  rope_type 'llama3' (Llama 3.1 and later): wavelengths longer than
+  original_max_length / low_freq_factor are slowed by `factor`, shorter than
+  original_max_length / high_freq_factor kept, and those between blended
+  linearly in original_max_length / wavelength (transformers' llama3 rule).
+  """
+  inv_freq = (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32)
+                               / np.float32(head_dim)))).astype(np.float32)
+  if rope_type == "default":
+    return inv_freq
+  wavelength = 2 * np.pi / inv_freq
+  smooth = ((original_max_length / wavelength - low_freq_factor)
+            / (high_freq_factor - low_freq_factor))
+  blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+  scaled = np.where(wavelength > original_max_length / low_freq_factor,
+                    inv_freq / factor, inv_freq)
+  medium = ((wavelength >= original_max_length / high_freq_factor)
+            & (wavelength <= original_max_length / low_freq_factor))
+  return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, rope: tuple) -> jax.Array:
   """Rotates [B, L, N, Dh] by position in the rotate_half layout.
 
   Pair (j, j + Dh/2) rotates by angle positions * inv_freq[j]; angles and the
   rotation are computed in float32, the result cast back to x's dtype.
+  `rope`: rope_frequencies' arguments after head_dim (theta, type, ...).
   """
-  inv_freq = jnp.asarray(rope_frequencies(x.shape[-1], theta))
+  inv_freq = jnp.asarray(rope_frequencies(x.shape[-1], *rope))
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, Dh/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
   cos, sin = jnp.cos(angles), jnp.sin(angles)
@@ -84,6 +109,26 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   x1, x2 = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class _Projection(nn.Module):
+  """A bias-free projection whose kernel keeps the heads as their own axis.
+
+  What nn.DenseGeneral computes, with the kernel created in its own shape:
+  DenseGeneral initialises a flattened 2-D kernel, which breaks logical
+  partitioning of a 3-D one when rules are in scope.
+  """
+  shape: tuple[int, ...]
+  names: tuple[str, ...]
+  equation: str
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", part.param(_INIT, self.names), self.shape,
+                        jnp.float32)
+    return jnp.einsum(self.equation, x.astype(self.dtype),
+                      kernel.astype(self.dtype))
 
 
 class Attention(nn.Module):
@@ -95,7 +140,7 @@ class Attention(nn.Module):
   num_heads: int
   num_kv_heads: int
   head_dim: int
-  rope_theta: float
+  rope: tuple  # rope_frequencies' arguments after head_dim.
   max_length: int
   dtype: Any = jnp.float32
 
@@ -103,12 +148,15 @@ class Attention(nn.Module):
   def __call__(self, x, positions, *, decode: bool):
     batch, length, width = x.shape
     h, kv, dh = self.num_heads, self.num_kv_heads, self.head_dim
-    dense = functools.partial(nn.DenseGeneral, axis=-1, use_bias=False,
-                              dtype=self.dtype, param_dtype=jnp.float32,
-                              kernel_init=_INIT)
-    q = dense((h, dh), name="query")(x)
-    k = dense((kv, dh), name="key")(x)
-    v = dense((kv, dh), name="value")(x)
+    def dense(heads, heads_axis, name):
+      return _Projection((width, heads, dh), ("embed", heads_axis, "head_dim"),
+                         "bld,dhk->blhk", self.dtype, name=name)
+    q = part.constrain(dense(h, "heads", "query")(x),
+                       ("batch", "act_length", "act_heads", None))
+    k = part.constrain(dense(kv, "kv_heads", "key")(x),
+                       ("batch", "act_length", "act_kv_heads", None))
+    v = part.constrain(dense(kv, "kv_heads", "value")(x),
+                       ("batch", "act_length", "act_kv_heads", None))
 
     if decode:
       cached_key = self.variable("cache", "cached_key", jnp.zeros,
@@ -124,8 +172,8 @@ class Attention(nn.Module):
       query_index = jnp.arange(length)
     if positions is None:
       positions = jnp.broadcast_to(query_index, (batch, length))
-    q = apply_rope(q, positions, self.rope_theta)
-    k = apply_rope(k, positions, self.rope_theta)
+    q = apply_rope(q, positions, self.rope)
+    k = apply_rope(k, positions, self.rope)
 
     if decode:
       k = jax.lax.dynamic_update_slice(
@@ -154,9 +202,8 @@ class Attention(nn.Module):
                      preferred_element_type=jnp.float32)
     out = out / jnp.transpose(denom, (0, 3, 1, 2))[..., None]
     out = out.reshape(batch, length, h, dh).astype(self.dtype)
-    return nn.DenseGeneral(width, axis=(-2, -1), use_bias=False,
-                           dtype=self.dtype, param_dtype=jnp.float32,
-                           kernel_init=_INIT, name="out")(out)
+    return _Projection((h, dh, width), ("heads", "head_dim", "embed"),
+                       "blhk,hkd->bld", self.dtype, name="out")(out)
 
 
 class MLP(nn.Module):
@@ -166,11 +213,15 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype,
-                              param_dtype=jnp.float32, kernel_init=_INIT)
-    gate = dense(self.mlp_dim, name="gate")(x)
-    up = dense(self.mlp_dim, name="up")(x)
-    return dense(x.shape[-1], name="down")(nn.silu(gate) * up)
+    def dense(features, names, name):
+      return nn.Dense(features, use_bias=False, dtype=self.dtype,
+                      param_dtype=jnp.float32, name=name,
+                      kernel_init=part.param(_INIT, names))
+    gate = dense(self.mlp_dim, ("embed", "mlp"), "gate")(x)
+    up = dense(self.mlp_dim, ("embed", "mlp"), "up")(x)
+    hidden = part.constrain(nn.silu(gate) * up,
+                            ("batch", "act_length", "act_mlp"))
+    return dense(x.shape[-1], ("mlp", "embed"), "down")(hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -179,7 +230,7 @@ class DecoderLayer(nn.Module):
   num_kv_heads: int
   head_dim: int
   mlp_dim: int
-  rope_theta: float
+  rope: tuple
   norm_eps: float
   max_length: int
   dtype: Any = jnp.float32
@@ -188,10 +239,11 @@ class DecoderLayer(nn.Module):
   def __call__(self, x, positions, *, decode: bool):
     h = RMSNorm(self.norm_eps, self.dtype, name="attention_norm")(x)
     x = x + Attention(self.num_heads, self.num_kv_heads, self.head_dim,
-                      self.rope_theta, self.max_length, self.dtype,
+                      self.rope, self.max_length, self.dtype,
                       name="attention")(h, positions, decode=decode)
     h = RMSNorm(self.norm_eps, self.dtype, name="mlp_norm")(x)
     x = x + MLP(self.mlp_dim, self.dtype, name="mlp")(h)
+    x = part.constrain(x, part.RESIDUAL)
     self.sow("intermediates", "output", x)
     return x
 
@@ -208,8 +260,8 @@ class _Head(nn.Module):
 
   @nn.compact
   def __call__(self, hidden):
-    kernel = self.param("kernel", _INIT, (hidden.shape[-1], self.vocab_size),
-                        jnp.float32)
+    kernel = self.param("kernel", part.param(_INIT, ("embed", "vocab")),
+                        (hidden.shape[-1], self.vocab_size), jnp.float32)
     return project(hidden, kernel)
 
 
@@ -229,6 +281,13 @@ class Llama(nn.Module):
   head_dim: int = 0  # 0: width // num_heads.
   mlp_dim: int = 1536
   rope_theta: float = 100000.0
+  # 'llama3': Llama 3.1+'s long-context frequency scaling, with the four
+  # fields below (their defaults are Llama 3.1's rope_scaling).
+  rope_type: str = "default"
+  rope_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_length: int = 8192
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
   max_length: int = 2048  # KV-cache capacity and longest input.
@@ -250,10 +309,22 @@ class Llama(nn.Module):
     if self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads:
       problems.append(f"num_heads={self.num_heads} not a multiple of "
                       f"num_kv_heads={self.num_kv_heads}")
+    if self.rope_type not in ROPE_TYPES:
+      problems.append(f"rope_type={self.rope_type!r} (allowed {ROPE_TYPES})")
+    elif self.rope_type == "llama3" and not (
+        self.rope_high_freq_factor > self.rope_low_freq_factor > 0):
+      problems.append("rope_high_freq_factor must exceed "
+                      "rope_low_freq_factor > 0 for rope_type='llama3'")
     if self.dtype not in DTYPES:
       problems.append(f"dtype={self.dtype!r} (allowed {sorted(DTYPES)})")
     if problems:
       raise ValueError("Llama: " + "; ".join(problems) + ".")
+
+  @property
+  def rope(self) -> tuple:
+    return (self.rope_theta, self.rope_type, self.rope_factor,
+            self.rope_low_freq_factor, self.rope_high_freq_factor,
+            self.rope_original_max_length)
 
   @property
   def resolved_head_dim(self) -> int:
@@ -263,10 +334,11 @@ class Llama(nn.Module):
     self._check()
     dtype = DTYPES[self.dtype]
     self.embed = nn.Embed(self.vocab_size, self.width, dtype=dtype,
-                          param_dtype=jnp.float32, embedding_init=_INIT)
+                          param_dtype=jnp.float32,
+                          embedding_init=part.param(_INIT, ("vocab", "embed")))
     self.layers = [
         DecoderLayer(self.num_heads, self.num_kv_heads,
-                     self.resolved_head_dim, self.mlp_dim, self.rope_theta,
+                     self.resolved_head_dim, self.mlp_dim, self.rope,
                      self.norm_eps, self.max_length, dtype)
         for _ in range(self.num_layers)]  # Named layers_0, layers_1, ...
     self.final_norm = RMSNorm(self.norm_eps, dtype)
@@ -286,7 +358,7 @@ class Llama(nn.Module):
                        f"model's max_length={self.max_length}.")
     if positions is not None:
       positions = jnp.broadcast_to(positions, tokens.shape)
-    x = self.embed(tokens)
+    x = part.constrain(self.embed(tokens), part.RESIDUAL)
     for layer in self.layers:
       x = layer(x, positions, decode=decode)
     return self.final_norm(x)

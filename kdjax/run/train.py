@@ -21,6 +21,7 @@ from kdjax.core import config as config_lib
 from kdjax.core import errors
 from kdjax.data import pipeline
 from kdjax.distill import features, objectives, optim, parallel, step
+from kdjax.distill import mesh as mesh_lib
 from kdjax.distill import masks
 from kdjax.distill import teacher_cache
 from kdjax.run import tasks
@@ -86,17 +87,72 @@ def open_teacher_cache(config, mode: str) -> teacher_cache.TeacherCache | None:
           teacher_cache.settings(config.cache)["k"], vocab))
 
 
+def make_mesh(config: ml_collections.ConfigDict, devices=None):
+  """The run's mesh: 1-D ('data',) for the replicated layout (the per-device
+  program), ('data', 'fsdp', 'model') when config.parallel.mesh shards
+  parameters or config.parallel.backend is 'gspmd'."""
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_lib.sizes(config.parallel.mesh, len(devices))
+  if mesh_lib.is_sharded(shape) or config.parallel.backend == "gspmd":
+    return mesh_lib.make(config.parallel.mesh, devices)
+  return parallel.make_mesh(devices)
+
+
 @dataclasses.dataclass
 class BuiltStep:
-  """Everything `build_step` makes: the per-device step and what it needs."""
+  """Everything `build_step` makes: the step function and what it needs.
+
+  `state_shardings` is None on a 1-D data mesh (replicated layout: the
+  per-device program of kdjax.distill.parallel.map_over_devices); on the
+  ('data', 'fsdp', 'model') mesh it is the train state's shardings and the
+  same function runs under jit with them (parallel.jit_sharded).
+  """
   model: Any
   objective: objectives.Objective
   mask: Any  # Python-bool trainable mask, or None (everything trains).
   teacher_applies: tuple  # One apply function per live teacher (() cached).
-  teachers_params: tuple  # Replicated on the mesh (abstract: shapes).
+  teachers_params: tuple  # Placed on the mesh (abstract: shapes).
   per_device: Callable  # step.train_step with everything but its inputs bound.
   init_state: Callable[[], step.TrainState]  # The initial state, on the host.
   cache: Any = None  # The teacher cache a distill run reads, or None.
+  mesh: Any = None
+  rules: tuple = ()
+  state_shardings: Any = None  # Sharded layout only.
+  teacher_shardings: tuple = ()  # Sharded layout only.
+
+  @property
+  def sharded(self) -> bool:
+    return self.state_shardings is not None
+
+  def program(self, backend: str) -> Callable:
+    """(state, this host's batch, teachers_params) -> (state, metrics)."""
+    if not self.sharded:
+      return parallel.map_over_devices(self.per_device, self.mesh, backend)
+    return parallel.jit_sharded(
+        self.per_device, self.mesh, self.rules,
+        state_shardings=self.state_shardings,
+        frozen_shardings=self.teacher_shardings)
+
+  def place_state(self, state: step.TrainState) -> step.TrainState:
+    if not self.sharded:
+      return parallel.replicate(state, self.mesh)
+    return parallel.place(state, self.state_shardings)
+
+  def place_batch(self, local_batch, backend: str):
+    """This host's batch placed for `program`, so it can be prefetched."""
+    if not self.sharded:
+      return parallel.put_batch(local_batch, self.mesh, backend)
+    return parallel.place_batch(
+        local_batch, mesh_lib.batch_sharding(self.mesh, self.rules))
+
+
+def _sharded_params(model, data_config, mesh, rules, what: str):
+  """Shardings of a model's params under the rules, divisibility checked."""
+  shardings = mesh_lib.param_shardings(
+      params_lib.logical_specs(model, data_config), mesh, rules)
+  mesh_lib.check_divisible(params_lib.abstract(model, data_config),
+                           shardings, what)
+  return shardings
 
 
 def build_step(config: ml_collections.ConfigDict, mode: str, workdir: str,
@@ -113,21 +169,33 @@ def build_step(config: ml_collections.ConfigDict, mode: str, workdir: str,
   train_cfg = config[role].train
   seed = int(config.seed)
   backend = backend or config.parallel.backend
+  sharded = mesh_lib.is_mesh(mesh)
+  rules = mesh_lib.rules(config.parallel) if sharded else ()
   task = tasks.task_type(config)
   model = specs.build_model(config, role)
   tx = optim.make_optimizer(train_cfg, total_steps)
   # distill from config.distill.teacher_cache: checked against this config;
   # no teacher is loaded.
   cache = None if abstract else open_teacher_cache(config, mode)
-  teacher_applies, teachers_params = (), ()
+  teacher_applies, teachers_params, teacher_shardings = (), (), ()
   if mode == "distill" and cache is None:
     # Frozen: placed once, never donated, never in the optimizer state or the
     # student's checkpoint (kdjax.weights.teachers loads them).
-    loaded = teachers_lib.load_all(config, workdir, abstract=abstract)
+    shardings_of = None
+    if sharded:
+      shardings_of = functools.partial(
+          _sharded_params, data_config=config.data, mesh=mesh, rules=rules,
+          what="config.teacher.model")
+    loaded = teachers_lib.load_all(config, workdir, abstract=abstract,
+                                   shardings_of=shardings_of)
     teacher_applies = tuple(task.make_apply_fn(t.model) for t in loaded)
-    teachers_params = tuple(
-        parallel.abstract(t.params, parallel.replicated(mesh)) if abstract
-        else parallel.replicate(t.params, mesh) for t in loaded)
+    if sharded:  # Loaded straight into their shards.
+      teacher_shardings = tuple(shardings_of(t.model) for t in loaded)
+      teachers_params = tuple(t.params for t in loaded)
+    else:
+      teachers_params = tuple(
+          parallel.abstract(t.params, parallel.replicated(mesh)) if abstract
+          else parallel.replicate(t.params, mesh) for t in loaded)
   if cache is not None:
     objective = cache.objective(config.distill, total_steps)
   else:
@@ -135,9 +203,9 @@ def build_step(config: ml_collections.ConfigDict, mode: str, workdir: str,
                                        total_steps=total_steps,
                                        num_teachers=len(teachers_params))
 
-  def init_state() -> step.TrainState:
+  def init_state(load: bool = not abstract) -> step.TrainState:
     params = params_lib.init(model, config.data, seed)
-    if not abstract:
+    if load:
       params = pretrained.load_pretrained(
           params, config[role].get("init_from", ""),
           model_fields=specs.model_kwargs(config, role),
@@ -163,10 +231,19 @@ def build_step(config: ml_collections.ConfigDict, mode: str, workdir: str,
       grad_accum_steps=int(train_cfg.grad_accum_steps), trainable_mask=mask,
       token_chunk_size=task.token_chunk_size(train_cfg),
       teacher_outputs=cache.strategy() if cache is not None else None)
+  state_shardings = None
+  if sharded:
+    param_shardings = _sharded_params(model, config.data, mesh, rules,
+                                      f"config.{role}.model")
+    state_shardings = mesh_lib.state_shardings(
+        jax.eval_shape(lambda: init_state(load=False)), param_shardings,
+        shapes, mesh)
   return BuiltStep(model=model, objective=objective, mask=mask,
                    teacher_applies=teacher_applies,
                    teachers_params=teachers_params, per_device=per_device,
-                   init_state=init_state, cache=cache)
+                   init_state=init_state, cache=cache, mesh=mesh, rules=rules,
+                   state_shardings=state_shardings,
+                   teacher_shardings=teacher_shardings)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -175,7 +252,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   role = role_of(mode)
   train_cfg = config[role].train
   seed = int(config.seed)
-  mesh = parallel.make_mesh()
+  mesh = make_mesh(config)
 
   task = tasks.for_config(config)
   num_records = task.num_train_records()
@@ -190,7 +267,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   built = build_step(config, mode, workdir, mesh, total_steps=total_steps)
   model, objective, mask, cache = (built.model, built.objective, built.mask,
                                    built.cache)
-  state = parallel.replicate(built.init_state(), mesh)
+  state = built.place_state(built.init_state())
   params = state.params
   data_iter = task.train_iterator(global_batch_size=train_cfg.batch_size,
                                   seed=seed, augment=bool(train_cfg.augment),
@@ -220,8 +297,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state = restored
     logging.info("Resumed %s from step %d in %s.", mode, restored_step, workdir)
 
-  run_step = parallel.map_over_devices(built.per_device, mesh,
-                                      config.parallel.backend)
+  run_step = built.program(config.parallel.backend)
   teachers_params = built.teachers_params
 
   eval_every = int(config.eval_every_steps or steps_per_epoch)
@@ -261,7 +337,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return means
 
   stop = preemption.Watcher()  # SIGTERM -> save at an agreed step, exit 0.
-  place = functools.partial(parallel.put_batch, mesh=mesh,
+  place = functools.partial(built.place_batch,
                             backend=config.parallel.backend)
   batch = None  # The next step's batch, placed while the step before runs.
   try:

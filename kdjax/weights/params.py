@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from kdjax.data import pipeline
+from kdjax.models import partitioning
 
 
 def count(params: Any, mask: Any | None = None) -> int:
@@ -31,11 +32,24 @@ def count_non_embedding(params: Any) -> int:
   return total
 
 
-def init(model, data_config, seed: int) -> Any:
+def _boxed_init(model, data_config, key) -> Any:
+  return model.init(key, pipeline.dummy_inputs(data_config))["params"]
+
+
+def init(model, data_config, seed: int, out_shardings: Any = None) -> Any:
   """The model's initial params for this data, from `jax.random.key(seed)`;
-  one compiled init instead of dozens of eager ops."""
-  return jax.jit(lambda key: model.init(
-      key, pipeline.dummy_inputs(data_config))["params"])(jax.random.key(seed))
+  one compiled init instead of dozens of eager ops. With `out_shardings`
+  (a tree like the params) each device builds only its own shards."""
+  fn = lambda key: partitioning.unbox(_boxed_init(model, data_config, key))
+  return jax.jit(fn, out_shardings=out_shardings)(jax.random.key(seed))
+
+
+def logical_specs(model, data_config) -> Any:
+  """The logical axis names of every parameter (PartitionSpecs of names from
+  kdjax.models.partitioning; P() for a model that names none)."""
+  boxed = jax.eval_shape(
+      lambda: _boxed_init(model, data_config, jax.random.key(0)))
+  return partitioning.logical_names(boxed)
 
 
 def abstract(model, data_config, seed: int = 0) -> Any:

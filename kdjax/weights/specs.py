@@ -21,12 +21,35 @@ from kdjax.runtime import checkpoint
 IMPORTERS = (("hf_bert", "bert"), ("llama", "llama"))
 
 
+PRECISIONS = ("float32", "bfloat16")
+# Fields of a model spec that are run settings, not the model's identity:
+# a teacher trained in float32 loads into a bfloat16 run.
+RUN_SETTINGS = ("dtype",)
+
+
+def precision(config: ml_collections.ConfigDict, role: str) -> dict[str, str]:
+  """config.<role>.precision: 'params' (the dtype the weights are held in)
+  and 'compute' (of activations and matmul inputs); float32 if absent."""
+  section = config[role].get("precision", None)
+  section = {} if section is None else dict(section.items())
+  return {"params": section.get("params", "float32"),
+          "compute": section.get("compute", "float32")}
+
+
+def takes_compute_dtype(name: str) -> bool:
+  """Models with a compute-dtype field (the rest compute in float32)."""
+  return "dtype" in models.MODELS[name].__dataclass_fields__
+
+
 def model_kwargs(config: ml_collections.ConfigDict, role: str) -> dict[str, Any]:
-  """The model fields of `config.<role>.model` with num_classes from the data."""
+  """The model fields of `config.<role>.model` with num_classes from the data
+  and the compute dtype from config.<role>.precision."""
   kwargs = dict(config[role].model.to_dict())
   name = kwargs.pop("name")
   if not models.is_language_model(name):
     kwargs.setdefault("num_classes", config.data.num_classes)
+  if name in models.MODELS and takes_compute_dtype(name):
+    kwargs.setdefault("dtype", precision(config, role)["compute"])
   return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 
@@ -51,6 +74,16 @@ def teacher_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 def _normalise(spec: dict[str, Any]) -> dict[str, Any]:
   return {k: list(v) if isinstance(v, (tuple, list)) else v
           for k, v in spec.items()}
+
+
+def _with_defaults(spec: dict[str, Any]) -> dict[str, Any]:
+  """A model spec with the model's default for every field it omits."""
+  cls = models.MODELS.get(spec.get("name"))
+  defaults = {} if cls is None else {
+      f.name: f.default for f in dataclasses.fields(cls)
+      if f.name not in ("parent", "name")
+      and f.default is not dataclasses.MISSING}
+  return _normalise({**defaults, **spec})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +132,12 @@ def check_checkpoint_model(expected_spec: dict[str, Any], path: str,
     fail(f"{field}.checkpoint_dir", path,
          "no teacher checkpoint there; train one with --config.mode=teacher "
          "--workdir=<dir> and pass that dir")
-  expected = _normalise(expected_spec)
-  found = _normalise(meta["model"])
+  # Precision is the run's, not the checkpoint's (RUN_SETTINGS); a field
+  # added to a model since the checkpoint was written reads as its default.
+  expected = {k: v for k, v in _with_defaults(expected_spec).items()
+              if k not in RUN_SETTINGS}
+  found = {k: v for k, v in _with_defaults(meta["model"]).items()
+           if k not in RUN_SETTINGS}
   if found != expected:
     diff = {k: (found.get(k), expected.get(k))
             for k in set(found) | set(expected) if found.get(k) != expected.get(k)}
@@ -138,6 +175,7 @@ def validate_model(config: ml_collections.ConfigDict, role: str) -> None:
         f"config.{role}.model.num_classes={declared} disagrees with "
         f"config.data.num_classes={config.data.num_classes}; drop the model "
         "field (it defaults to the data's) or make them equal.")
+  validate_precision(config, role)
   try:
     build_model(config, role)
   except (TypeError, ValueError) as e:
@@ -151,6 +189,28 @@ def validate_model(config: ml_collections.ConfigDict, role: str) -> None:
          ".gguf>' ('llama:' = SmolLM2-135M-Instruct) for a 'llama' model")
   if config[role].get("pretrained", False) and not init_from:
     fail(f"{role}.pretrained", True, f"needs config.{role}.init_from")
+
+
+def validate_precision(config: ml_collections.ConfigDict, role: str) -> None:
+  """config.<role>.precision names known dtypes the role can use."""
+  wanted = precision(config, role)
+  for part in ("params", "compute"):
+    if wanted[part] not in PRECISIONS:
+      fail(f"{role}.precision.{part}", wanted[part], f"allowed: {PRECISIONS}")
+  name = config[role].model.name
+  if "dtype" in config[role].model:
+    fail(f"{role}.model.dtype", config[role].model.dtype,
+         f"precision is a run setting: set config.{role}.precision.compute "
+         "instead (a checkpoint loads under any precision)")
+  if wanted["compute"] != "float32" and not takes_compute_dtype(name):
+    fail(f"{role}.precision.compute", wanted["compute"],
+         f"the {name!r} model computes in float32 (a compute dtype: 'llama', "
+         "'gpt')")
+  if wanted["params"] != "float32" and role != "teacher":
+    fail(f"{role}.precision.params", wanted["params"],
+         "a trained model keeps float32 parameters for its optimizer; "
+         "bfloat16 parameters are for the frozen teacher (train in bfloat16 "
+         f"with config.{role}.precision.compute)")
 
 
 def validate_teachers(config: ml_collections.ConfigDict, workdir: str,

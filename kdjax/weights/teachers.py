@@ -10,8 +10,11 @@ checkpoint (never an older step in its place: kdjax.runtime.checkpoint).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from kdjax.runtime import checkpoint
 from kdjax.weights import params as params_lib
@@ -27,11 +30,31 @@ class Teacher:
   source: dict[str, Any]  # Model spec + checkpoint dir/step or init_from.
 
 
-def load(config, spec: specs.TeacherSpec, *,
-         abstract: bool = False) -> Teacher:
-  """One teacher (a specs.teacher_specs entry); shapes only if abstract."""
+def held_shapes(config, model) -> Any:
+  """A teacher's parameter shapes in the dtype config.teacher.precision.params
+  holds them in (bfloat16: half the memory; computed per the model's dtype)."""
+  dtype = jnp.dtype(specs.precision(config, "teacher")["params"])
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype),
+                      params_lib.abstract(model, config.data))
+
+
+def load(config, spec: specs.TeacherSpec, *, abstract: bool = False,
+         shardings_of: Callable[[Any], Any] | None = None) -> Teacher:
+  """One teacher (a specs.teacher_specs entry); shapes only if abstract.
+
+  Parameters come in config.teacher.precision.params: a float32 checkpoint
+  is cast as it is read (Orbax), so no float32 copy is placed.
+  `shardings_of(model)` (the sharded layout) gives the NamedSharding of each
+  parameter: a checkpoint is read straight into those shards, imported
+  weights are placed in them (each process builds its own pieces).
+  """
   model = specs.model_from_spec(spec.model)
-  shapes = params_lib.abstract(model, config.data)
+  shapes = held_shapes(config, model)
+  shardings = shardings_of(model) if shardings_of is not None else None
+  if shardings is not None:
+    shapes = jax.tree.map(
+        lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
+        shapes, shardings)
   if abstract:
     return Teacher(model, shapes, {"model": spec.model})
   if spec.pretrained:
@@ -39,6 +62,8 @@ def load(config, spec: specs.TeacherSpec, *,
         shapes, spec.init_from,
         model_fields={k: v for k, v in spec.model.items() if k != "name"},
         layers=tuple(config.teacher.get("init_layers", ())), field=spec.field)
+    if shardings is not None:
+      params = jax.tree.map(_place, params, shardings)
     return Teacher(model, params, {"model": spec.model,
                                    "init_from": spec.init_from})
   specs.check_checkpoint_model(spec.model, spec.path, spec.field)
@@ -49,7 +74,17 @@ def load(config, spec: specs.TeacherSpec, *,
                                  "checkpoint_step": step})
 
 
-def load_all(config, workdir: str, *, abstract: bool = False) -> list[Teacher]:
+def load_all(config, workdir: str, *, abstract: bool = False,
+             shardings_of: Callable[[Any], Any] | None = None
+             ) -> list[Teacher]:
   """config.teacher, then config.distill.extra_teachers, in that order."""
-  return [load(config, spec, abstract=abstract)
+  return [load(config, spec, abstract=abstract, shardings_of=shardings_of)
           for spec in specs.teacher_specs(config, workdir)]
+
+
+def _place(value, sharding):
+  """A host (or single-device) array placed with `sharding`, each process
+  building only its addressable pieces."""
+  host = np.asarray(value)
+  return jax.make_array_from_callback(host.shape, sharding,
+                                      lambda index: host[index])

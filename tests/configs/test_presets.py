@@ -21,6 +21,7 @@ from kdjax.data import pipeline
 from kdjax.run import seqkd, train
 from kdjax.weights import resolve
 from kdjax.weights import specs
+from kdjax.models.partitioning import unbox
 from conftest import config_module, load_config
 
 minilm = pytest.mark.skipif(
@@ -86,8 +87,8 @@ def test_instructed_teacher_builds_and_trains_only_its_head(tmp_path):
   model = specs.build_model(config, "teacher")
   assert model.instruction_ids == resolve.instruction_ids(
       config.data.tokenizer_dir, rotten_tomatoes.INSTRUCTION)
-  params = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), pipeline.dummy_inputs(config.data))["params"])
+  params = jax.eval_shape(lambda: unbox(model.init(
+      jax.random.key(0), pipeline.dummy_inputs(config.data))["params"]))
   mask = train.trainable_mask(params, config.teacher.train.trainable,
                               "teacher.train.trainable")
   assert mask is not None, "the instructed teacher trains all of MiniLM"

@@ -14,6 +14,7 @@ from kdjax.core import defaults
 from kdjax import models
 from kdjax.distill import features, losses, objectives, parallel, step
 from kdjax.distill.objectives import ModelOutputs
+from kdjax.models.partitioning import unbox
 
 
 def _distill(**fields):
@@ -174,8 +175,8 @@ def test_attention_map_distillation_between_transformers():
   teacher = models.get_model("transformer", num_layers=2, num_heads=4, **kw)
   student = models.get_model("transformer", num_layers=1, num_heads=2, **kw)
   tokens = jnp.array([[3, 4, 5, 6, 0, 0], [7, 8, 0, 0, 0, 0]])
-  tp = teacher.init(jax.random.key(0), tokens)["params"]
-  sp = student.init(jax.random.key(1), tokens)["params"]
+  tp = unbox(teacher.init(jax.random.key(0), tokens)["params"])
+  sp = unbox(student.init(jax.random.key(1), tokens)["params"])
   t_out = step.make_apply_fn(teacher)(tp, tokens, False, None, True)
   s_out = step.make_apply_fn(student)(sp, tokens, False, None, True)
   term = features.FeatureTerm("block_0/attention/attention_weights",
@@ -229,8 +230,8 @@ def _token_batches():
 def _token_run(devices, backend="shard_map", grad_accum_steps=1):
   teacher, student = TokenTagger(), TokenTagger()
   x = jnp.zeros((1, 9), jnp.int32)
-  tp = jax.tree.map(lambda p: 2 * p, teacher.init(jax.random.key(5), x)["params"])
-  sp = student.init(jax.random.key(6), x)["params"]
+  tp = jax.tree.map(lambda p: 2 * p, unbox(teacher.init(jax.random.key(5), x)["params"]))
+  sp = unbox(student.init(jax.random.key(6), x)["params"])
   sp_host = jax.tree.map(np.asarray, sp)  # The state's copy is donated.
   objective = objectives.distillation(
       _distill(terms=(dict(name="jsd", weight=0.5, beta=0.5),

@@ -19,6 +19,7 @@ import pytest
 from kdjax.core import defaults
 from kdjax import models
 from kdjax.distill import losses, objectives, parallel, step
+from kdjax.models.partitioning import unbox
 
 NUM_CLASSES = 5
 GLOBAL_BATCH = 16
@@ -48,10 +49,10 @@ def _batches(seed=0):
 def _init():
   teacher, student = _models()
   x = jnp.zeros((1, 6))
-  teacher_params = teacher.init(jax.random.key(1), x)["params"]
+  teacher_params = unbox(teacher.init(jax.random.key(1), x)["params"])
   # A teacher that is not at its init, so the KL term has signal.
   teacher_params = jax.tree.map(lambda p: p * 3.0, teacher_params)
-  student_params = student.init(jax.random.key(2), x)["params"]
+  student_params = unbox(student.init(jax.random.key(2), x)["params"])
   return teacher, student, teacher_params, student_params
 
 

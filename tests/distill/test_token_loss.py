@@ -15,6 +15,7 @@ from kdjax.core import defaults
 from kdjax.distill import objectives, parallel, step, token_loss
 from kdjax.distill.objectives import ModelOutputs
 from kdjax.models import llama
+from kdjax.models.partitioning import unbox
 
 B, L, D, DT, V = 3, 24, 16, 20, 96
 
@@ -369,8 +370,8 @@ def test_chunked_and_direct_token_loss_train_alike():
   tokens = np.random.default_rng(0).integers(0, 97, (8, 13)).astype(np.int32)
   batch = {"inputs": tokens[:, :-1], "labels": tokens[:, 1:],
            "mask": (np.arange(12) < 10).astype(np.float32)[None].repeat(8, 0)}
-  init = lambda m, k: jax.jit(lambda key: m.init(key, tokens[:1, :-1]))(
-      jax.random.key(k))["params"]
+  init = lambda m, k: unbox(jax.jit(lambda key: m.init(
+      key, tokens[:1, :-1]))(jax.random.key(k))["params"])
   distill = defaults.get_config().distill
   distill.update(alpha=0.5, temperature=2.0)
   objective = objectives.distillation(distill, num_teachers=1, total_steps=1)

@@ -12,6 +12,7 @@ import pytest
 from kdjax.core import config as config_lib
 from kdjax.weights import pretrained
 from kdjax.weights import specs
+from kdjax.models.partitioning import unbox
 from conftest import load_config
 
 needs_smollm2 = pytest.mark.skipif(
@@ -66,8 +67,8 @@ def test_pipeline_report(smoke_config, tmp_path):
 @needs_smollm2
 def test_student_from_teacher_layers(smoke_config):
   model = specs.build_model(smoke_config, "student")
-  init = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  init = jax.eval_shape(lambda: unbox(model.init(
+      jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]))
   fields = specs.model_kwargs(smoke_config, "student")
   params = pretrained.load_pretrained(init, smoke_config.teacher.init_from,
                                       model_fields=fields, layers=(3, 29))

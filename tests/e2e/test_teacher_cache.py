@@ -32,6 +32,7 @@ from kdjax.weights import specs
 from kdjax.weights import teachers as teachers_lib
 from conftest import load_config
 import word_tokenizer
+from kdjax.models.partitioning import unbox
 
 WORDS = tuple(f"w{i}" for i in range(40))
 VOCAB = len(WORDS) + 2  # [UNK], <eos>, the words.
@@ -185,7 +186,7 @@ def test_records_hold_the_teacher_topk_in_order(lm_runs):
   inputs = packed.batch(rows)["inputs"]
   params = checkpoint.restore_params(
       config.teacher.checkpoint_dir,
-      jax.eval_shape(lambda: model.init(jax.random.key(0), inputs)["params"]))
+      jax.eval_shape(lambda: unbox(model.init(jax.random.key(0), inputs)["params"])))
   logits = np.asarray(model.apply({"params": params}, inputs), np.float64)
   z = logits / config.distill.temperature
   log_p = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(

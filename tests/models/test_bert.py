@@ -29,6 +29,7 @@ from kdjax.models import prompt as prompt_lib
 from kdjax.weights import params as params_lib
 from kdjax.weights import prompt as prompt_weights
 from kdjax.weights.importers import hf_bert
+from kdjax.models.partitioning import unbox
 
 MINILM_PARAMS = 22_713_216  # HF's count for all-MiniLM-L6-v2 (with pooler).
 TINY = dict(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,
@@ -85,7 +86,7 @@ def _bits_equal(a, b) -> bool:
 def test_registry_builds_bert_classifier():
   model = models.get_model("bert", num_classes=3, **TINY)
   tokens = jnp.array([[2, 5, 7, 3, 0, 0]])
-  params = model.init(jax.random.key(0), tokens)["params"]
+  params = unbox(model.init(jax.random.key(0), tokens)["params"])
   assert model.apply({"params": params}, tokens).shape == (1, 3)
   assert set(params) == {"encoder", "head"}
 
@@ -96,7 +97,7 @@ def test_prompt_prepends_vectors_real_tokens_keep_positions():
   # With no layers only the embeddings remain: the real tokens' states must
   # be exactly those without a prompt (same positions 0..L-1), prompt first.
   encoder = bert.BertEncoder(**dict(TINY, num_layers=0))
-  params = encoder.init(jax.random.key(0), tokens)["params"]
+  params = unbox(encoder.init(jax.random.key(0), tokens)["params"])
   plain = encoder.apply({"params": params}, tokens)
   prompted = encoder.apply({"params": params}, tokens, prefix_embeds=vectors)
   assert prompted.hidden_states.shape == (1, 4 + 8, 16)
@@ -113,7 +114,7 @@ def test_prompt_changes_outputs_and_padding_is_ignored():
   model = bert.BertClassifier(**TINY, num_classes=2, num_prompts=3)
   short = jnp.array([[2, 5, 7, 3, 0]])
   long = jnp.array([[2, 5, 7, 3, 0, 0, 0, 0]])
-  params = model.init(jax.random.key(0), short)["params"]
+  params = unbox(model.init(jax.random.key(0), short)["params"])
   assert params["prompt"]["embedding"].shape == (3, 16)
   logits = model.apply({"params": params}, short)
   np.testing.assert_allclose(model.apply({"params": params}, long), logits,
@@ -140,7 +141,7 @@ def test_prompt_initialisers():
 
 def test_mask_split_merge_and_typos():
   model = bert.BertClassifier(**TINY, num_classes=2, num_prompts=3)
-  params = model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
+  params = unbox(model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"])
   mask = masks.trainable_mask(params, ("prompt", "head"))
   trainable, frozen = prompt_weights.split(params, mask)
   assert set(trainable) == {"prompt", "head"} and set(frozen) == {"encoder"}
@@ -211,7 +212,7 @@ def test_minilm_padding_invariance(embed):
 def test_minilm_prompt_step_trains_prompt_only(minilm_model):
   imported, backbone = minilm_model
   model = bert.BertClassifier(**imported.config, num_classes=2, num_prompts=4)
-  params = model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
+  params = unbox(model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"])
   params = bert.with_encoder(params, backbone)
   table = backbone["embeddings"]["word_embeddings"]["embedding"]
   tok = imported.tokenizer

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from kdjax.models import generate as gen
 from kdjax.models import llama
+from kdjax.models.partitioning import unbox
 
 MODEL = llama.Llama(vocab_size=53, width=32, num_layers=2, num_heads=4,
                     num_kv_heads=2, mlp_dim=48, max_length=64)
@@ -16,8 +17,8 @@ MODEL = llama.Llama(vocab_size=53, width=32, num_layers=2, num_heads=4,
 
 @pytest.fixture(scope="module")
 def params():
-  return jax.jit(lambda key: MODEL.init(key, jnp.zeros((1, 4), jnp.int32)))(
-      jax.random.key(0))["params"]
+  return unbox(jax.jit(lambda key: MODEL.init(
+      key, jnp.zeros((1, 4), jnp.int32)))(jax.random.key(0))["params"])
 
 
 def _greedy_without_cache(params, prompt, n):

@@ -12,6 +12,7 @@ from kdjax.core import defaults
 from kdjax import models
 from kdjax.distill import objectives, optim, parallel, step
 from kdjax.models import gpt
+from kdjax.models.partitioning import unbox
 
 SIZES = dict(vocab_size=37, width=16, num_layers=2, num_heads=2, max_length=12)
 
@@ -51,7 +52,7 @@ def _np_block(x, p):
 
 
 def _init(model, tokens, seed=0):
-  params = model.init(jax.random.key(seed), tokens)["params"]
+  params = unbox(model.init(jax.random.key(seed), tokens)["params"])
   # Non-zero biases and LayerNorm affine terms, so the reference checks them.
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
@@ -160,7 +161,7 @@ def test_distillation_step_on_token_labels():
       objective=objectives.distillation(distill, num_teachers=1,
                                         total_steps=10),
       tx=tx, axis=parallel.DataAxis("shard_map")), mesh, "shard_map")
-  init = lambda m, s: m.init(jax.random.key(s), tokens[:1, :-1])["params"]
+  init = lambda m, s: unbox(m.init(jax.random.key(s), tokens[:1, :-1])["params"])
   state = parallel.replicate(step.create_train_state(
       init(student, 0), tx, jax.random.key(0)), mesh)
   frozen = parallel.replicate((init(teacher, 1),), mesh)

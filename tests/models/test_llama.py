@@ -30,6 +30,7 @@ from kdjax import models
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.models import llama
 from kdjax.weights.importers import llama as llama_import
+from kdjax.models.partitioning import unbox
 
 # Every field differs from the others so a swapped axis cannot pass.
 TINY = dict(vocab_size=53, width=24, num_layers=2, num_heads=4,
@@ -144,7 +145,7 @@ def _forward(model, params, tokens, **kwargs):
 
 
 def _init(model, tokens, seed=0):
-  return jax.jit(model.init)(jax.random.key(seed), tokens)["params"]
+  return unbox(jax.jit(model.init)(jax.random.key(seed), tokens)["params"])
 
 
 # --- The module. ------------------------------------------------------------
@@ -154,9 +155,9 @@ def test_param_tree_tied_and_untied():
   fields = tiny_fields()
   d, h, kv, dh = 24, 4, 2, 6
   tokens = jnp.zeros((1, 3), jnp.int32)
-  tied, untied = (jax.eval_shape(
+  tied, untied = (unbox(jax.eval_shape(
       llama.Llama(**dict(fields, tie_embeddings=tie)).init, jax.random.key(0),
-      tokens)["params"] for tie in (True, False))
+      tokens)["params"]) for tie in (True, False))
   shapes = jax.tree.map(lambda x: x.shape, tied)
   assert set(shapes) == {"embed", "layers_0", "layers_1", "final_norm"}
   assert shapes["embed"] == {"embedding": (53, d)}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from kdjax import models
+from kdjax.models.partitioning import unbox
 
 
 def _num_params(params):
@@ -14,7 +15,7 @@ def _num_params(params):
 
 def test_mlp_parameter_count_is_what_the_sizes_say():
   model = models.get_model("mlp", num_classes=10, hidden=(128,))
-  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+  params = unbox(model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"])
   assert _num_params(params) == 784 * 128 + 128 + 128 * 10 + 10
 
 
@@ -22,7 +23,7 @@ def test_cnn_shapes_and_count():
   model = models.get_model("cnn", num_classes=10, channels=(8, 16),
                            convs_per_stage=1, dense_features=32)
   x = jnp.zeros((3, 28, 28, 1))
-  params = model.init(jax.random.key(0), x)["params"]
+  params = unbox(model.init(jax.random.key(0), x)["params"])
   assert model.apply({"params": params}, x).shape == (3, 10)
   expected = (9 * 1 * 8 + 8) + (9 * 8 * 16 + 16) + (7 * 7 * 16 * 32 + 32) + (
       32 * 10 + 10)
@@ -47,7 +48,7 @@ def test_cnn_max_pool_matches_flax_max_pool():
 def test_text_classifiers_ignore_padding(name, kwargs):
   model = models.get_model(name, num_classes=3, **kwargs)
   tokens = jnp.array([[5, 6, 7, 0, 0, 0], [8, 9, 0, 0, 0, 0]])
-  params = model.init(jax.random.key(0), tokens)["params"]
+  params = unbox(model.init(jax.random.key(0), tokens)["params"])
   logits = model.apply({"params": params}, tokens)
   assert logits.shape == (2, 3)
   # Appending more padding must not change the prediction.
@@ -65,8 +66,8 @@ def test_bilstm_has_two_directions_worth_of_params():
   tokens = jnp.ones((1, 5), jnp.int32)
   uni = models.get_model("lstm", bidirectional=False, **kw)
   bi = models.get_model("lstm", bidirectional=True, **kw)
-  n_uni = _num_params(uni.init(jax.random.key(0), tokens)["params"])
-  n_bi = _num_params(bi.init(jax.random.key(0), tokens)["params"])
+  n_uni = _num_params(unbox(uni.init(jax.random.key(0), tokens)["params"]))
+  n_bi = _num_params(unbox(bi.init(jax.random.key(0), tokens)["params"]))
   lstm = 4 * (4 * 3 + 3 * 3 + 3)  # Four gates: input, recurrent, bias.
   assert n_bi - n_uni == lstm + 3 * 2  # One more LSTM and a wider dense input.
 

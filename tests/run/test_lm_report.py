@@ -24,6 +24,7 @@ from kdjax.models import llama
 from kdjax.run import lm_metrics, lm_report
 from kdjax.runtime import checkpoint, metrics_writer
 from kdjax.weights import teachers as teachers_lib
+from kdjax.models.partitioning import unbox
 
 VOCAB, LENGTH, ROWS = 11, 6, 11
 TEACHER = dict(vocab_size=VOCAB, width=16, num_layers=2, num_heads=2,
@@ -74,8 +75,8 @@ def _init(fields, seed: int):
   """A model and random params (numpy; shapes traced, nothing compiled):
   norm scales near 1, unit-variance embedding, so the logits are peaked."""
   model = llama.Llama(**fields)
-  shapes = jax.eval_shape(model.init, jax.random.key(0),
-                          np.zeros((1, LENGTH), np.int32))["params"]
+  shapes = unbox(jax.eval_shape(model.init, jax.random.key(0),
+                                np.zeros((1, LENGTH), np.int32))["params"])
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):

@@ -23,6 +23,7 @@ from kdjax.core import config as config_lib
 from kdjax.data import packing
 from kdjax.models import generate, llama
 from kdjax.run import lm_report, seqkd
+from kdjax.models.partitioning import unbox
 import word_tokenizer
 
 WORDS = ("the", "king", "is", "dead", "long", "live")
@@ -54,8 +55,8 @@ def _teacher():
   """A tiny Llama and random params (numpy; shapes traced, nothing
   compiled), the embedding large enough for peaked next-token logits."""
   model = llama.Llama(**TEACHER)
-  shapes = jax.eval_shape(model.init, jax.random.key(0),
-                          np.zeros((1, SEQ), np.int32))["params"]
+  shapes = unbox(jax.eval_shape(model.init, jax.random.key(0),
+                                np.zeros((1, SEQ), np.int32))["params"])
   rng = np.random.default_rng(7)
 
   def draw(path, leaf):

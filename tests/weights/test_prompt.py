@@ -28,6 +28,7 @@ from kdjax.weights import prompt as prompt_weights
 from kdjax.weights import resolve
 from kdjax.weights import specs
 from kdjax.weights.importers import hf_bert
+from kdjax.models.partitioning import unbox
 from conftest import config_module, load_config
 
 TINY = dict(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,
@@ -48,7 +49,7 @@ def _bits_equal(a, b) -> bool:
 @functools.lru_cache(maxsize=None)
 def _compiled(model):
   """One compiled init and apply per model (eager Flax is slow here)."""
-  return (jax.jit(lambda key, x: model.init(key, x)["params"]),
+  return (jax.jit(lambda key, x: unbox(model.init(key, x)["params"])),
           jax.jit(lambda p, x: model.apply({"params": p}, x)))
 
 
@@ -274,7 +275,7 @@ def test_instructed_model_reads_instruction_then_review():
   np.testing.assert_array_equal(inserted, joined)
   params = _init(plain, joined)
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(
-      jnp.shape, jax.eval_shape(lambda: instructed.init(
-          jax.random.key(0), review_ids)["params"]))
+      jnp.shape, jax.eval_shape(lambda: unbox(instructed.init(
+          jax.random.key(0), review_ids)["params"])))
   np.testing.assert_array_equal(_apply(instructed, params, review_ids),
                                 _apply(plain, params, joined))
