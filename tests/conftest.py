@@ -142,3 +142,42 @@ def digits_teacher(data_dir, tmp_path_factory) -> str:
   path = str(tmp_path_factory.mktemp("digits_teacher"))
   modes.run(config, path)
   return path
+
+
+# A 2-layer Llama on SmolLM2's tokenizer: small enough for 8 simulated
+# devices, heads divisible by a 'model' axis of 2 (SmolLM2's 3 KV heads are
+# not).
+TINY_LM_TEACHER = dict(name="llama", vocab_size=49152, width=64, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=0, mlp_dim=128,
+                       max_length=64)
+
+
+def tiny_lm_distill_config(data_dir: str, teacher_dir: str):
+  """configs/shakespeare_smollm2.py:smoke distilling from the tiny teacher at
+  teacher_dir into a 1-layer one of width 32 (mode=distill, 4 steps,
+  synchronous checkpoints every 2, SGD)."""
+  config = load_config("shakespeare_smollm2", "smoke")
+  config.data.data_dir = data_dir
+  config.mode = "distill"
+  config.teacher.model.update(TINY_LM_TEACHER)
+  config.teacher.pretrained = False
+  config.teacher.init_from = ""
+  config.teacher.checkpoint_dir = teacher_dir
+  config.student.model.update(dict(TINY_LM_TEACHER, width=32, num_layers=1))
+  # SGD: Adam's update hides a gradient off by a constant factor.
+  config.student.train.update(optimizer="sgd", learning_rate=0.5)
+  config.checkpoint.every_steps = 2
+  config.checkpoint.async_save = False
+  return config
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_teacher(data_dir, tmp_path_factory) -> str:
+  """The checkpoint dir of TINY_LM_TEACHER trained 4 steps on the plays."""
+  from kdjax import modes  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp("tiny_lm_teacher"))
+  config = tiny_lm_distill_config(data_dir, path)
+  config.mode = "teacher"
+  config.teacher.train = config.student.train
+  modes.run(config, path)
+  return path

@@ -195,6 +195,9 @@ def train(**overrides) -> ml_collections.ConfigDict:
       weight_decay=1e-4,  # adamw only.
       grad_clip_norm=0.0,  # 0 disables clipping.
       grad_accum_steps=1,  # Micro-batches per step (same math, less memory).
+      # Recompute each layer in the backward pass ('llama'): '' = off,
+      # 'full' | 'dots' | 'dots_no_batch' (kdjax.models.llama.REMAT_POLICIES).
+      remat="",
       augment=False,  # Random shift/flip of the inputs.
   ))
   section.update(overrides)  # New keys too: see OPTIONAL's <role>.train.*.

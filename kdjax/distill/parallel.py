@@ -83,6 +83,17 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def on_mesh(tree: Any, mesh: Mesh) -> Any:
+  """Arrays already placed on `mesh` (e.g. sharded parameters) as they are;
+  everything else replicated on it. For evaluation, which runs a plain jit:
+  sharded parameters stay sharded (GSPMD), never gathered whole per device."""
+  def put(x):
+    if isinstance(x, jax.Array) and getattr(x.sharding, "mesh", None) == mesh:
+      return x
+    return replicate(x, mesh)
+  return jax.tree.map(put, tree)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kdjax.models import partitioning
 from kdjax.models import prompt as prompt_lib
 
 ACTIVATIONS = {
@@ -62,7 +63,21 @@ def mean_pool(hidden_states: jax.Array, mask: jax.Array) -> jax.Array:
 
 def _layer_norm(eps: float, name: str) -> nn.LayerNorm:
   # The two-pass variance matches PyTorch; Flax's fast E[x^2]-E[x]^2 does not.
-  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name)
+  return nn.LayerNorm(
+      epsilon=eps, use_fast_variance=False,
+      scale_init=partitioning.param(nn.initializers.ones, ("norm",)),
+      bias_init=partitioning.param(nn.initializers.zeros, ("norm",)),
+      name=name)
+
+
+def _dense(features: int, names: tuple[str | None, str | None],
+           name: str) -> nn.Dense:
+  """nn.Dense with its default initializers, kernel axes `names`."""
+  return nn.Dense(
+      features,
+      kernel_init=partitioning.param(nn.initializers.lecun_normal(), names),
+      bias_init=partitioning.param(nn.initializers.zeros_init(), names[1:]),
+      name=name)
 
 
 class BertFields(nn.Module):
@@ -104,7 +119,8 @@ class BertSelfAttention(nn.Module):
     head_dim = self.hidden_size // self.num_heads
 
     def heads(name):
-      y = nn.Dense(self.hidden_size, name=name)(x)
+      # [hidden, heads * head_dim]: the flattened output axis is "heads".
+      y = _dense(self.hidden_size, ("embed", "heads"), name)(x)
       return y.reshape(batch, length, self.num_heads, head_dim).transpose(
           0, 2, 1, 3)
 
@@ -119,7 +135,7 @@ class BertSelfAttention(nn.Module):
     weights = nn.Dropout(self.dropout_rate, deterministic=not train)(weights)
     y = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
     y = y.transpose(0, 2, 1, 3).reshape(batch, length, self.hidden_size)
-    return nn.Dense(self.hidden_size, name="output")(y)
+    return _dense(self.hidden_size, ("heads", "embed"), "output")(y)
 
 
 class BertLayer(nn.Module):
@@ -135,16 +151,18 @@ class BertLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, *, train: bool):
+    x = partitioning.constrain(x, partitioning.RESIDUAL)
     h = BertSelfAttention(self.hidden_size, self.num_heads,
                           self.attention_dropout_rate, self.sow_attention,
                           name="attention")(x, mask, train=train)
     h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
     x = _layer_norm(self.layer_norm_eps, "attention_norm")(x + h)
-    h = nn.Dense(self.intermediate_size, name="intermediate")(x)
-    h = nn.Dense(self.hidden_size, name="output")(
+    h = _dense(self.intermediate_size, ("embed", "mlp"), "intermediate")(x)
+    h = _dense(self.hidden_size, ("mlp", "embed"), "output")(
         ACTIVATIONS[self.hidden_act](h))
     h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
     x = _layer_norm(self.layer_norm_eps, "output_norm")(x + h)
+    x = partitioning.constrain(x, partitioning.RESIDUAL)
     self.sow("intermediates", "output", x)
     return x
 
@@ -160,13 +178,15 @@ class BertEmbeddings(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids, prefix_embeds, *, train: bool):
-    embed = lambda n, name: nn.Embed(
-        n, self.hidden_size, embedding_init=nn.initializers.normal(0.02),
+    embed = lambda n, row_axis, name: nn.Embed(
+        n, self.hidden_size,
+        embedding_init=partitioning.param(nn.initializers.normal(0.02),
+                                          (row_axis, "embed")),
         name=name)
-    token_type = embed(self.type_vocab_size, "token_type_embeddings")
+    token_type = embed(self.type_vocab_size, None, "token_type_embeddings")
     positions = jnp.arange(input_ids.shape[1])
-    x = (embed(self.vocab_size, "word_embeddings")(input_ids)
-         + embed(self.max_position_embeddings,
+    x = (embed(self.vocab_size, "vocab", "word_embeddings")(input_ids)
+         + embed(self.max_position_embeddings, "length",
                  "position_embeddings")(positions)[None]
          + token_type(token_type_ids))
     if prefix_embeds is not None:
@@ -209,6 +229,7 @@ class BertEncoder(BertFields):
                        self.layer_norm_eps, self.dropout_rate,
                        name="embeddings")(input_ids, token_type_ids,
                                           prefix_embeds, train=train)
+    x = partitioning.constrain(x, partitioning.RESIDUAL)
     if num_prompts:
       mask = jnp.concatenate(
           [jnp.ones((mask.shape[0], num_prompts), bool), mask], axis=1)
@@ -219,7 +240,8 @@ class BertEncoder(BertFields):
                     name=f"layer_{i}")(x, mask, train=train)
     pooled = None
     if self.add_pooler:  # [CLS] is the first real token, after the prompt.
-      pooled = jnp.tanh(nn.Dense(self.hidden_size, name="pooler")(
+      # Small and replicated: its axes are deliberately unnamed.
+      pooled = jnp.tanh(_dense(self.hidden_size, ("embed", None), "pooler")(
           x[:, num_prompts]))
     return BertOutput(x, mask, pooled, num_prompts)
 
@@ -303,7 +325,7 @@ class BertClassifier(BertFields):
       pooled = out.pooled
     self.sow("intermediates", "pooled", pooled)
     pooled = nn.Dropout(self.head_dropout_rate, deterministic=not train)(pooled)
-    return nn.Dense(self.num_classes, name="head")(pooled)
+    return _dense(self.num_classes, ("embed", "classes"), "head")(pooled)
 
 
 def insert_instruction(tokens: jax.Array, attention_mask: jax.Array | None,
@@ -328,11 +350,15 @@ def insert_instruction(tokens: jax.Array, attention_mask: jax.Array | None,
 
 def with_encoder(params: dict[str, Any], encoder_params: dict[str, Any]
                  ) -> dict[str, Any]:
-  """Classifier params with `encoder` replaced by imported ones, shapes checked."""
-  expected = jax.tree.map(jnp.shape, params["encoder"])
-  got = jax.tree.map(jnp.shape, encoder_params)
+  """Classifier params with `encoder` replaced by imported ones, shapes checked.
+
+  Either tree may hold logical-axis boxes (a raw model.init): shapes are
+  compared unboxed and the result is plain arrays, never a mix.
+  """
+  expected = jax.tree.map(jnp.shape, partitioning.unbox(params["encoder"]))
+  got = jax.tree.map(jnp.shape, partitioning.unbox(encoder_params))
   if expected != got:
     raise ValueError("Encoder params do not fit the classifier's encoder "
                      "(different architecture fields?): expected "
                      f"{expected}, got {got}.")
-  return {**params, "encoder": encoder_params}
+  return partitioning.unbox({**params, "encoder": encoder_params})

@@ -23,7 +23,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kdjax.models import partitioning
+
 _INIT = nn.initializers.normal(0.02)
+_ZEROS = nn.initializers.zeros_init()  # nn.Dense's default bias init.
+_NORM = dict(scale_init=partitioning.param(nn.initializers.ones, ("norm",)),
+             bias_init=partitioning.param(nn.initializers.zeros, ("norm",)))
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -65,25 +70,40 @@ class DecoderBlock(nn.Module):
       raise ValueError(f"width={width} is not divisible by "
                        f"num_heads={self.num_heads}.")
     head_dim = width // self.num_heads
-    h = nn.LayerNorm(dtype=self.dtype, name="ln_attention")(x)
-    qkv_kernel = self.param("qkv_kernel", _INIT,
-                            (width, 3, self.num_heads, head_dim))
-    qkv_bias = self.param("qkv_bias", nn.initializers.zeros,
-                          (3, self.num_heads, 1, head_dim))
+    x = partitioning.constrain(x, partitioning.RESIDUAL)
+    h = nn.LayerNorm(dtype=self.dtype, name="ln_attention", **_NORM)(x)
+    # [width, q/k/v, heads, head_dim]: the q/k/v axis (size 3) is unnamed.
+    qkv_kernel = self.param(
+        "qkv_kernel",
+        partitioning.param(_INIT, ("embed", None, "heads", "head_dim")),
+        (width, 3, self.num_heads, head_dim))
+    qkv_bias = self.param(
+        "qkv_bias",
+        partitioning.param(nn.initializers.zeros,
+                           (None, "heads", None, "head_dim")),
+        (3, self.num_heads, 1, head_dim))
     qkv = jnp.einsum("bld,dthk->tbhlk", h, qkv_kernel.astype(self.dtype))
     qkv = qkv + qkv_bias.astype(self.dtype)[:, None]
     attended = causal_attention(qkv[0], qkv[1], qkv[2])
-    out_kernel = self.param("out_kernel", _INIT,
-                            (self.num_heads, head_dim, width))
-    out_bias = self.param("out_bias", nn.initializers.zeros, (width,))
+    out_kernel = self.param(
+        "out_kernel",
+        partitioning.param(_INIT, ("heads", "head_dim", "embed")),
+        (self.num_heads, head_dim, width))
+    out_bias = self.param(
+        "out_bias", partitioning.param(nn.initializers.zeros, ("embed",)),
+        (width,))
     x = x + (jnp.einsum("bhlk,hkd->bld", attended,
                         out_kernel.astype(self.dtype)) + out_bias)
-    h = nn.LayerNorm(dtype=self.dtype, name="ln_mlp")(x)
-    h = nn.Dense(4 * width, dtype=self.dtype, kernel_init=_INIT,
+    h = nn.LayerNorm(dtype=self.dtype, name="ln_mlp", **_NORM)(x)
+    h = nn.Dense(4 * width, dtype=self.dtype,
+                 kernel_init=partitioning.param(_INIT, ("embed", "mlp")),
+                 bias_init=partitioning.param(_ZEROS, ("mlp",)),
                  name="mlp_in")(h)
-    h = nn.Dense(width, dtype=self.dtype, kernel_init=_INIT,
+    h = nn.Dense(width, dtype=self.dtype,
+                 kernel_init=partitioning.param(_INIT, ("mlp", "embed")),
+                 bias_init=partitioning.param(_ZEROS, ("embed",)),
                  name="mlp_out")(nn.gelu(h))
-    x = x + h
+    x = partitioning.constrain(x + h, partitioning.RESIDUAL)
     self.sow("intermediates", "output", x)
     return x
 
@@ -121,16 +141,25 @@ class GPT(nn.Module):
     if tokens.shape[1] > self.max_length:
       raise ValueError(f"Sequence length {tokens.shape[1]} exceeds the "
                        f"model's max_length={self.max_length}.")
-    embed = nn.Embed(self.vocab_size, self.width, embedding_init=_INIT,
-                     dtype=self.dtype, name="embed")
-    positions = self.param("positions", _INIT, (self.max_length, self.width))
+    embed = nn.Embed(
+        self.vocab_size, self.width,
+        embedding_init=partitioning.param(_INIT, ("vocab", "embed")),
+        dtype=self.dtype, name="embed")
+    positions = self.param(
+        "positions", partitioning.param(_INIT, ("length", "embed")),
+        (self.max_length, self.width))
     x = embed(tokens) + positions[:tokens.shape[1]].astype(self.dtype)
+    x = partitioning.constrain(x, partitioning.RESIDUAL)
     for i in range(self.num_layers):
       x = DecoderBlock(self.num_heads, self.dtype, name=f"block_{i}")(x)
-    x = nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
-    return embed.attend(x) if logits else x  # Tied output embedding.
+    x = nn.LayerNorm(dtype=self.dtype, name="ln_final", **_NORM)(x)
+    x = partitioning.constrain(x, partitioning.RESIDUAL)
+    if not logits:
+      return x
+    # Tied output embedding.
+    return partitioning.constrain(embed.attend(x), partitioning.LOGITS)
 
 
 def lm_head_kernel(params: Any) -> jax.Array:
   """The [width, vocab] output head: the transposed (tied) input embedding."""
-  return params["embed"]["embedding"].T
+  return partitioning.unbox(params["embed"]["embedding"]).T

@@ -66,6 +66,15 @@ class RMSNorm(nn.Module):
 
 
 ROPE_TYPES = ("default", "llama3")
+# What a rematerialised layer keeps for the backward pass (jax's names):
+# 'full' keeps nothing (recomputes the whole layer: least memory), 'dots'
+# keeps matmul outputs, 'dots_no_batch' those without a batch dimension
+# (weights-like: MaxText's 'minimal').
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def rope_frequencies(head_dim: int, theta: float, rope_type: str = "default",
@@ -236,7 +245,8 @@ class DecoderLayer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, *, decode: bool):
+  def __call__(self, x, positions, decode: bool = False):
+    # decode positional: nn.remat marks it static by position.
     h = RMSNorm(self.norm_eps, self.dtype, name="attention_norm")(x)
     x = x + Attention(self.num_heads, self.num_kv_heads, self.head_dim,
                       self.rope, self.max_length, self.dtype,
@@ -246,6 +256,32 @@ class DecoderLayer(nn.Module):
     x = part.constrain(x, part.RESIDUAL)
     self.sow("intermediates", "output", x)
     return x
+
+
+class _ScannedLayer(DecoderLayer):
+  """A DecoderLayer as nn.scan's body: (carry, output) = (x, None)."""
+
+  def __call__(self, x, positions, decode: bool = False):
+    return super().__call__(x, positions, decode), None
+
+
+def stack_layers(params: Mapping[str, Any], num_layers: int) -> dict:
+  """layers_{i}/... -> layers/... with a leading [num_layers] axis (the
+  scan_layers layout), everything else as it is."""
+  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  out["layers"] = jax.tree.map(
+      lambda *xs: np.stack([np.asarray(x) for x in xs]),
+      *[params[f"layers_{i}"] for i in range(num_layers)])
+  return out
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict:
+  """The inverse of stack_layers."""
+  out = {k: v for k, v in params.items() if k != "layers"}
+  num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+  for i in range(num_layers):
+    out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+  return out
 
 
 def project(hidden: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -291,6 +327,15 @@ class Llama(nn.Module):
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
   max_length: int = 2048  # KV-cache capacity and longest input.
+  # Recompute each layer's activations in the backward pass instead of
+  # keeping them (a run setting: config.<role>.train.remat): '' = keep all,
+  # or a REMAT_POLICIES name.
+  remat: str = ""
+  # One scanned layer (nn.scan) instead of num_layers unrolled ones: compile
+  # time flat in depth; params stacked under layers/ with a leading
+  # [num_layers] axis (logical name 'layers'). stack_layers/unstack_layers
+  # convert to and from the layers_{i} layout (checkpoints, importers).
+  scan_layers: bool = False
   dtype: str = "float32"  # Compute dtype; params stay float32.
 
   def _check(self):
@@ -315,6 +360,9 @@ class Llama(nn.Module):
         self.rope_high_freq_factor > self.rope_low_freq_factor > 0):
       problems.append("rope_high_freq_factor must exceed "
                       "rope_low_freq_factor > 0 for rope_type='llama3'")
+    if self.remat and self.remat not in REMAT_POLICIES:
+      problems.append(f"remat={self.remat!r} (allowed '' or "
+                      f"{sorted(REMAT_POLICIES)})")
     if self.dtype not in DTYPES:
       problems.append(f"dtype={self.dtype!r} (allowed {sorted(DTYPES)})")
     if problems:
@@ -336,11 +384,22 @@ class Llama(nn.Module):
     self.embed = nn.Embed(self.vocab_size, self.width, dtype=dtype,
                           param_dtype=jnp.float32,
                           embedding_init=part.param(_INIT, ("vocab", "embed")))
-    self.layers = [
-        DecoderLayer(self.num_heads, self.num_kv_heads,
-                     self.resolved_head_dim, self.mlp_dim, self.rope,
-                     self.norm_eps, self.max_length, dtype)
-        for _ in range(self.num_layers)]  # Named layers_0, layers_1, ...
+    layer = _ScannedLayer if self.scan_layers else DecoderLayer
+    if self.remat:
+      layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat],
+                       static_argnums=(3,))  # (self, x, positions, decode)
+    fields = (self.num_heads, self.num_kv_heads, self.resolved_head_dim,
+              self.mlp_dim, self.rope, self.norm_eps, self.max_length, dtype)
+    if self.scan_layers:
+      self.layers = nn.scan(
+          layer, length=self.num_layers,
+          variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+          split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast),
+          metadata_params={nn.PARTITION_NAME: "layers"})(*fields)
+    else:
+      self.layers = [layer(*fields) for _ in range(self.num_layers)]
+      # Named layers_0, layers_1, ...
     self.final_norm = RMSNorm(self.norm_eps, dtype)
     if not self.tie_embeddings:
       self.lm_head = _Head(self.vocab_size)
@@ -359,8 +418,11 @@ class Llama(nn.Module):
     if positions is not None:
       positions = jnp.broadcast_to(positions, tokens.shape)
     x = part.constrain(self.embed(tokens), part.RESIDUAL)
-    for layer in self.layers:
-      x = layer(x, positions, decode=decode)
+    if self.scan_layers:
+      x, _ = self.layers(x, positions, decode)
+    else:
+      for layer in self.layers:
+        x = layer(x, positions, decode)
     return self.final_norm(x)
 
   def __call__(self, tokens: jax.Array, train: bool = False, *,

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from kdjax.models import partitioning
+
 PROMPT_PATH = ("prompt", "embedding")
 WORD_EMBEDDINGS_PATH = ("encoder", "embeddings", "word_embeddings", "embedding")
 PROMPT_INITS = ("random", "vocab", "labels")
@@ -42,7 +44,9 @@ class SoftPrompt(nn.Module):
 
   @nn.compact
   def __call__(self) -> jax.Array:
-    return self.param("embedding", nn.initializers.normal(self.init_std),
+    return self.param("embedding",
+                      partitioning.param(nn.initializers.normal(self.init_std),
+                                         ("length", "embed")),
                       (self.num_prompts, self.width))
 
 

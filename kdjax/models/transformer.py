@@ -1,8 +1,62 @@
 """Transformer encoder classifier (pre-LayerNorm, learned positions)."""
 
+from typing import Any
+
 import flax.linen as nn
+from flax import struct
 import jax
 import jax.numpy as jnp
+
+from kdjax.models import partitioning
+
+_NORM = dict(scale_init=partitioning.param(nn.initializers.ones, ("norm",)),
+             bias_init=partitioning.param(nn.initializers.zeros, ("norm",)))
+
+
+def _dense(features: int, names: tuple[str, str], name: str) -> nn.Dense:
+  """nn.Dense with its default initializers, kernel axes `names`."""
+  return nn.Dense(
+      features,
+      kernel_init=partitioning.param(nn.initializers.lecun_normal(), names),
+      bias_init=partitioning.param(nn.initializers.zeros_init(), names[1:]),
+      name=name)
+
+
+class _FlatInit(struct.PyTreeNode, nn.meta.AxisMetadata):
+  """A DenseGeneral parameter as its initializer returns it: flat, unnamed.
+
+  DenseGeneral (the projections of nn.MultiHeadDotProductAttention) calls its
+  initializer with a 2-D shape and reshapes the result to [embed, heads,
+  head_dim]; a `partitioning.param` box would be constrained to its three
+  names while still 2-D, which fails under a mesh and rules
+  (google/flax#3676). This box holds the flat value unconstrained and, once
+  reshaped, becomes the ordinary nn.LogicallyPartitioned that
+  `partitioning.param(init, names)` would give.
+  """
+  value: Any
+  names: tuple = struct.field(pytree_node=False)
+
+  def unbox(self, apply_constraint: bool = True) -> Any:
+    del apply_constraint
+    return self.value
+
+  def replace_boxed(self, val: Any) -> nn.LogicallyPartitioned:
+    return partitioning.param(lambda: val, self.names)()
+
+  def add_axis(self, index, params):
+    raise NotImplementedError("a flat DenseGeneral init is never lifted")
+
+  def remove_axis(self, index, params):
+    raise NotImplementedError("a flat DenseGeneral init is never lifted")
+
+
+def _dense_general_param(init, names: tuple[str | None, ...]):
+  """`partitioning.param(init, names)` for a DenseGeneral kernel or bias."""
+  partitioning.param(init, names)  # Checks the names.
+
+  def flat_init(key, shape, dtype=jnp.float32):
+    return _FlatInit(init(key, shape, dtype), tuple(names))
+  return flat_init
 
 
 class EncoderBlock(nn.Module):
@@ -14,16 +68,30 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, attention_mask, *, train: bool):
-    h = nn.LayerNorm(name="ln_attention")(x)
+    x = partitioning.constrain(x, partitioning.RESIDUAL)
+    h = nn.LayerNorm(name="ln_attention", **_NORM)(x)
+    # query/key/value kernels [embed, heads, head_dim], biases [heads,
+    # head_dim]; out kernel [heads, head_dim, embed], bias [embed]. The
+    # initializers are MultiHeadDotProductAttention's defaults.
     h = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dropout_rate=self.dropout_rate,
-        deterministic=not train, name="attention")(
+        deterministic=not train,
+        kernel_init=_dense_general_param(nn.initializers.lecun_normal(),
+                                         ("embed", "heads", "head_dim")),
+        bias_init=_dense_general_param(nn.initializers.zeros_init(),
+                                       ("heads", "head_dim")),
+        out_kernel_init=_dense_general_param(
+            nn.initializers.lecun_normal(), ("heads", "head_dim", "embed")),
+        out_bias_init=_dense_general_param(nn.initializers.zeros_init(),
+                                           ("embed",)),
+        name="attention")(
             h, h, mask=attention_mask, sow_weights=self.sow_attention)
     x = x + nn.Dropout(self.dropout_rate, deterministic=not train)(h)
-    h = nn.LayerNorm(name="ln_mlp")(x)
-    h = nn.Dense(self.mlp_dim, name="mlp_in")(h)
-    h = nn.Dense(x.shape[-1], name="mlp_out")(nn.gelu(h))
+    h = nn.LayerNorm(name="ln_mlp", **_NORM)(x)
+    h = _dense(self.mlp_dim, ("embed", "mlp"), "mlp_in")(h)
+    h = _dense(x.shape[-1], ("mlp", "embed"), "mlp_out")(nn.gelu(h))
     x = x + nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+    x = partitioning.constrain(x, partitioning.RESIDUAL)
     self.sow("intermediates", "output", x)
     return x
 
@@ -52,18 +120,28 @@ class TransformerClassifier(nn.Module):
       raise ValueError(f"Sequence length {tokens.shape[1]} exceeds the "
                        f"model's max_length={self.max_length}.")
     mask = tokens != self.pad_id
-    x = nn.Embed(self.vocab_size, self.width, name="embed")(tokens)
-    positions = self.param("positions", nn.initializers.normal(0.02),
-                           (self.max_length, self.width))
+    x = nn.Embed(
+        self.vocab_size, self.width,
+        # nn.Embed's default initializer.
+        embedding_init=partitioning.param(
+            nn.initializers.variance_scaling(1.0, "fan_in", "normal",
+                                             out_axis=0),
+            ("vocab", "embed")),
+        name="embed")(tokens)
+    positions = self.param(
+        "positions",
+        partitioning.param(nn.initializers.normal(0.02), ("length", "embed")),
+        (self.max_length, self.width))
     x = x + positions[None, :tokens.shape[1]]
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = partitioning.constrain(x, partitioning.RESIDUAL)
     attention_mask = nn.make_attention_mask(mask, mask)
     for i in range(self.num_layers):
       x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout_rate,
                        self.sow_attention, name=f"block_{i}")(
                            x, attention_mask, train=train)
-    x = nn.LayerNorm(name="ln_final")(x)
+    x = nn.LayerNorm(name="ln_final", **_NORM)(x)
     weights = mask[..., None].astype(x.dtype)
     pooled = jnp.sum(x * weights, axis=1) / jnp.maximum(
         jnp.sum(weights, axis=1), 1.0)
-    return nn.Dense(self.num_classes, name="head")(pooled)
+    return _dense(self.num_classes, ("embed", "classes"), "head")(pooled)

@@ -24,12 +24,14 @@ from jax.sharding import PartitionSpec as P
 
 from kdjax.data import pipeline
 from kdjax.distill import losses, parallel, step as step_lib, token_loss
+from kdjax.distill import mesh as mesh_lib
 from kdjax.distill.teacher_cache import (
     INDICES_FILE, MANIFEST, WRITER_OPTIONS, FORMAT, CacheMismatchError,
     cache_dir, effective_k, encode, index_dtype, record_dtype, records_for,
     settings, vocab_size)
+from kdjax.run import layout
 from kdjax.runtime import checkpoint, distributed, storage
-from kdjax.weights import pretrained, specs, teachers
+from kdjax.weights import pretrained, specs
 
 
 def _path_sha256(path: str) -> str:
@@ -44,11 +46,12 @@ def _path_sha256(path: str) -> str:
   return h.hexdigest()
 
 
-def load_teacher(config, workdir: str):
-  """(model, params, description) of config.teacher, for the manifest: the
-  description names the weights' file hash or the checkpoint step and meta."""
+def load_teacher(config, workdir: str, mesh):
+  """(model, params placed on `mesh`, description) of config.teacher, for
+  the manifest: the description names the weights' file hash or the
+  checkpoint step and meta."""
   spec = specs.teacher_specs(config, workdir)[0]
-  teacher = teachers.load(config, spec)
+  teacher = layout.load_teacher(config, workdir, mesh)
   source = dict(teacher.source)
   if spec.pretrained:
     path = (pretrained.llama_path(spec.init_from)
@@ -61,7 +64,7 @@ def load_teacher(config, workdir: str):
 
 def _topk_function(apply_fn, mesh, *, language_model: bool, k: int,
                    temperature: float, chunk_size: int, value_dtype,
-                   indices_dtype):
+                   indices_dtype, batch_sharding=None):
   """Compiled (params, global inputs) -> top-k log-probs, indices, log tail.
 
   Per device: the teacher's forward, then its top k at temperature T. For
@@ -89,6 +92,9 @@ def _topk_function(apply_fn, mesh, *, language_model: bool, k: int,
         lambda x: jnp.moveaxis(x, 0, 1).reshape(
             (batch, num * size) + x.shape[3:])[:, :length], results)
 
+  if batch_sharding is not None:  # Sharded layout: GSPMD, global batch.
+    return jax.jit(per_device, in_shardings=(None, batch_sharding),
+                   out_shardings=batch_sharding)
   axis = parallel.DATA_AXIS
   return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axis)),
                                out_specs=P(axis)))
@@ -96,8 +102,10 @@ def _topk_function(apply_fn, mesh, *, language_model: bool, k: int,
 
 def _local_rows(x: jax.Array) -> np.ndarray:
   """This process's rows of a batch-sharded global array, in order."""
-  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-  return np.concatenate([np.asarray(s.data) for s in shards])
+  # Replicas (e.g. over a 'model' axis) hold the same rows: keep one each.
+  by_start = {s.index[0].start or 0: s for s in x.addressable_shards}
+  return np.concatenate([np.asarray(by_start[k].data)
+                         for k in sorted(by_start)])
 
 
 def shard_name(index: int, count: int) -> str:
@@ -159,7 +167,8 @@ def build(config, workdir: str) -> dict[str, Any]:
   num_shards = max(1, -(-len(rows_all) // per_shard))
   indices_sha = hashlib.sha256(rows_all.astype("<i8").tobytes()).hexdigest()
 
-  model, params, teacher = load_teacher(config, workdir)
+  mesh = layout.make_mesh(config)
+  model, params, teacher = load_teacher(config, workdir, mesh)
   manifest = _json_roundtrip({
       "format": FORMAT, "teacher": teacher, "temperature": temperature,
       "k": k, "vocab_size": vocab, "data": records.fingerprint(),
@@ -184,7 +193,6 @@ def build(config, workdir: str) -> dict[str, Any]:
     storage.write_json(storage.join(directory, MANIFEST), manifest)
   distributed.barrier("kdjax_teacher_cache_start")
 
-  mesh = parallel.make_mesh()
   batch = int(s["batch_size"] or config.student.train.batch_size)
   batch = max(jax.device_count(), batch // jax.device_count()
               * jax.device_count())
@@ -196,8 +204,16 @@ def build(config, workdir: str) -> dict[str, Any]:
       apply_fn, mesh, language_model=language_model, k=k,
       temperature=temperature, chunk_size=int(s["chunk_size"]),
       value_dtype=(jnp.bfloat16 if s["dtype"] == "bfloat16" else jnp.float32),
-      indices_dtype=jnp.dtype(idx_dtype.name))
-  params = parallel.replicate(params, mesh)
+      indices_dtype=jnp.dtype(idx_dtype.name),
+      batch_sharding=(mesh_lib.batch_sharding(mesh, layout.rules(config, mesh))
+                      if layout.is_sharded(mesh) else None))
+  params = parallel.on_mesh(params, mesh)
+
+  def place(inputs):
+    if layout.is_sharded(mesh):
+      return parallel.place_batch(
+          inputs, mesh_lib.batch_sharding(mesh, layout.rules(config, mesh)))
+    return parallel.shard_batch(inputs, mesh)
 
   def shard_rows(index: int) -> np.ndarray:
     return rows_all[index * per_shard:(index + 1) * per_shard]
@@ -228,8 +244,8 @@ def build(config, workdir: str) -> dict[str, Any]:
         continue  # Others need not take part: nothing to compute.
       if real < local_batch:  # Padding rows: computed, thrown away.
         rows = np.concatenate([rows, np.resize(mine, local_batch - real)])
-      result = forward(params, parallel.shard_batch(records.inputs(rows),
-                                                    mesh))
+      with layout.scope(config, mesh):
+        result = forward(params, place(records.inputs(rows)))
       if keep and real:
         outputs.append((rows[:real], [_local_rows(x)[:real] for x in result]))
       computed += real

@@ -64,9 +64,9 @@ def token_metrics(apply_fn, params, arrays: dict[str, np.ndarray], mesh, *,
   num_devices = mesh.devices.size
   batch_size = max(num_devices, batch_size // num_devices * num_devices)
   forward = _jitted_sums(apply_fn, teacher_apply)
-  params = parallel.replicate(params, mesh)
+  params = parallel.on_mesh(params, mesh)
   if teacher_params is not None:
-    teacher_params = parallel.replicate(teacher_params, mesh)
+    teacher_params = parallel.on_mesh(teacher_params, mesh)
   n = len(arrays["inputs"])
   totals: dict[str, float] = {}
   for start in range(0, n, batch_size):
@@ -92,12 +92,18 @@ def token_metrics(apply_fn, params, arrays: dict[str, np.ndarray], mesh, *,
   return result
 
 
+def _spans_devices(params) -> bool:
+  return any(isinstance(x, jax.Array) and len(x.sharding.device_set) > 1
+             for x in jax.tree.leaves(params))
+
+
 def generation_speed(model, params, arrays, *, batch: int, prompt_length: int,
                      new_tokens: int) -> float:
   """Greedy tokens/s of a llama model on one device, prompts from `arrays`."""
   if not isinstance(model, llama_lib.Llama):
     return float("nan")
   prompt = arrays["inputs"][:batch, :prompt_length]
-  params = jax.device_put(params, jax.local_devices()[0])
+  if not _spans_devices(params):  # Sharded parameters stay sharded.
+    params = jax.device_put(params, jax.local_devices()[0])
   return generate.tokens_per_second(model, params, prompt,
                                     max_new_tokens=new_tokens)

@@ -21,26 +21,25 @@ from absl import logging
 
 from kdjax.data import lm as lm_data
 from kdjax.distill import parallel
+from kdjax.run import layout
 from kdjax.run import lm_metrics, metrics
 from kdjax.run import report as report_lib
 from kdjax.runtime import distributed, metrics_writer, storage
 from kdjax.weights import params as params_lib
 from kdjax.weights import specs
-from kdjax.weights import teachers as teachers_lib
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
 
 
-def load_teacher(config, workdir: str):
-  """(model, params) of config.teacher (kdjax.weights.teachers)."""
-  teacher = teachers_lib.load(config,
-                              specs.teacher_specs(config, workdir)[0])
+def load_teacher(config, workdir: str, mesh):
+  """(model, params) of config.teacher, placed on `mesh` (kdjax.run.layout)."""
+  teacher = layout.load_teacher(config, workdir, mesh)
   return teacher.model, teacher.params
 
 
 def write_lm_report(config, workdir: str) -> dict[str, Any]:
   """Teacher and every student run on config.data.test_split; report files."""
-  mesh = parallel.make_mesh()
+  mesh = layout.make_mesh(config)
   split = config.data.get("test_split", "test")
   arrays = lm_data.lm_eval_arrays(config.data, split)
   eval_batch = int(config.data.get("eval_batch_size", 8))
@@ -48,7 +47,7 @@ def write_lm_report(config, workdir: str) -> dict[str, Any]:
                     prompt_length=int(config.report.get("generation_prompt", 32)),
                     new_tokens=int(config.report.get("generation_tokens", 32)))
 
-  teacher_model, teacher_params = load_teacher(config, workdir)
+  teacher_model, teacher_params = load_teacher(config, workdir, mesh)
   teacher_apply = metrics.cached_apply_fn(teacher_model)
   logging.info("Report: teacher on %d %s sequences.", len(arrays["inputs"]),
                split)
@@ -64,14 +63,14 @@ def write_lm_report(config, workdir: str) -> dict[str, Any]:
                  else storage.relpath(specs.teacher_dir(config, workdir),
                                       workdir)),
   }
-  teacher_params = parallel.replicate(teacher_params, mesh)
+  teacher_params = parallel.on_mesh(teacher_params, mesh)
 
   students, speeds = [], {}
   for run_dir, run in report_lib.find_runs(workdir):
     if run["role"] not in ("scratch", "distill"):
       continue
     model, params = report_lib.load_params(config, "student", run_dir,
-                                           run["model"])
+                                           run["model"], mesh)
     logging.info("Report: %s", run_dir)
     arch = json.dumps(run["model"], sort_keys=True)
     if arch not in speeds:

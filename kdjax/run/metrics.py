@@ -28,7 +28,7 @@ def predict_logits(apply_fn, params, inputs: np.ndarray, mesh, *,
   batch_size = min(batch_size, -(-n // num_devices) * num_devices)
   batch_size = max(num_devices, batch_size // num_devices * num_devices)
   forward = _jitted_forward(apply_fn)
-  params = parallel.replicate(params, mesh)
+  params = parallel.on_mesh(params, mesh)
   outputs = []
   for start in range(0, n, batch_size):
     chunk = inputs[start:start + batch_size]

@@ -17,12 +17,12 @@ import numpy as np
 from absl import logging
 
 from kdjax.data import pipeline
-from kdjax.distill import parallel, step
+from kdjax.distill import step
+from kdjax.run import layout
 from kdjax.run import metrics
 from kdjax.runtime import checkpoint, plots, storage
 from kdjax.weights import params as params_lib
 from kdjax.weights import specs
-from kdjax.weights import teachers as teachers_lib
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
 
@@ -41,11 +41,14 @@ def find_runs(workdir: str) -> list[tuple[str, dict[str, Any]]]:
   return sorted(runs, key=lambda r: r[0])
 
 
-def load_params(config, role: str, run_dir: str, spec=None):
-  """A run's model (from `spec`, its run.json's, else the config's) and params."""
+def load_params(config, role: str, run_dir: str, spec=None, mesh=None):
+  """A run's model (from `spec`, its run.json's, else the config's) and
+  params (read into their shards when `mesh` is the sharded layout's)."""
   model = (specs.model_from_spec(
       {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
            if spec else specs.build_model(config, role))
+  if mesh is not None:
+    return model, layout.restore_params(config, model, run_dir, mesh)
   return model, checkpoint.restore_params(
       run_dir, params_lib.abstract(model, config.data))
 
@@ -64,14 +67,13 @@ def group_key(run: dict) -> str:
 
 def write_report(config, workdir: str) -> dict[str, Any]:
   """Evaluates the teacher and every student run under workdir; writes the report."""
-  mesh = parallel.make_mesh()
+  mesh = layout.make_mesh(config)
   eval_source = pipeline.get_source(config.data, config.data.eval_split)
   data = pipeline.load_split(eval_source, config.data)
   labels = data["labels"]
 
   teacher_path = specs.teacher_dir(config, workdir)
-  teacher = teachers_lib.load(config, specs.teacher_specs(config,
-                                                              workdir)[0])
+  teacher = layout.load_teacher(config, workdir, mesh)
   teacher_model, teacher_params = teacher.model, teacher.params
   teacher_apply = step.make_apply_fn(teacher_model)
   teacher_logits = metrics.predict_logits(teacher_apply, teacher_params,
@@ -93,7 +95,7 @@ def write_report(config, workdir: str) -> dict[str, Any]:
       continue
     # Each run's own model (pipeline variants may train another student).
     student_model, params = load_params(config, "student", run_dir,
-                                         run.get("model"))
+                                         run.get("model"), mesh)
     student_apply = metrics.cached_apply_fn(student_model)
     logits = metrics.predict_logits(student_apply, params, data["inputs"],
                                     mesh)

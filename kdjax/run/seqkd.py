@@ -30,6 +30,7 @@ from kdjax.core import config as config_lib
 from kdjax.data import packing
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.models import generate
+from kdjax.run import layout
 from kdjax.run import lm_report
 from kdjax.runtime import storage
 from kdjax.weights import specs
@@ -72,8 +73,10 @@ def generate_text(config, workdir: str) -> dict:
   new_tokens = seq_length + 1 - prompt_length
   sampling = generate.Sampling(float(seqkd.temperature), int(seqkd.top_k),
                                float(seqkd.top_p))
-  model, params = lm_report.load_teacher(config, workdir)
-  params = jax.device_put(params, jax.local_devices()[0])
+  mesh = layout.make_mesh(config)
+  model, params = lm_report.load_teacher(config, workdir, mesh)
+  if not layout.is_sharded(mesh):  # Small enough for one device.
+    params = jax.device_put(params, jax.local_devices()[0])
   parts_dir = os.path.join(out_dir, "parts")
   os.makedirs(parts_dir, exist_ok=True)
   batch = int(seqkd.batch_size)

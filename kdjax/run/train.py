@@ -24,6 +24,7 @@ from kdjax.distill import features, objectives, optim, parallel, step
 from kdjax.distill import mesh as mesh_lib
 from kdjax.distill import masks
 from kdjax.distill import teacher_cache
+from kdjax.run import layout
 from kdjax.run import tasks
 from kdjax.runtime import checkpoint
 from kdjax.runtime import preemption
@@ -87,17 +88,6 @@ def open_teacher_cache(config, mode: str) -> teacher_cache.TeacherCache | None:
           teacher_cache.settings(config.cache)["k"], vocab))
 
 
-def make_mesh(config: ml_collections.ConfigDict, devices=None):
-  """The run's mesh: 1-D ('data',) for the replicated layout (the per-device
-  program), ('data', 'fsdp', 'model') when config.parallel.mesh shards
-  parameters or config.parallel.backend is 'gspmd'."""
-  devices = jax.devices() if devices is None else devices
-  shape = mesh_lib.sizes(config.parallel.mesh, len(devices))
-  if mesh_lib.is_sharded(shape) or config.parallel.backend == "gspmd":
-    return mesh_lib.make(config.parallel.mesh, devices)
-  return parallel.make_mesh(devices)
-
-
 @dataclasses.dataclass
 class BuiltStep:
   """Everything `build_step` makes: the step function and what it needs.
@@ -146,15 +136,6 @@ class BuiltStep:
         local_batch, mesh_lib.batch_sharding(self.mesh, self.rules))
 
 
-def _sharded_params(model, data_config, mesh, rules, what: str):
-  """Shardings of a model's params under the rules, divisibility checked."""
-  shardings = mesh_lib.param_shardings(
-      params_lib.logical_specs(model, data_config), mesh, rules)
-  mesh_lib.check_divisible(params_lib.abstract(model, data_config),
-                           shardings, what)
-  return shardings
-
-
 def build_step(config: ml_collections.ConfigDict, mode: str, workdir: str,
                mesh, *, total_steps: int, abstract: bool = False,
                backend: str | None = None) -> BuiltStep:
@@ -169,8 +150,8 @@ def build_step(config: ml_collections.ConfigDict, mode: str, workdir: str,
   train_cfg = config[role].train
   seed = int(config.seed)
   backend = backend or config.parallel.backend
-  sharded = mesh_lib.is_mesh(mesh)
-  rules = mesh_lib.rules(config.parallel) if sharded else ()
+  sharded = layout.is_sharded(mesh)
+  rules = layout.rules(config, mesh)
   task = tasks.task_type(config)
   model = specs.build_model(config, role)
   tx = optim.make_optimizer(train_cfg, total_steps)
@@ -184,8 +165,8 @@ def build_step(config: ml_collections.ConfigDict, mode: str, workdir: str,
     shardings_of = None
     if sharded:
       shardings_of = functools.partial(
-          _sharded_params, data_config=config.data, mesh=mesh, rules=rules,
-          what="config.teacher.model")
+          layout.param_shardings, data_config=config.data, mesh=mesh,
+          rule_pairs=rules, what="config.teacher.model")
     loaded = teachers_lib.load_all(config, workdir, abstract=abstract,
                                    shardings_of=shardings_of)
     teacher_applies = tuple(task.make_apply_fn(t.model) for t in loaded)
@@ -233,8 +214,8 @@ def build_step(config: ml_collections.ConfigDict, mode: str, workdir: str,
       teacher_outputs=cache.strategy() if cache is not None else None)
   state_shardings = None
   if sharded:
-    param_shardings = _sharded_params(model, config.data, mesh, rules,
-                                      f"config.{role}.model")
+    param_shardings = layout.param_shardings(model, config.data, mesh, rules,
+                                             f"config.{role}.model")
     state_shardings = mesh_lib.state_shardings(
         jax.eval_shape(lambda: init_state(load=False)), param_shardings,
         shapes, mesh)
@@ -252,7 +233,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   role = role_of(mode)
   train_cfg = config[role].train
   seed = int(config.seed)
-  mesh = make_mesh(config)
+  mesh = layout.make_mesh(config)
 
   task = tasks.for_config(config)
   num_records = task.num_train_records()

@@ -24,7 +24,7 @@ IMPORTERS = (("hf_bert", "bert"), ("llama", "llama"))
 PRECISIONS = ("float32", "bfloat16")
 # Fields of a model spec that are run settings, not the model's identity:
 # a teacher trained in float32 loads into a bfloat16 run.
-RUN_SETTINGS = ("dtype",)
+RUN_SETTINGS = ("dtype", "remat")
 
 
 def precision(config: ml_collections.ConfigDict, role: str) -> dict[str, str]:
@@ -36,9 +36,13 @@ def precision(config: ml_collections.ConfigDict, role: str) -> dict[str, str]:
           "compute": section.get("compute", "float32")}
 
 
+def _has_field(name: str, field: str) -> bool:
+  return field in models.MODELS[name].__dataclass_fields__
+
+
 def takes_compute_dtype(name: str) -> bool:
   """Models with a compute-dtype field (the rest compute in float32)."""
-  return "dtype" in models.MODELS[name].__dataclass_fields__
+  return _has_field(name, "dtype")
 
 
 def model_kwargs(config: ml_collections.ConfigDict, role: str) -> dict[str, Any]:
@@ -50,6 +54,9 @@ def model_kwargs(config: ml_collections.ConfigDict, role: str) -> dict[str, Any]
     kwargs.setdefault("num_classes", config.data.num_classes)
   if name in models.MODELS and takes_compute_dtype(name):
     kwargs.setdefault("dtype", precision(config, role)["compute"])
+  remat = config[role].get("train", {}).get("remat", "")
+  if remat and name in models.MODELS and _has_field(name, "remat"):
+    kwargs.setdefault("remat", remat)
   return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 
@@ -206,6 +213,17 @@ def validate_precision(config: ml_collections.ConfigDict, role: str) -> None:
     fail(f"{role}.precision.compute", wanted["compute"],
          f"the {name!r} model computes in float32 (a compute dtype: 'llama', "
          "'gpt')")
+  trainable = tuple(config[role].get("train", {}).get("trainable", ()))
+  per_layer = [p for p in trainable if "layers_" in p]
+  if config[role].model.get("scan_layers", False) and per_layer:
+    fail(f"{role}.train.trainable", trainable,
+         f"{per_layer} select single layers, which scan_layers=True stacks "
+         "into one array per weight (layers/...); train whole stacks "
+         "('layers/mlp') or set scan_layers=False")
+  remat = config[role].get("train", {}).get("remat", "")
+  if remat and not _has_field(name, "remat"):
+    fail(f"{role}.train.remat", remat,
+         f"the {name!r} model has no layer rematerialisation ('llama')")
   if wanted["params"] != "float32" and role != "teacher":
     fail(f"{role}.precision.params", wanted["params"],
          "a trained model keeps float32 parameters for its optimizer; "

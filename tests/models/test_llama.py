@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import flax.linen as nn
 
 from kdjax import models
 from kdjax.data import tokenizer as tokenizer_lib
-from kdjax.models import llama
+from kdjax.models import generate, llama
 from kdjax.weights.importers import llama as llama_import
 from kdjax.models.partitioning import unbox
 
@@ -673,3 +674,64 @@ def test_smollm2_matches_transformers(timon):
   np.testing.assert_array_less(logits.max(-1) - at_theirs, SMOLLM2_LOGIT_ATOL)
   assert float(np.exp(-np.mean(log_probs))) == pytest.approx(
       ref["perplexity"], rel=1e-4)
+
+
+@pytest.mark.parametrize("policy", sorted(llama.REMAT_POLICIES))
+def test_remat_changes_memory_not_gradients(policy):
+  """A rematerialised layer recomputes its activations in the backward pass:
+  the same loss and gradients, and the program really holds a remat."""
+  tokens = tokens_for(TINY)
+  plain = llama.Llama(**tiny_fields())
+  remat = llama.Llama(**tiny_fields(remat=policy))
+  params = _init(plain, tokens)
+
+  def loss(model, p):
+    logits = model.apply({"params": p}, tokens)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+  expected = jax.jit(jax.value_and_grad(functools.partial(loss, plain)))(params)
+  got = jax.jit(jax.value_and_grad(functools.partial(loss, remat)))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-7),
+               expected, got)
+  jaxpr = str(jax.make_jaxpr(jax.grad(functools.partial(loss, remat)))(params))
+  assert "checkpoint" in jaxpr or "remat" in jaxpr
+  assert "checkpoint" not in str(jax.make_jaxpr(
+      jax.grad(functools.partial(loss, plain)))(params))
+
+
+def test_unknown_remat_policy_is_refused():
+  with pytest.raises(ValueError, match="remat='some'"):
+    llama.Llama(**tiny_fields(remat="some")).init(
+        jax.random.key(0), tokens_for(TINY))
+
+
+def test_scanned_layers_compute_what_unrolled_layers_compute():
+  """scan_layers stacks the same layers: equal logits, gradients (in the
+  stacked layout) and greedy text; stack/unstack round-trip exactly."""
+  tokens = tokens_for(TINY)
+  plain = llama.Llama(**tiny_fields(num_layers=3))
+  scanned = llama.Llama(**tiny_fields(num_layers=3, scan_layers=True))
+  params = _init(plain, tokens)
+  stacked = llama.stack_layers(params, 3)
+  boxed = jax.eval_shape(scanned.init, jax.random.key(0), tokens)["params"]
+  assert jax.tree.map(jnp.shape, unbox(boxed)) == jax.tree.map(jnp.shape,
+                                                                stacked)
+  assert nn.get_partition_spec(boxed)["layers"]["mlp"]["up"]["kernel"] == (
+      jax.sharding.PartitionSpec("layers", "embed", "mlp"))
+  jax.tree.map(np.testing.assert_array_equal,
+               llama.unstack_layers(stacked), params)
+
+  def loss(model, p):
+    return jnp.mean(jax.nn.log_softmax(model.apply({"params": p}, tokens))
+                    [..., 1])
+  value, grads = jax.jit(jax.value_and_grad(
+      functools.partial(loss, plain)))(params)
+  value_s, grads_s = jax.jit(jax.value_and_grad(
+      functools.partial(loss, scanned)))(stacked)
+  np.testing.assert_allclose(value_s, value, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-7),
+               llama.stack_layers(grads, 3), grads_s)
+  np.testing.assert_array_equal(
+      generate.generate(scanned, stacked, tokens[:, :4], max_new_tokens=5),
+      generate.generate(plain, params, tokens[:, :4], max_new_tokens=5))

@@ -103,8 +103,8 @@ def fakes(monkeypatch):
     return packing.PackedSplit(windows=windows, num_tokens=windows.size,
                                seq_length=SEQ, stats={})
 
-  def load_teacher(config, workdir):
-    del config, workdir
+  def load_teacher(config, workdir, mesh):
+    del config, workdir, mesh
     calls["load_teacher"] += 1
     return TEACHER_MODEL, TEACHER_PARAMS
 
