@@ -13,7 +13,19 @@
                            embeddings, final norm and head are copied as well.
 
 Shapes are checked leaf by leaf, so a config that disagrees with the
-checkpoint (width, heads, vocabulary) fails with the differing field.
+checkpoint (width, heads, vocabulary, RoPE scaling) fails with the differing
+field.
+
+Llama weights come back as host numpy arrays in the dtype of `params`' leaves
+(the caller places them once). With `shardings` (a NamedSharding per leaf:
+the sharded layout) each parameter is a global jax.Array built shard by shard
+with jax.make_array_from_callback, each shard read from the file alone
+(safetensors slices, or the GGUF's memory-mapped rows) and cast to the
+leaf's dtype: the whole model is never materialised on the host, and a
+safetensors or float GGUF tensor never whole either. A quantised GGUF
+dequantises only the rows a shard covers (in bounded chunks when it needs
+only some of their columns; Q/K: whole heads, as their rows are permuted
+within heads). Each process reads only its addressable shards.
 """
 
 from __future__ import annotations
@@ -23,12 +35,15 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kdjax.core import config as config_lib
 from kdjax.models import bert
+from kdjax.models import llama as llama_model
 from kdjax.weights.importers import hf_bert, llama
 
-# Model fields a Llama checkpoint fixes (max_length only sizes caches).
+# Model fields a Llama checkpoint fixes (max_length only sizes caches); the
+# RoPE-scaling fields (llama.ROPE_FIELDS) are checked by their frequencies.
 _LLAMA_ARCHITECTURE = ("vocab_size", "width", "num_heads", "num_kv_heads",
                        "head_dim", "mlp_dim", "rope_theta", "norm_eps",
                        "tie_embeddings")
@@ -41,10 +56,15 @@ def llama_path(init_from: str) -> str:
 
 @functools.lru_cache(maxsize=2)
 def _load_llama(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-  """(fields, numpy params); cached: a pipeline imports the same file often."""
-  if path.endswith(".gguf"):
-    return llama.load_gguf(path)
-  return llama.load_hf(path)
+  """(fields, numpy params); cached: a pipeline imports the same file often.
+
+  The cached arrays are read-only, so no caller can change the cache.
+  """
+  fields, params = (llama.load_gguf(path) if path.endswith(".gguf")
+                    else llama.load_hf(path))
+  for leaf in jax.tree.leaves(params):
+    leaf.flags.writeable = False
+  return fields, params
 
 
 def _check_llama_fields(model_fields: dict[str, Any],
@@ -60,6 +80,40 @@ def _check_llama_fields(model_fields: dict[str, Any],
       raise config_lib.ConfigError(
           f"config.{field}.model.{name}={have!r} does not match the "
           f"checkpoint {path} ({name}={want!r}).")
+  _check_rope_fields(model_fields, checkpoint_fields, field, path)
+
+
+def _check_rope_fields(model_fields: dict[str, Any],
+                       checkpoint_fields: dict[str, Any], field: str,
+                       path: str) -> None:
+  """rope_type must match; for 'llama3' the frequencies the scaling fields
+  give must match too (a GGUF keeps only those: fields equivalent to the
+  checkpoint's pass), else each differing field is named."""
+  defaults = llama.rope_defaults()
+  have = {n: model_fields.get(n, defaults[n]) for n in llama.ROPE_FIELDS}
+  want = {n: checkpoint_fields.get(n, defaults[n]) for n in llama.ROPE_FIELDS}
+  if have["rope_type"] != want["rope_type"]:
+    scaling = ", ".join(f"{n}={want[n]!r}" for n in llama.ROPE_FIELDS[1:])
+    raise config_lib.ConfigError(
+        f"config.{field}.model.rope_type={have['rope_type']!r} does not match "
+        f"the checkpoint {path} (rope_type={want['rope_type']!r}"
+        + (f"; {scaling}" if want["rope_type"] != "default" else "") + ").")
+  if want["rope_type"] == "default":
+    return
+  head_dim = (checkpoint_fields.get("head_dim")
+              or checkpoint_fields["width"] // checkpoint_fields["num_heads"])
+  theta = checkpoint_fields["rope_theta"]
+
+  def frequencies(f):
+    return llama_model.rope_frequencies(
+        head_dim, theta, *(f[n] for n in llama.ROPE_FIELDS))
+  if not np.allclose(frequencies(have), frequencies(want), rtol=1e-5, atol=0):
+    differ = [n for n in llama.ROPE_FIELDS[1:] if have[n] != want[n]]
+    raise config_lib.ConfigError(
+        "; ".join(f"config.{field}.model.{n}={have[n]!r}" for n in differ)
+        + f" does not match the checkpoint {path} ("
+        + ", ".join(f"{n}={want[n]!r}" for n in differ)
+        + "): its RoPE frequencies differ.")
 
 
 def select_layers(checkpoint_params: dict[str, Any], layers: Sequence[int],
@@ -77,43 +131,154 @@ def select_layers(checkpoint_params: dict[str, Any], layers: Sequence[int],
   return chosen
 
 
-def load_llama(params: Any, init_from: str, model_fields: dict[str, Any],
-               layers: Sequence[int] = (), field: str = "student") -> Any:
-  """`params` (the model's init, for shapes) replaced by checkpoint weights."""
-  path = llama_path(init_from)
-  fields, loaded = _load_llama(path)
-  _check_llama_fields(model_fields, fields, field, path)
+def _checked_layers(model_fields: dict[str, Any], fields: dict[str, Any],
+                    layers: Sequence[int], field: str, path: str
+                    ) -> list[int] | None:
+  """The checkpoint layer of each model layer (None: all, in order)."""
   num_layers = int(model_fields["num_layers"])
   if layers:
     if len(layers) != num_layers:
       raise config_lib.ConfigError(
           f"config.{field}.init_layers={tuple(layers)} names {len(layers)} "
           f"layers; config.{field}.model.num_layers={num_layers}.")
-    loaded = select_layers(loaded, layers, int(fields["num_layers"]))
-  elif num_layers != int(fields["num_layers"]):
+    for i in layers:
+      if not 0 <= i < int(fields["num_layers"]):
+        raise config_lib.ConfigError(
+            f"init_layers entry {i} is outside the checkpoint's "
+            f"{fields['num_layers']} layers.")
+    return list(layers)
+  if num_layers != int(fields["num_layers"]):
     raise config_lib.ConfigError(
         f"config.{field}.model.num_layers={num_layers} but {path} has "
         f"{fields['num_layers']} layers; set config.{field}.init_layers to "
         "pick which.")
+  return None
+
+
+def _misfit(path: str, value_shape, init_shape) -> config_lib.ConfigError:
+  return config_lib.ConfigError(
+      f"{path}: a weight of shape {tuple(value_shape)} does not fit the "
+      f"model's {tuple(init_shape)}.")
+
+
+def load_llama(params: Any, init_from: str, model_fields: dict[str, Any],
+               layers: Sequence[int] = (), field: str = "student") -> Any:
+  """`params` (the model's init, for shapes and dtypes) replaced by
+  checkpoint weights: host numpy arrays in each leaf's dtype (read-only
+  where no cast was needed: they are the cached import)."""
+  path = llama_path(init_from)
+  fields, loaded = _load_llama(path)
+  _check_llama_fields(model_fields, fields, field, path)
+  chosen = _checked_layers(model_fields, fields, layers, field, path)
+  if chosen is not None:
+    loaded = select_layers(loaded, chosen, int(fields["num_layers"]))
 
   def place(init, value):
     if init.shape != value.shape:
-      raise config_lib.ConfigError(
-          f"{path}: a weight of shape {value.shape} does not fit the model's "
-          f"{init.shape}.")
-    return jnp.asarray(value, init.dtype)
+      raise _misfit(path, value.shape, init.shape)
+    return np.asarray(value, init.dtype)
   return jax.tree.map(place, params, loaded)
+
+
+def load_llama_sharded(shapes: Any, init_from: str,
+                       model_fields: dict[str, Any], shardings: Any,
+                       layers: Sequence[int] = (),
+                       field: str = "teacher") -> Any:
+  """Checkpoint weights as global jax.Arrays, read straight into their shards.
+
+  `shapes`: the model's parameter shapes and dtypes (ShapeDtypeStructs or
+  arrays); `shardings`: a NamedSharding per leaf. Each addressable shard is
+  read by itself from the file (`llama.Entry.read` on the checkpoint's
+  `TensorBlocks`), cast to the leaf's dtype, and handed to
+  jax.make_array_from_callback; shards that are copies of one another (a
+  mesh axis the parameter is not split over) are read once. Nothing goes
+  through the whole-model cache of `load_llama`.
+  """
+  path = llama_path(init_from)
+  fields, blocks = llama.open_checkpoint(path)
+  _check_llama_fields(model_fields, fields, field, path)
+  chosen = _checked_layers(model_fields, fields, layers, field, path)
+  entries = llama.layout(fields, chosen)
+  llama.check_tensors(blocks.shapes, entries, fields, int(fields["num_layers"]))
+  by_path = {e.path: e for e in entries}
+  model_paths = set()
+
+  def build(key_path, shape, sharding):
+    key = tuple(str(getattr(k, "key", k)) for k in key_path)
+    model_paths.add(key)
+    entry = by_path.get(key)
+    if entry is None:
+      raise config_lib.ConfigError(
+          f"config.{field}.model has a parameter {'/'.join(key)} that "
+          f"{path} does not provide.")
+    if tuple(shape.shape) != entry.shape:
+      raise _misfit(path, entry.shape, shape.shape)
+    dtype = np.dtype(shape.dtype)
+    block = functools.partial(blocks.block, entry.name)
+    pieces = {}
+
+    def piece(index):
+      bounds = tuple(s.indices(n) for s, n in zip(index, entry.shape))
+      if bounds not in pieces:
+        pieces[bounds] = np.array(entry.read(block, index), dtype)
+      return pieces[bounds]
+    return jax.make_array_from_callback(entry.shape, sharding, piece,
+                                        dtype=dtype)
+  params = jax.tree_util.tree_map_with_path(build, shapes, shardings)
+  unused = sorted("/".join(p) for p in set(by_path) - model_paths)
+  if unused:
+    raise config_lib.ConfigError(
+        f"config.{field}.model lacks parameters {unused[:4]} that {path} "
+        "has (tie_embeddings?).")
+  return params
+
+
+def _place_sharded(value, sharding):
+  """A host (or single-device) array placed with `sharding`, each process
+  building only its addressable pieces."""
+  host = np.asarray(value)
+  return jax.make_array_from_callback(host.shape, sharding,
+                                      lambda index: host[index])
 
 
 def load_pretrained(params: Any, init_from: str, *,
                     model_fields: dict[str, Any] | None = None,
-                    layers: Sequence[int] = (), field: str = "student") -> Any:
-  """Params with pretrained weights written in (see the module docstring)."""
+                    layers: Sequence[int] = (), field: str = "student",
+                    shardings: Any = None) -> Any:
+  """Params with pretrained weights written in (see the module docstring).
+
+  `shardings` (a NamedSharding per leaf of `params`): the result is global
+  jax.Arrays in them; a Llama checkpoint is read shard by shard
+  (load_llama_sharded), an hf_bert encoder is loaded whole and then placed.
+  """
   if not init_from:
     return params
   kind, _, path = init_from.partition(":")
+  if kind == "llama" and "layers" in params:  # scan_layers: stacked layers.
+    if shardings is not None:
+      raise config_lib.ConfigError(
+          f"config.{field}.init_from={init_from!r} into a scan_layers model "
+          "on a sharded mesh: the per-shard reader imports the layers_{i} "
+          "layout only; set scan_layers=False (or import unsharded).")
+    num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+    per_layer = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), params["layers"])
+    unstacked = {k: v for k, v in params.items() if k != "layers"}
+    unstacked.update({f"layers_{i}": per_layer for i in range(num_layers)})
+    loaded = load_llama(unstacked, init_from, model_fields or {}, layers,
+                        field)
+    return llama_model.stack_layers(loaded, num_layers)
   if kind == "llama":
+    if shardings is not None:
+      return load_llama_sharded(params, init_from, model_fields or {},
+                                shardings, layers, field)
     return load_llama(params, init_from, model_fields or {}, layers, field)
+  if shardings is not None:
+    return jax.tree.map(
+        _place_sharded, load_pretrained(params, init_from,
+                                        model_fields=model_fields,
+                                        layers=layers, field=field),
+        shardings)
   if kind != "hf_bert" or "encoder" not in params:
     raise config_lib.ConfigError(
         f"config.{field}.init_from={init_from!r}: allowed 'hf_bert:<dir>' "

@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kdjax.runtime import checkpoint
 from kdjax.weights import params as params_lib
@@ -45,8 +44,10 @@ def load(config, spec: specs.TeacherSpec, *, abstract: bool = False,
   Parameters come in config.teacher.precision.params: a float32 checkpoint
   is cast as it is read (Orbax), so no float32 copy is placed.
   `shardings_of(model)` (the sharded layout) gives the NamedSharding of each
-  parameter: a checkpoint is read straight into those shards, imported
-  weights are placed in them (each process builds its own pieces).
+  parameter: a checkpoint is read straight into those shards, and so are
+  imported Llama weights (each process reads only its own pieces of the
+  file: kdjax.weights.pretrained.load_llama_sharded). Unsharded imported
+  weights are host numpy arrays.
   """
   model = specs.model_from_spec(spec.model)
   shapes = held_shapes(config, model)
@@ -57,13 +58,12 @@ def load(config, spec: specs.TeacherSpec, *, abstract: bool = False,
         shapes, shardings)
   if abstract:
     return Teacher(model, shapes, {"model": spec.model})
-  if spec.pretrained:
+  if spec.pretrained:  # Straight into the shards when sharded.
     params = pretrained.load_pretrained(
         shapes, spec.init_from,
         model_fields={k: v for k, v in spec.model.items() if k != "name"},
-        layers=tuple(config.teacher.get("init_layers", ())), field=spec.field)
-    if shardings is not None:
-      params = jax.tree.map(_place, params, shardings)
+        layers=tuple(config.teacher.get("init_layers", ())), field=spec.field,
+        shardings=shardings)
     return Teacher(model, params, {"model": spec.model,
                                    "init_from": spec.init_from})
   specs.check_checkpoint_model(spec.model, spec.path, spec.field)
@@ -80,11 +80,3 @@ def load_all(config, workdir: str, *, abstract: bool = False,
   """config.teacher, then config.distill.extra_teachers, in that order."""
   return [load(config, spec, abstract=abstract, shardings_of=shardings_of)
           for spec in specs.teacher_specs(config, workdir)]
-
-
-def _place(value, sharding):
-  """A host (or single-device) array placed with `sharding`, each process
-  building only its addressable pieces."""
-  host = np.asarray(value)
-  return jax.make_array_from_callback(host.shape, sharding,
-                                      lambda index: host[index])

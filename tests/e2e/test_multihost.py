@@ -256,10 +256,10 @@ def _sharded_overrides(teacher_dir: str) -> dict:
              "checkpoint.every_steps": 2, "checkpoint.async_save": False,
              "parallel.mesh.data": 2, "parallel.mesh.fsdp": 2,
              "parallel.mesh.model": 2}
-  for role in ("teacher", "student"):
-    for field, value in reference[role].model.items():
-      if smoke[role].model.get(field) != value:
-        changes[f"{role}.model.{field}"] = value
+  for section in ("teacher.model", "student.model", "student.train"):
+    for field, value in reference[section].items():
+      if smoke[section].get(field) != value:
+        changes[f"{section}.{field}"] = value
   return changes
 
 

