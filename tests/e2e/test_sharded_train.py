@@ -56,6 +56,16 @@ def test_a_run_saved_replicated_resumes_sharded(data_dir, tiny_lm_teacher,
       np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5), a, b)
   with open(os.path.join(resumed, "run.json")) as f:
     assert np.isfinite(json.load(f)["eval"]["perplexity"])
+  # The LM report on the sharded layout: both runs are the same student.
+  from kdjax.run import lm_report  # pylint: disable=g-import-not-at-top
+  report = lm_report.write_lm_report(
+      _distill_config(data_dir, tiny_lm_teacher, (2, 2, 2)), str(tmp_path))
+  whole_entry, resumed_entry = report["students"]
+  assert whole_entry["run_dir"] == "resumed" or resumed_entry["run_dir"] == (
+      "resumed")
+  np.testing.assert_allclose(whole_entry["perplexity"],
+                             resumed_entry["perplexity"], rtol=1e-4)
+  assert report["teacher"]["generation_tokens_per_second"] > 0
 
 
 def test_a_bfloat16_teacher_loads_from_a_float32_checkpoint(
