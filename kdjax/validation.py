@@ -53,7 +53,10 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
         "field is documented, and change what differs.")
   if config.mode not in MODES:
     fail("mode", config.mode, f"allowed: {MODES}")
-  parallel.validate(config.parallel, jax.device_count(), jax.process_count())
+  # aot_check sizes the mesh against its topology (kdjax.aot.validate).
+  parallel.validate(config.parallel,
+                    None if config.mode == "aot_check" else jax.device_count(),
+                    jax.process_count())
   pipeline.validate(config.data, language_model=is_language_model(
       config.student.model.name))
   objectives.validate_distill(config.distill)

@@ -256,13 +256,17 @@ def place_batch(local_batch: Any, sharding: NamedSharding) -> Any:
   return jax.tree.map(put, local_batch)
 
 
-def validate(parallel_config, num_devices: int, process_count: int) -> None:
+def validate(parallel_config, num_devices: int | None,
+             process_count: int) -> None:
   """config.parallel: a backend that can run the mesh over `process_count`
-  hosts, mesh sizes that multiply to the device count, well-formed rules."""
+  hosts, mesh sizes that multiply to the device count (None: checked
+  elsewhere, e.g. against an AOT topology), well-formed rules."""
   backend = parallel_config.backend
   if backend not in BACKENDS + ("gspmd",):
     fail("parallel.backend", backend, f"allowed: {BACKENDS + ('gspmd',)}")
-  shape = mesh_lib.sizes(parallel_config.get("mesh", {}), num_devices)
+  mesh_config = parallel_config.get("mesh", {})
+  shape = (mesh_lib.sizes(mesh_config, num_devices) if num_devices
+           else {a: int(mesh_config.get(a, 1)) for a in mesh_lib.AXES})
   if mesh_lib.is_sharded(shape) and backend == "pmap":
     fail("parallel.backend", backend,
          f"pmap runs the replicated layout only; parallel.mesh={shape} shards "

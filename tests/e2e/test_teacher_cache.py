@@ -61,7 +61,7 @@ def _llama(**fields):
   return dict(dict(name="llama", vocab_size=VOCAB, width=16, num_layers=1,
                    num_heads=2, num_kv_heads=1, head_dim=0, mlp_dim=24,
                    rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True,
-                   max_length=16, dtype="float32"), **fields)
+                   max_length=16), **fields)
 
 
 def _lm_config(corpus, workdir: str) -> ml_collections.ConfigDict:
