@@ -7,6 +7,8 @@ decides which sections a mode uses and calls their validators in order.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import ml_collections
 
@@ -15,6 +17,7 @@ from kdjax.core import defaults
 from kdjax.core.config import ConfigError, fail
 from kdjax.data import pipeline
 from kdjax.distill import objectives, optim, parallel
+from kdjax.distill import mesh as mesh_lib
 from kdjax.distill import teacher_cache
 from kdjax.run import seqkd
 from kdjax.models import is_language_model
@@ -43,6 +46,22 @@ def validate_pipeline(pipeline_config: ml_collections.ConfigDict) -> None:
          "must be in [0, 1) (0 disables the small-data runs)")
 
 
+def _batch_shards(config) -> tuple[int, str]:
+  """How many pieces a batch is split into: every device, or on a sharded
+  mesh the axes the 'batch' rule names (data x fsdp by default)."""
+  devices = jax.device_count()
+  if config.mode == "aot_check":
+    return devices, "device count"
+  shape = mesh_lib.sizes(config.parallel.mesh, devices)
+  if not (mesh_lib.is_sharded(shape) or config.parallel.backend == "gspmd"):
+    return devices, "device count"
+  axes = dict(mesh_lib.rules(config.parallel)).get("batch", ())
+  axes = axes if isinstance(axes, tuple) else (axes,)
+  axes = tuple(a for a in axes if a is not None)
+  return (math.prod(shape[a] for a in axes),
+          " x ".join(f"{a}={shape[a]}" for a in axes) or "no batch axis")
+
+
 def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Raises ConfigError naming the first bad field. Runs before any compile."""
   missing = defaults.missing_fields(config)
@@ -63,8 +82,10 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   checkpoint.validate(config.checkpoint)
   for role in MODELS_USED.get(config.mode, ("teacher", "student")):
     specs.validate_model(config, role)
+  batch_shards, split_over = _batch_shards(config)
   for role in TRAINED.get(config.mode, ()):
-    optim.validate(config[role].train, f"{role}.train", jax.device_count())
+    optim.validate(config[role].train, f"{role}.train", batch_shards,
+                   split_over)
   if config.mode == "pipeline":
     validate_pipeline(config.pipeline)
   specs.validate_extra_teachers(config.distill)

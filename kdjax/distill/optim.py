@@ -38,12 +38,15 @@ def make_optimizer(train_config, total_steps: int) -> optax.GradientTransformati
   return tx
 
 
-def validate(train_config, field: str, devices: int) -> None:
-  """config.<role>.train: batch splits over `devices` x grad_accum_steps, known optimizer."""
+def validate(train_config, field: str, devices: int,
+             split_over: str = "device count") -> None:
+  """config.<role>.train: batch splits over `devices` batch shards (all
+  devices, or data x fsdp on a sharded mesh) x grad_accum_steps, known
+  optimizer."""
   per_step = devices * train_config.grad_accum_steps
   if train_config.batch_size <= 0 or train_config.batch_size % per_step:
     fail(f"{field}.batch_size", train_config.batch_size,
-         f"must be a positive multiple of device count ({devices}) x "
+         f"must be a positive multiple of {split_over} ({devices}) x "
          f"grad_accum_steps ({train_config.grad_accum_steps}) = {per_step}")
   if train_config.learning_rate <= 0:
     fail(f"{field}.learning_rate", train_config.learning_rate, "must be > 0")

@@ -22,6 +22,14 @@ def _config(**changes):
      r"multiple of device count \(8\)"),
     ({"student.train.batch_size": 64, "student.train.grad_accum_steps": 16},
      r"batch_size=64 .* device count \(8\) x grad_accum_steps \(16\) = 128"),
+    # A sharded mesh splits the batch over data x fsdp only.
+    ({"student.train.batch_size": 6, "parallel.mesh.data": 2,
+      "parallel.mesh.fsdp": 2, "parallel.mesh.model": 2},
+     r"batch_size=6 .* data=2 x fsdp=2 \(4\) x grad_accum_steps \(1\) = 4"),
+    ({"parallel.mesh.data": 3}, r"data x fsdp x model = 3, but there are 8"),
+    ({"parallel.mesh.model": 2, "parallel.backend": "pmap"},
+     r"pmap runs the replicated layout only"),
+    ({"parallel.rules": (("batch", "tensor"),)}, r"names mesh axes \['tensor'\]"),
     ({"distill.alpha": 1.5}, r"config\.distill\.alpha=1\.5 is invalid: must be in \[0, 1\]"),
     ({"distill.alpha": -0.1}, r"distill\.alpha=-0\.1"),
     ({"distill.temperature": 0.0}, r"config\.distill\.temperature=0\.0 is invalid: must be > 0"),
@@ -41,6 +49,13 @@ def _config(**changes):
 def test_bad_fields_are_named(changes, message, tmp_path):
   with pytest.raises(config_lib.ConfigError, match=message):
     validation.validate(_config(**changes), str(tmp_path))
+
+
+def test_a_sharded_batch_needs_only_data_x_fsdp_shards(tmp_path):
+  config = _config(**{"mode": "scratch", "student.train.batch_size": 4,
+                      "parallel.mesh.data": 2, "parallel.mesh.fsdp": 2,
+                      "parallel.mesh.model": 2})
+  validation.validate(config, str(tmp_path))  # 4 rows over data x fsdp = 4.
 
 
 def test_unknown_model_field_is_named(tmp_path):
