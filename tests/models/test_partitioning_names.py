@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from kdjax.core import defaults
 from kdjax.models import bert, gpt, partitioning, transformer
 
 BERT_TINY = dict(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,
@@ -32,19 +33,7 @@ MODELS = {
 }
 TOKENS = jnp.array([[1, 5, 7, 3, 0, 0], [2, 9, 4, 8, 6, 1],
                     [3, 3, 2, 0, 0, 0], [7, 1, 1, 4, 2, 9]], jnp.int32)
-# kdjax.distill.mesh's defaults (MaxText's): batch over data x fsdp, weights'
-# width over fsdp, heads / MLP hidden / vocabulary over model.
-RULES = (
-    ("batch", ("data", "fsdp")),
-    ("vocab", "model"),
-    ("embed", "fsdp"),
-    ("heads", "model"),
-    ("kv_heads", "model"),
-    ("mlp", "model"),
-    ("act_heads", "model"),
-    ("act_kv_heads", "model"),
-    ("act_vocab", "model"),
-)
+RULES = defaults.PARTITION_RULES  # MaxText-style, as runs use them.
 
 _NORM = {"scale": ("norm",), "bias": ("norm",)}
 

@@ -98,24 +98,27 @@ def load_config(path: str) -> dict[str, Any]:
       pad_id=hf.get("pad_token_id", 0) or 0)
 
 
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """All tensors of model.safetensors (or its shards) as numpy arrays."""
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+def safetensors_files(path: str) -> list[str]:
+  """The model*.safetensors file names of a HF directory (sharded or not)."""
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.exists(index):
     with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
-  elif os.path.exists(os.path.join(path, "model.safetensors")):
-    files = ["model.safetensors"]
-  else:
-    other = [n for n in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
-             if os.path.exists(os.path.join(path, n))]
-    raise CheckpointError(
-        f"No model.safetensors in {path}" +
-        (f" (found {other}: convert it to safetensors first)" if other else "")
-        + ".")
+      return sorted(set(json.load(f)["weight_map"].values()))
+  if os.path.exists(os.path.join(path, "model.safetensors")):
+    return ["model.safetensors"]
+  other = [n for n in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
+           if os.path.exists(os.path.join(path, n))]
+  raise CheckpointError(
+      f"No model.safetensors in {path}" +
+      (f" (found {other}: convert it to safetensors first)" if other else "")
+      + ".")
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+  """All tensors of model.safetensors (or its shards) as numpy arrays."""
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   tensors = {}
-  for name in files:
+  for name in safetensors_files(path):
     tensors.update(load_file(os.path.join(path, name)))
   return tensors
 

@@ -383,14 +383,19 @@ def convert_hf(state_dict: Mapping[str, np.ndarray],
 def load_hf(path: str, max_length: int | None = None
             ) -> tuple[dict[str, Any], dict[str, Any]]:
   """HF-format directory -> (Llama fields, params as float32 numpy)."""
+  fields = _hf_fields(path, max_length)
+  return fields, convert_hf(hf_bert.load_state_dict(path), fields,
+                            consume=True)
+
+
+def _hf_fields(path: str, max_length: int | None) -> dict[str, Any]:
+  """The Llama fields of a HF directory's config.json."""
   config = os.path.join(path, "config.json")
   if not os.path.exists(config):
     raise CheckpointError(f"{config} not found: a HF-format Llama directory "
                           "needs config.json and model*.safetensors.")
   with open(config) as f:
-    fields = fields_from_hf_config(json.load(f), max_length)
-  return fields, convert_hf(hf_bert.load_state_dict(path), fields,
-                            consume=True)
+    return fields_from_hf_config(json.load(f), max_length)
 
 
 # --- GGUF. ------------------------------------------------------------------
@@ -576,21 +581,6 @@ class TensorBlocks:
     raise NotImplementedError
 
 
-def _safetensors_files(path: str) -> list[str]:
-  index = os.path.join(path, "model.safetensors.index.json")
-  if os.path.exists(index):
-    with open(index) as f:
-      return sorted(set(json.load(f)["weight_map"].values()))
-  if os.path.exists(os.path.join(path, "model.safetensors")):
-    return ["model.safetensors"]
-  other = [n for n in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
-           if os.path.exists(os.path.join(path, n))]
-  raise CheckpointError(
-      f"No model.safetensors in {path}" +
-      (f" (found {other}: convert it to safetensors first)" if other else "")
-      + ".")
-
-
 class SafetensorsBlocks(TensorBlocks):
   """model*.safetensors through `safetensors.safe_open(..., 'np')`:
   `get_slice(name)[rows, cols]` copies just that block out of the file."""
@@ -599,7 +589,7 @@ class SafetensorsBlocks(TensorBlocks):
     import safetensors  # pylint: disable=g-import-not-at-top
     self._files: dict[str, Any] = {}
     self.shapes = {}
-    for file in _safetensors_files(path):
+    for file in hf_bert.safetensors_files(path):
       handle = safetensors.safe_open(os.path.join(path, file), framework="np")
       for name in handle.keys():
         if name.endswith("rotary_emb.inv_freq"):  # Old checkpoints' buffer.
@@ -655,13 +645,7 @@ def open_checkpoint(path: str, max_length: int | None = None
     fields = _gguf_fields(reader, {t.name for t in reader.tensors},
                           max_length)
     return fields, GGUFBlocks(reader, fields)
-  config = os.path.join(path, "config.json")
-  if not os.path.exists(config):
-    raise CheckpointError(f"{config} not found: a HF-format Llama directory "
-                          "needs config.json and model*.safetensors.")
-  with open(config) as f:
-    fields = fields_from_hf_config(json.load(f), max_length)
-  return fields, SafetensorsBlocks(path)
+  return _hf_fields(path, max_length), SafetensorsBlocks(path)
 
 
 def load(path: str, max_length: int | None = None
