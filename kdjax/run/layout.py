@@ -70,8 +70,7 @@ def load_teacher(config, workdir: str, mesh: Mesh) -> teachers_lib.Teacher:
   straight into its shards on the sharded layout, replicated otherwise."""
   spec = specs.teacher_specs(config, workdir)[0]
   if not is_sharded(mesh):
-    teacher = teachers_lib.load(config, spec)
-    return teacher
+    return teachers_lib.load(config, spec)
   shardings_of = functools.partial(
       param_shardings, data_config=config.data, mesh=mesh,
       rule_pairs=rules(config, mesh), what="config.teacher.model")
