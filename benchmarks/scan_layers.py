@@ -20,7 +20,7 @@ and the teacher has the SAME depth as the student (both 6, both 30). In the
 neither does.
 
 Both layouts run the same numbers: the scanned params are
-kdjax.models.llama.stack_layers of the unrolled ones (student and teacher),
+kdjax.models.stacking.stack of the unrolled ones (student and teacher),
 and the script asserts that the first step's loss and gradient norm agree
 between layouts (so the timing cannot silently compare different programs).
 
@@ -149,7 +149,8 @@ def bench_depth(num_layers: int, args) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from kdjax.core import defaults  # pylint: disable=g-import-not-at-top
-  from kdjax.models.llama import Llama, stack_layers  # pylint: disable=g-import-not-at-top
+  from kdjax.models.llama import Llama  # pylint: disable=g-import-not-at-top
+  from kdjax.models.stacking import stack  # pylint: disable=g-import-not-at-top
   from kdjax.weights import params as params_lib  # pylint: disable=g-import-not-at-top
   data = defaults.lm_data(seq_length=SEQ)
   common = dict(vocab_size=VOCAB, num_layers=num_layers, max_length=SEQ)
@@ -157,8 +158,8 @@ def bench_depth(num_layers: int, args) -> dict:
   student = jax.device_get(params_lib.init(Llama(**common, **STUDENT), data, 2))
   teacher = jax.device_get(params_lib.init(Llama(**common, **TEACHER), data, 1))
   params = {"unrolled": (student, teacher),
-            "scanned": (stack_layers(student, num_layers),
-                        stack_layers(teacher, num_layers))}
+            "scanned": (stack(student, "layers"),
+                        stack(teacher, "layers"))}
   assert all(x.shape[0] == num_layers
              for x in jax.tree.leaves(params["scanned"][0]["layers"]))
 

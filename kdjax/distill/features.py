@@ -4,7 +4,8 @@ Activations come from Flax's `sow` (models sow into the 'intermediates'
 collection; apply with mutable=['intermediates']), never from hooks. A
 feature is named by its path in that collection, '/'-separated, e.g.
 'hidden_0' (MLP), 'penultimate' or 'stage_1' (CNN), 'block_0/output' (transformer),
-'block_0/attention/attention_weights' (attention maps).
+'block_0/attention/attention_weights' (attention maps). Layer names are the
+unrolled ones on a scan_layers model too (kdjax/models/stacking.py).
 
 When the student's width differs from the teacher's, a learned linear
 projection (student width -> teacher width) maps the student's feature; its
@@ -26,6 +27,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from kdjax.models import stacking
+
 FEATURE_LOSSES = ("mse", "cosine", "attention_kl")
 SPEC_FIELDS = ("student", "teacher", "loss", "weight", "weight_end", "schedule",
                "teacher_index")
@@ -36,14 +39,25 @@ def projection_name(index: int) -> str:
 
 
 def lookup(intermediates: dict[str, Any], path: str) -> jax.Array:
-  """The sown value at a '/'-separated path (the last one sown there)."""
+  """The sown value at a '/'-separated path (the last one sown there).
+
+  Layer names are the unrolled ones ('layers_3/output'); on a scan_layers
+  model the value is row 3 of the stacked 'layers/output'.
+  """
+  try:
+    parts, layer = stacking.locate(intermediates, path)
+  except KeyError as e:
+    available = sorted(_paths(intermediates))
+    raise KeyError(f"No sown intermediate {path!r}; available: "
+                   f"{available}.") from e
   node: Any = intermediates
-  for part in path.split("/"):
-    if not isinstance(node, dict) or part not in node:
-      available = sorted(_paths(intermediates))
-      raise KeyError(f"No sown intermediate {path!r}; available: {available}.")
+  for part in parts:
     node = node[part]
-  return node[-1] if isinstance(node, (tuple, list)) else node
+  if isinstance(node, dict):
+    raise KeyError(f"{path!r} names a group of intermediates, not one: "
+                   f"{sorted(_paths(node))}")
+  value = node[-1] if isinstance(node, (tuple, list)) else node
+  return value if layer is None else value[layer[1]]
 
 
 def _paths(tree: Any, prefix: str = "") -> list[str]:

@@ -9,6 +9,11 @@ updates, mask)`, which returns the frozen leaves as they were:
 optax.apply_updates adds the zero updates, and -0.0 + 0.0 == +0.0 flips the
 sign bit of negative zeros (all-MiniLM-L6-v2 has one), so a "frozen" backbone
 would not stay bit-identical.
+
+On a scan_layers model a weight stacks every layer, so selecting one layer
+('layers_5/mlp') marks part of a leaf (`stacking.Layers`): the whole leaf
+gets optimizer state, the frozen layers' rows get no gradient and come back
+as they were.
 """
 
 from __future__ import annotations
@@ -16,28 +21,59 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 import optax
 from flax import traverse_util
+
+from kdjax.models import stacking
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 
 
 def trainable_mask(params: dict[str, Any],
                    trainable: Sequence[str] = ("prompt",)) -> dict[str, Any]:
-  """Bool tree like `params`: True where a leaf's path starts with a name given.
+  """A tree like `params`: True where a leaf's path starts with a name given.
 
-  Names are '/'-separated path prefixes ('prompt', 'head', 'encoder/pooler').
-  A name matching no parameter fails (a typo would silently train nothing).
+  Names are '/'-separated path prefixes ('prompt', 'head', 'encoder/pooler',
+  'layers_5/mlp'). On a scan_layers model a name with a layer index selects
+  that layer's rows of the stacked weights: those leaves get a
+  `stacking.Layers` (True if every layer is selected). A name matching no
+  parameter fails (a typo would silently train nothing).
   """
   flat = traverse_util.flatten_dict(params)
-  prefixes = [tuple(t.split("/")) for t in trainable]
-  for prefix in prefixes:
-    if not any(path[:len(prefix)] == prefix for path in flat):
+  whole: list[tuple[str, ...]] = []
+  rows: dict[tuple[str, ...], set[int]] = {}
+  for name in trainable:
+    try:
+      parts, layer = stacking.locate(params, name)
+    except KeyError as e:
       tops = sorted({path[0] for path in flat})
-      raise ValueError(f"No parameters under {'/'.join(prefix)!r}; top-level "
-                       f"names are {tops}.")
-  mask = {path: any(path[:len(p)] == p for p in prefixes) for path in flat}
+      raise ValueError(f"No parameters under {name!r} ({e.args[0]}); "
+                       f"top-level names are {tops}.") from e
+    if layer is None:
+      whole.append(parts)
+    else:
+      rows.setdefault(parts, set()).add(layer[1])
+  mask = {}
+  for path, leaf in flat.items():
+    if any(path[:len(p)] == p for p in whole):
+      mask[path] = True
+      continue
+    chosen = set().union(*[i for p, i in rows.items() if path[:len(p)] == p])
+    num_layers = np.shape(leaf)[0] if chosen else 0
+    if not chosen or len(chosen) == num_layers:
+      mask[path] = bool(chosen)
+    else:
+      mask[path] = stacking.Layers(
+          tuple(i in chosen for i in range(num_layers)))
   return traverse_util.unflatten_dict(mask)
+
+
+def select(mask_leaf: Any, yes: jax.Array, no: jax.Array) -> jax.Array:
+  """`yes` where the mask leaf trains, `no` where it is frozen."""
+  if isinstance(mask_leaf, stacking.Layers):
+    return mask_leaf.where(yes, no)
+  return yes if mask_leaf else no
 
 
 def freeze(tx: optax.GradientTransformation,
@@ -58,5 +94,5 @@ def apply_updates(params: Any, updates: Any, mask: Any) -> Any:
   `mask` holds Python bools: close over it (or make it static) under jit.
   """
   return jax.tree.map(
-      lambda p, u, m: optax.apply_updates(p, u) if m else p,
+      lambda p, u, m: select(m, optax.apply_updates(p, u), p) if m else p,
       params, updates, mask)

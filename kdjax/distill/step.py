@@ -157,8 +157,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   def loss_and_metrics(trainable, micro, micro_rng):
     params, aux_params = trainable
     if trainable_mask is not None:
-      params = jax.tree.map(lambda p, m: p if m else lax.stop_gradient(p),
-                            params, trainable_mask)
+      params = jax.tree.map(
+          lambda p, m: masks.select(m, p, lax.stop_gradient(p)),
+          params, trainable_mask)
     student = student_apply(params, micro["inputs"], True, micro_rng, capture)
     teachers = teacher_outputs(
         teachers_params, micro, capture_features=capture,

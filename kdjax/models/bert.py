@@ -99,6 +99,11 @@ class BertFields(nn.Module):
   pad_id: int = 0
   add_pooler: bool = True
   sow_attention: bool = False
+  # One scanned layer (nn.scan) instead of num_layers unrolled ones: compile
+  # time flat in depth; params stacked under encoder/layer with a leading
+  # [num_layers] axis (logical name 'layers'). kdjax.models.stacking converts
+  # to and from the layer_{i} layout that hf_bert imports.
+  scan_layers: bool = False
 
   def encoder_fields(self) -> dict[str, Any]:
     return {f.name: getattr(self, f.name)
@@ -163,8 +168,20 @@ class BertLayer(nn.Module):
     h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
     x = _layer_norm(self.layer_norm_eps, "output_norm")(x + h)
     x = partitioning.constrain(x, partitioning.RESIDUAL)
-    self.sow("intermediates", "output", x)
+    self.sow("intermediates", "hidden", x)
     return x
+
+
+class _ScannedLayer(BertLayer):
+  """A BertLayer as nn.scan's body: (x, mask) -> (x, None).
+
+  `train` is an attribute, not an argument, so it stays a static Python
+  bool inside the scan body (it switches dropout on).
+  """
+  train: bool = False
+
+  def __call__(self, x, mask):
+    return super().__call__(x, mask, train=self.train), None
 
 
 class BertEmbeddings(nn.Module):
@@ -204,8 +221,10 @@ class BertEncoder(BertFields):
   """Token ids [B, L] -> BertOutput (last hidden states, mask, pooler output).
 
   `attention_mask` defaults to `input_ids != pad_id`. Each layer's output is
-  sown at `layer_{i}/output`; with sow_attention, its attention maps too, at
-  `layer_{i}/attention/attention_weights` ([B, heads, P+L, P+L]).
+  sown at `layer_{i}/hidden` (not 'output': that is the layer's Dense, as HF
+  names it); with sow_attention, its attention maps too, at
+  `layer_{i}/attention/attention_weights` ([B, heads, P+L, P+L]). With
+  scan_layers both are at `layer/...`, stacked with a leading [num_layers].
   """
 
   @nn.compact
@@ -233,11 +252,20 @@ class BertEncoder(BertFields):
     if num_prompts:
       mask = jnp.concatenate(
           [jnp.ones((mask.shape[0], num_prompts), bool), mask], axis=1)
-    for i in range(self.num_layers):
-      x = BertLayer(self.hidden_size, self.num_heads, self.intermediate_size,
-                    self.hidden_act, self.layer_norm_eps, self.dropout_rate,
-                    self.attention_dropout_rate, self.sow_attention,
-                    name=f"layer_{i}")(x, mask, train=train)
+    fields = (self.hidden_size, self.num_heads, self.intermediate_size,
+              self.hidden_act, self.layer_norm_eps, self.dropout_rate,
+              self.attention_dropout_rate, self.sow_attention)
+    if self.scan_layers:
+      x, _ = nn.scan(
+          _ScannedLayer, length=self.num_layers,
+          variable_axes={"params": 0, "intermediates": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast,),
+          metadata_params={nn.PARTITION_NAME: "layers"})(
+              *fields, train=train, name="layer")(x, mask)
+    else:
+      for i in range(self.num_layers):
+        x = BertLayer(*fields, name=f"layer_{i}")(x, mask, train=train)
     pooled = None
     if self.add_pooler:  # [CLS] is the first real token, after the prompt.
       # Small and replicated: its axes are deliberately unnamed.

@@ -108,11 +108,19 @@ class DecoderBlock(nn.Module):
     return x
 
 
+class _ScannedBlock(DecoderBlock):
+  """A DecoderBlock as nn.scan's body: (carry, output) = (x, None)."""
+
+  def __call__(self, x):
+    return super().__call__(x), None
+
+
 class GPT(nn.Module):
   """Token ids [batch, length] -> next-token logits [batch, length, vocab].
 
   `dtype` is the compute dtype (parameters stay float32). Each block's output
-  is sown into 'intermediates' at `block_{i}/output` for feature distillation.
+  is sown into 'intermediates' at `block_{i}/output` for feature distillation
+  (with scan_layers: at `block/output`, stacked [num_layers, B, L, D]).
   """
   vocab_size: int
   width: int = 256
@@ -120,6 +128,11 @@ class GPT(nn.Module):
   num_heads: int = 4
   max_length: int = 256
   dtype: Any = jnp.float32
+  # One scanned block (nn.scan) instead of num_layers unrolled ones: compile
+  # time flat in depth; params stacked under block/ with a leading
+  # [num_layers] axis (logical name 'layers'). kdjax.models.stacking
+  # converts to and from the block_{i} layout of checkpoints.
+  scan_layers: bool = False
 
   def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
     return self._forward(tokens, logits=True)
@@ -150,8 +163,16 @@ class GPT(nn.Module):
         (self.max_length, self.width))
     x = embed(tokens) + positions[:tokens.shape[1]].astype(self.dtype)
     x = partitioning.constrain(x, partitioning.RESIDUAL)
-    for i in range(self.num_layers):
-      x = DecoderBlock(self.num_heads, self.dtype, name=f"block_{i}")(x)
+    if self.scan_layers:
+      x, _ = nn.scan(
+          _ScannedBlock, length=self.num_layers,
+          variable_axes={"params": 0, "intermediates": 0},
+          split_rngs={"params": True},
+          metadata_params={nn.PARTITION_NAME: "layers"})(
+              self.num_heads, self.dtype, name="block")(x)
+    else:
+      for i in range(self.num_layers):
+        x = DecoderBlock(self.num_heads, self.dtype, name=f"block_{i}")(x)
     x = nn.LayerNorm(dtype=self.dtype, name="ln_final", **_NORM)(x)
     x = partitioning.constrain(x, partitioning.RESIDUAL)
     if not logits:

@@ -29,6 +29,8 @@ mutable=["cache"])` appends `tokens` (a prompt chunk or one token) at the
 cache index and attends to everything cached so far. The cache holds
 `max_length` positions; writing past it is not checked inside jit (the write
 is clamped), so callers must keep prompt + new tokens <= max_length.
+Left-padded prompts of different lengths decode together given
+`attention_mask` and per-row `positions` (see generate.generate_padded).
 """
 
 from __future__ import annotations
@@ -145,6 +147,12 @@ class Attention(nn.Module):
 
   Query head h reads KV head h // (H / KV), as transformers' repeat_kv does;
   the group is an einsum axis, so KV heads are never copied.
+
+  `attention_mask` [B, L] (True = real token) hides padded keys, e.g. a
+  left-padded batch of prompts; in decode mode the cache remembers it per
+  slot (`cached_padding`, zeros = no padding), so later steps keep ignoring
+  those slots. None (the default) leaves the non-decode forward as it was,
+  op for op; in decode an all-zero `cached_padding` hides nothing.
   """
   num_heads: int
   num_kv_heads: int
@@ -154,7 +162,7 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, *, decode: bool):
+  def __call__(self, x, positions, *, decode: bool, attention_mask=None):
     batch, length, width = x.shape
     h, kv, dh = self.num_heads, self.num_kv_heads, self.head_dim
     def dense(heads, heads_axis, name):
@@ -175,6 +183,10 @@ class Attention(nn.Module):
                                    self.dtype)
       cache_index = self.variable("cache", "cache_index",
                                   lambda: jnp.array(0, jnp.int32))
+      # True where a slot holds padding: zeros (an empty cache) mean none, so
+      # a cache filled without masks attends as it always did.
+      cached_padding = self.variable("cache", "cached_padding", jnp.zeros,
+                                     (batch, self.max_length), jnp.bool_)
       start = cache_index.value
       query_index = start + jnp.arange(length)
     else:
@@ -192,12 +204,26 @@ class Attention(nn.Module):
       cached_key.value, cached_value.value = k, v
       cache_index.value = start + length
       key_index = jnp.arange(self.max_length)
+      if attention_mask is not None:
+        cached_padding.value = jax.lax.dynamic_update_slice(
+            cached_padding.value, ~attention_mask.astype(bool), (0, start))
+      padding = cached_padding.value
     else:
       key_index = jnp.arange(length)
+      padding = (None if attention_mask is None
+                 else ~attention_mask.astype(bool))
     # Causal by sequence slot: slot s is visible from query slot t iff s <= t
     # (empty cache slots lie in the future of every query).
-    bias = jnp.where(key_index[None, :] <= query_index[:, None], 0.0,
-                     _MASKED).astype(jnp.float32)
+    causal = key_index[None, :] <= query_index[:, None]
+    if padding is None:
+      bias = jnp.where(causal, 0.0, _MASKED).astype(jnp.float32)
+    else:
+      # Padded keys are hidden; a pad query still sees itself, so no row is
+      # empty (its output is ignored anyway).
+      diagonal = key_index[None, :] == query_index[:, None]
+      visible = causal[None] & (~padding[:, None, :] | diagonal[None])
+      bias = jnp.where(visible, 0.0, _MASKED).astype(jnp.float32)
+      bias = bias[:, None, None]  # [B, 1, 1, L, S] against the scores.
 
     q = q.reshape(batch, length, kv, h // kv, dh)
     scores = jnp.einsum("blkgd,bskd->bkgls", q, k,
@@ -245,12 +271,13 @@ class DecoderLayer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, decode: bool = False):
+  def __call__(self, x, positions, decode: bool = False, attention_mask=None):
     # decode positional: nn.remat marks it static by position.
     h = RMSNorm(self.norm_eps, self.dtype, name="attention_norm")(x)
     x = x + Attention(self.num_heads, self.num_kv_heads, self.head_dim,
                       self.rope, self.max_length, self.dtype,
-                      name="attention")(h, positions, decode=decode)
+                      name="attention")(h, positions, decode=decode,
+                                        attention_mask=attention_mask)
     h = RMSNorm(self.norm_eps, self.dtype, name="mlp_norm")(x)
     x = x + MLP(self.mlp_dim, self.dtype, name="mlp")(h)
     x = part.constrain(x, part.RESIDUAL)
@@ -261,27 +288,8 @@ class DecoderLayer(nn.Module):
 class _ScannedLayer(DecoderLayer):
   """A DecoderLayer as nn.scan's body: (carry, output) = (x, None)."""
 
-  def __call__(self, x, positions, decode: bool = False):
-    return super().__call__(x, positions, decode), None
-
-
-def stack_layers(params: Mapping[str, Any], num_layers: int) -> dict:
-  """layers_{i}/... -> layers/... with a leading [num_layers] axis (the
-  scan_layers layout), everything else as it is."""
-  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
-  out["layers"] = jax.tree.map(
-      lambda *xs: np.stack([np.asarray(x) for x in xs]),
-      *[params[f"layers_{i}"] for i in range(num_layers)])
-  return out
-
-
-def unstack_layers(params: Mapping[str, Any]) -> dict:
-  """The inverse of stack_layers."""
-  out = {k: v for k, v in params.items() if k != "layers"}
-  num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
-  for i in range(num_layers):
-    out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
-  return out
+  def __call__(self, x, positions, decode: bool = False, attention_mask=None):
+    return super().__call__(x, positions, decode, attention_mask), None
 
 
 def project(hidden: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -386,8 +394,9 @@ class Llama(nn.Module):
                           embedding_init=part.param(_INIT, ("vocab", "embed")))
     layer = _ScannedLayer if self.scan_layers else DecoderLayer
     if self.remat:
+      # (self, x, positions, decode, attention_mask): decode is static.
       layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat],
-                       static_argnums=(3,))  # (self, x, positions, decode)
+                       static_argnums=(3,))
     fields = (self.num_heads, self.num_kv_heads, self.resolved_head_dim,
               self.mlp_dim, self.rope, self.norm_eps, self.max_length, dtype)
     if self.scan_layers:
@@ -395,7 +404,8 @@ class Llama(nn.Module):
           layer, length=self.num_layers,
           variable_axes={"params": 0, "cache": 0, "intermediates": 0},
           split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast),
+          # (positions, decode, attention_mask): the same for every layer.
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
           metadata_params={nn.PARTITION_NAME: "layers"})(*fields)
     else:
       self.layers = [layer(*fields) for _ in range(self.num_layers)]
@@ -406,8 +416,14 @@ class Llama(nn.Module):
 
   def hidden_states(self, tokens: jax.Array, train: bool = False, *,
                     positions: jax.Array | None = None,
-                    decode: bool = False) -> jax.Array:
-    """[B, L] ids -> [B, L, D] after the final norm, in the compute dtype."""
+                    decode: bool = False,
+                    attention_mask: jax.Array | None = None) -> jax.Array:
+    """[B, L] ids -> [B, L, D] after the final norm, in the compute dtype.
+
+    attention_mask [B, L] (True = real token) hides padded keys, e.g. of
+    left-padded prompts, whose `positions` should then start at 0 on each
+    row's first real token; outputs at padded slots are meaningless.
+    """
     del train  # No dropout in Llama.
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, length], got shape "
@@ -417,19 +433,22 @@ class Llama(nn.Module):
                        f"model's max_length={self.max_length}.")
     if positions is not None:
       positions = jnp.broadcast_to(positions, tokens.shape)
+    if attention_mask is not None:
+      attention_mask = jnp.broadcast_to(attention_mask, tokens.shape)
     x = part.constrain(self.embed(tokens), part.RESIDUAL)
     if self.scan_layers:
-      x, _ = self.layers(x, positions, decode)
+      x, _ = self.layers(x, positions, decode, attention_mask)
     else:
       for layer in self.layers:
-        x = layer(x, positions, decode)
+        x = layer(x, positions, decode, attention_mask)
     return self.final_norm(x)
 
   def __call__(self, tokens: jax.Array, train: bool = False, *,
                positions: jax.Array | None = None,
-               decode: bool = False) -> jax.Array:
+               decode: bool = False,
+               attention_mask: jax.Array | None = None) -> jax.Array:
     hidden = self.hidden_states(tokens, train, positions=positions,
-                                decode=decode)
+                                decode=decode, attention_mask=attention_mask)
     if self.tie_embeddings:
       return project(hidden, self.embed.embedding.T)
     return self.lm_head(hidden)

@@ -9,15 +9,17 @@ import jax
 import numpy as np
 
 from kdjax.data import pipeline
-from kdjax.models import partitioning
+from kdjax.models import partitioning, stacking
 
 
 def count(params: Any, mask: Any | None = None) -> int:
-  """Number of parameters; only the trainable ones (mask True) if a mask is
-  given. Works on arrays and ShapeDtypeStructs."""
+  """Number of parameters; only the trainable ones (mask True, or the
+  selected layers of a stacked leaf) if a mask is given. Works on arrays and ShapeDtypeStructs."""
   sizes = jax.tree.map(lambda p: int(np.prod(np.shape(p))), params)
   if mask is not None:
-    sizes = jax.tree.map(lambda s, m: s if m else 0, sizes, mask)
+    sizes = jax.tree.map(
+        lambda s, m: (s * m.fraction() if isinstance(m, stacking.Layers)
+                      else s if m else 0), sizes, mask)
   return int(sum(jax.tree.leaves(sizes)))
 
 

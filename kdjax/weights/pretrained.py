@@ -11,6 +11,8 @@
                            model's layer k starts from the checkpoint's layer
                            (i, j, ...)[k] (DistilBERT-style students); the
                            embeddings, final norm and head are copied as well.
+                           init_layers picks encoder layers of an hf_bert
+                           checkpoint the same way.
 
 Shapes are checked leaf by leaf, so a config that disagrees with the
 checkpoint (width, heads, vocabulary, RoPE scaling) fails with the differing
@@ -40,6 +42,7 @@ import numpy as np
 from kdjax.core import config as config_lib
 from kdjax.models import bert
 from kdjax.models import llama as llama_model
+from kdjax.models import stacking
 from kdjax.weights.importers import hf_bert, llama
 
 # Model fields a Llama checkpoint fixes (max_length only sizes caches); the
@@ -117,17 +120,18 @@ def _check_rope_fields(model_fields: dict[str, Any],
 
 
 def select_layers(checkpoint_params: dict[str, Any], layers: Sequence[int],
-                  num_checkpoint_layers: int) -> dict[str, Any]:
-  """Checkpoint params with layers_{k} taken from checkpoint layer layers[k]."""
+                  num_checkpoint_layers: int, name: str = "layers"
+                  ) -> dict[str, Any]:
+  """Checkpoint params with {name}_{k} taken from checkpoint layer layers[k]."""
   for i in layers:
     if not 0 <= i < num_checkpoint_layers:
       raise config_lib.ConfigError(
           f"init_layers entry {i} is outside the checkpoint's "
           f"{num_checkpoint_layers} layers.")
   chosen = {k: v for k, v in checkpoint_params.items()
-            if not k.startswith("layers_")}
+            if not k.startswith(f"{name}_")}
   for k, i in enumerate(layers):
-    chosen[f"layers_{k}"] = checkpoint_params[f"layers_{i}"]
+    chosen[f"{name}_{k}"] = checkpoint_params[f"{name}_{i}"]
   return chosen
 
 
@@ -233,6 +237,51 @@ def load_llama_sharded(shapes: Any, init_from: str,
   return params
 
 
+# Where a scan_layers model keeps its stacked layers, per checkpoint kind.
+_STACKS = {"llama": "layers", "hf_bert": "encoder/layer"}
+
+
+def _stack_path(kind: str, params: Any) -> str:
+  """The stacked layers' path if `params` is a scan_layers model, else ''."""
+  path = _STACKS.get(kind, "")
+  node = params
+  for part in path.split("/") if path else ():
+    if not isinstance(node, dict) or part not in node:
+      return ""
+    node = node[part]
+  return path
+
+
+def _load_stacked(params: Any, init_from: str, stack_path: str, *,
+                  shardings: Any, **kwargs) -> Any:
+  """A scan_layers model: import into the unrolled layout, then stack.
+
+  Checkpoints name layers one by one, and `init_layers` picks among them,
+  so the import runs on the per-layer view of `params` (and, sharded, of
+  `shardings`: each layer's shards are the stack's without its first axis)
+  and the result is stacked; sharded, the stacking runs on device into the
+  stack's shardings, holding a layer's shards twice for a moment.
+  """
+  def layer_of(x, i):
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+    return x[i]
+  unstacked = stacking.unstack(params, stack_path, layer_of)
+  layer_shardings = None
+  if shardings is not None:
+    drop_first = lambda s, i: jax.sharding.NamedSharding(
+        s.mesh, jax.sharding.PartitionSpec(*s.spec[1:]))
+    layer_shardings = stacking.unstack(
+        shardings, stack_path, drop_first,
+        num_layers=stacking.num_layers(params, stack_path))
+  loaded = load_pretrained(unstacked, init_from, shardings=layer_shardings,
+                           **kwargs)
+  if shardings is None:
+    return stacking.stack(loaded, stack_path)
+  return jax.jit(lambda tree: stacking.stack(tree, stack_path),
+                 out_shardings=shardings)(loaded)
+
+
 def _place_sharded(value, sharding):
   """A host (or single-device) array placed with `sharding`, each process
   building only its addressable pieces."""
@@ -254,20 +303,11 @@ def load_pretrained(params: Any, init_from: str, *,
   if not init_from:
     return params
   kind, _, path = init_from.partition(":")
-  if kind == "llama" and "layers" in params:  # scan_layers: stacked layers.
-    if shardings is not None:
-      raise config_lib.ConfigError(
-          f"config.{field}.init_from={init_from!r} into a scan_layers model "
-          "on a sharded mesh: the per-shard reader imports the layers_{i} "
-          "layout only; set scan_layers=False (or import unsharded).")
-    num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
-    per_layer = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), params["layers"])
-    unstacked = {k: v for k, v in params.items() if k != "layers"}
-    unstacked.update({f"layers_{i}": per_layer for i in range(num_layers)})
-    loaded = load_llama(unstacked, init_from, model_fields or {}, layers,
-                        field)
-    return llama_model.stack_layers(loaded, num_layers)
+  stack_path = _stack_path(kind, params)
+  if stack_path:
+    return _load_stacked(params, init_from, stack_path,
+                         model_fields=model_fields, layers=layers,
+                         field=field, shardings=shardings)
   if kind == "llama":
     if shardings is not None:
       return load_llama_sharded(params, init_from, model_fields or {},
@@ -287,4 +327,12 @@ def load_pretrained(params: Any, init_from: str, *,
   fields = dict(hf_bert.load_config(path),
                 add_pooler="pooler" in params["encoder"])
   encoder = hf_bert.load_params(path, fields)
+  if layers:
+    model_layers = sum(1 for k in params["encoder"] if k.startswith("layer_"))
+    if len(layers) != model_layers:
+      raise config_lib.ConfigError(
+          f"config.{field}.init_layers={tuple(layers)} names {len(layers)} "
+          f"layers; config.{field}.model.num_layers={model_layers}.")
+    encoder = select_layers(encoder, layers, int(fields["num_layers"]),
+                            name="layer")
   return bert.with_encoder(params, jax.tree.map(jnp.asarray, encoder))

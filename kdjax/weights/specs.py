@@ -213,13 +213,6 @@ def validate_precision(config: ml_collections.ConfigDict, role: str) -> None:
     fail(f"{role}.precision.compute", wanted["compute"],
          f"the {name!r} model computes in float32 (a compute dtype: 'llama', "
          "'gpt')")
-  trainable = tuple(config[role].get("train", {}).get("trainable", ()))
-  per_layer = [p for p in trainable if "layers_" in p]
-  if config[role].model.get("scan_layers", False) and per_layer:
-    fail(f"{role}.train.trainable", trainable,
-         f"{per_layer} select single layers, which scan_layers=True stacks "
-         "into one array per weight (layers/...); train whole stacks "
-         "('layers/mlp') or set scan_layers=False")
   remat = config[role].get("train", {}).get("remat", "")
   if remat and not _has_field(name, "remat"):
     fail(f"{role}.train.remat", remat,

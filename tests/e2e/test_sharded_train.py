@@ -128,3 +128,27 @@ def test_everything_that_runs_the_teacher_runs_sharded(
     np.testing.assert_allclose(np.asarray(cache_a[key], np.float32),
                                np.asarray(cache_b[key], np.float32),
                                rtol=1e-2, atol=1e-2)
+
+
+@needs_smollm2
+def test_a_scanned_student_trains_one_layer_on_a_sharded_mesh(
+    data_dir, tiny_lm_teacher, tmp_path):
+  """scan_layers=True with a layer-indexed trainable pattern through the
+  whole run on (2, 2, 2): layer 1's rows and the final norm train, layer 0's
+  rows and the embedding stay as they were."""
+  from kdjax.run import train  # pylint: disable=g-import-not-at-top
+  config = _distill_config(data_dir, tiny_lm_teacher, (2, 2, 2))
+  config.student.model.update(num_layers=2, scan_layers=True)
+  config.student.train.trainable = ("layers_1", "final_norm")
+  workdir = str(tmp_path / "scanned")
+  train.train(config, workdir)
+  shapes = params_lib.abstract(specs.build_model(config, "student"),
+                               config.data)
+  early, late = (checkpoint.restore_params(workdir, shapes, step=s)
+                 for s in (2, 4))
+  for name in ("up", "down"):
+    kernel = lambda p: np.asarray(p["layers"]["mlp"][name]["kernel"])
+    np.testing.assert_array_equal(kernel(early)[0], kernel(late)[0])
+    assert np.abs(kernel(early)[1] - kernel(late)[1]).max() > 1e-5
+  np.testing.assert_array_equal(early["embed"]["embedding"],
+                                late["embed"]["embedding"])

@@ -30,7 +30,7 @@ import flax.linen as nn
 from kdjax import models
 from kdjax.core import defaults
 from kdjax.data import tokenizer as tokenizer_lib
-from kdjax.models import generate, llama
+from kdjax.models import generate, llama, stacking
 from kdjax.weights.importers import llama as llama_import
 from kdjax.models.partitioning import unbox
 
@@ -713,14 +713,14 @@ def test_scanned_layers_compute_what_unrolled_layers_compute():
   plain = llama.Llama(**tiny_fields(num_layers=3))
   scanned = llama.Llama(**tiny_fields(num_layers=3, scan_layers=True))
   params = _init(plain, tokens)
-  stacked = llama.stack_layers(params, 3)
+  stacked = stacking.stack(params, "layers")
   boxed = jax.eval_shape(scanned.init, jax.random.key(0), tokens)["params"]
   assert jax.tree.map(jnp.shape, unbox(boxed)) == jax.tree.map(jnp.shape,
                                                                 stacked)
   assert nn.get_partition_spec(boxed)["layers"]["mlp"]["up"]["kernel"] == (
       jax.sharding.PartitionSpec("layers", "embed", "mlp"))
   jax.tree.map(np.testing.assert_array_equal,
-               llama.unstack_layers(stacked), params)
+               stacking.unstack(stacked, "layers"), params)
 
   def loss(model, p):
     return jnp.mean(jax.nn.log_softmax(model.apply({"params": p}, tokens))
@@ -732,7 +732,7 @@ def test_scanned_layers_compute_what_unrolled_layers_compute():
   np.testing.assert_allclose(value_s, value, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-7),
-               llama.stack_layers(grads, 3), grads_s)
+               stacking.stack(grads, "layers"), grads_s)
   np.testing.assert_array_equal(
       generate.generate(scanned, stacked, tokens[:, :4], max_new_tokens=5),
       generate.generate(plain, params, tokens[:, :4], max_new_tokens=5))
@@ -754,4 +754,4 @@ def test_scanned_student_imports_the_chosen_layers_stacked():
         params_lib.abstract(model, data), "llama:",
         model_fields=dict(fields, scan_layers=scan), layers=(3, 29))
   jax.tree.map(np.testing.assert_array_equal,
-               llama.stack_layers(loaded[False], 2), loaded[True])
+               stacking.stack(loaded[False], "layers"), loaded[True])

@@ -23,6 +23,7 @@ from kdjax.core import config as config_lib
 from kdjax.core import defaults
 from kdjax.distill import mesh as mesh_lib
 from kdjax.models import llama as llama_model
+from kdjax.models import stacking
 from kdjax.weights import params as params_lib
 from kdjax.weights import pretrained
 from kdjax.weights import specs
@@ -242,6 +243,31 @@ def test_sharded_import_equals_unsharded(checkpoints, kind, mesh_shape, dtype):
               for s in x.addressable_shards}
     assert len(pieces) == parts(sharding, x.ndim)
   jax.tree.map(check, sharded, shardings, whole,
+               is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+@pytest.mark.parametrize("layers", [(), (1, 0)])
+def test_scanned_sharded_import_is_the_unrolled_import_stacked(checkpoints,
+                                                              layers):
+  """scan_layers on a sharded mesh: the per-layer sharded import, stacked
+  into the stack's own shardings (init_layers picks and reorders layers)."""
+  init_from, _ = checkpoints["safetensors"]
+  mesh = make_mesh(2, 2, 2)
+  scanned = dict(FIELDS, scan_layers=True)
+  shapes, shardings = shapes_and_shardings(scanned, mesh)
+  assert shardings["layers"]["mlp"]["up"]["kernel"].spec[0] is None
+  whole = pretrained.load_pretrained(
+      shapes_and_shardings(FIELDS, mesh)[0], init_from, model_fields=FIELDS,
+      layers=layers, field="teacher")
+  sharded = pretrained.load_pretrained(shapes, init_from, model_fields=scanned,
+                                       layers=layers, field="teacher",
+                                       shardings=shardings)
+  want = stacking.stack(whole, "layers")
+
+  def check(x, sharding, expected):
+    assert x.sharding == sharding
+    np.testing.assert_array_equal(np.asarray(x), expected)
+  jax.tree.map(check, sharded, shardings, want,
                is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
