@@ -15,14 +15,15 @@ import ml_collections
 from kdjax import aot
 from kdjax.core import defaults
 from kdjax.core.config import ConfigError, fail
-from kdjax.data import pipeline
-from kdjax.distill import objectives, optim, parallel
+from kdjax.data import pipeline, prompts
+from kdjax.data import tokenizer as tokenizer_lib
+from kdjax.distill import objectives, on_policy, optim, parallel
 from kdjax.distill import mesh as mesh_lib
 from kdjax.distill import teacher_cache
 from kdjax.run import seqkd
 from kdjax.models import is_language_model
 from kdjax.runtime import checkpoint, distributed, workdir as workdir_lib
-from kdjax.weights import specs
+from kdjax.weights import pretrained, specs
 
 MODES = ("teacher", "scratch", "distill", "evaluate", "pipeline", "aot_check",
          "generate_text", "cache_teacher")
@@ -98,7 +99,50 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
       config.mode == "pipeline" and config.pipeline.get("generate_text")):
     seqkd.validate(config.seqkd, config.data, workdir)
   distributed.validate(config.get("distributed"))
+  if config.data.get("format", "") == "prompts":
+    validate_prompts(config)
   if config.mode == "aot_check":
     aot.validate(config)
   else:
     workdir_lib.check_workdir(workdir)
+
+
+def validate_prompts(config: ml_collections.ConfigDict) -> None:
+  """Prompt/completion data and, for distillation, on-policy settings: the
+  lengths fit the models and teacher and student read the same tokens."""
+  prompts.validate(config.data)
+  if config.mode not in ("distill", "pipeline"):
+    return
+  on_policy.validate(config)
+  settings = config.distill.on_policy
+  if int(settings.max_new_tokens) > int(config.data.max_completion_length):
+    fail("distill.on_policy.max_new_tokens", settings.max_new_tokens,
+         f"<= data.max_completion_length="
+         f"{config.data.max_completion_length} (rollouts train in the "
+         "data's sequence length)")
+  need = int(config.data.max_prompt_length) + int(settings.max_new_tokens)
+  for role in ("teacher", "student"):
+    if int(config[role].model.get("max_length", need)) < need:
+      fail(f"{role}.model.max_length", config[role].model.max_length,
+           f">= max_prompt_length + max_new_tokens = {need}")
+  tokenizer = tokenizer_lib.load(prompts.tokenizer_path(config.data))
+  ids = tokenizer.get_vocab_size()
+  student_vocab = int(config.student.model.vocab_size)
+  teacher_vocab = int(config.teacher.model.vocab_size)
+  if student_vocab < ids:
+    fail("student.model.vocab_size", student_vocab,
+         f">= the tokenizer's {ids} ids")
+  if teacher_vocab < student_vocab:
+    fail("teacher.model.vocab_size", teacher_vocab,
+         f">= the student's {student_vocab} (extra teacher rows are "
+         "padding, masked out)")
+  teacher_tokenizer = pretrained.teacher_tokenizer_path(config)
+  if teacher_tokenizer:
+    theirs = prompts.tokenizer_hash(tokenizer_lib.load(teacher_tokenizer))
+    if theirs != prompts.tokenizer_hash(tokenizer):
+      raise ConfigError(
+          f"The teacher's tokenizer ({teacher_tokenizer}) is not the data's "
+          f"(data.tokenizer_path={config.data.tokenizer_path!r}): on-policy "
+          "distillation compares the two models' distributions token by "
+          "token, so they must share one tokenizer.")
+

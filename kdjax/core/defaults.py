@@ -120,6 +120,24 @@ def get_config() -> ml_collections.ConfigDict:
   # A teacher cache dir (mode=cache_teacher) to distill from instead of a
   # teacher: the teacher is never loaded; '' = the online teacher.
   config.distill.teacher_cache = ""
+  # On-policy distillation (kdjax/distill/on_policy.py), for prompt/completion
+  # data (config.data.format='prompts'). Names and defaults follow TRL's
+  # GKDTrainer: each step is the student's own rollouts with probability
+  # lmbda, else the data's completions (or, with seq_kd, the teacher's
+  # rollouts); the loss is `loss` on completion tokens only.
+  config.distill.on_policy = ml_collections.ConfigDict(dict(
+      lmbda=0.5,  # P(a step trains on the student's rollouts); 0 = off-policy.
+      seq_kd=False,  # Off-policy steps on the teacher's online rollouts.
+      # 'jsd' (GKD; option beta), any losses.OBJECTIVES name,
+      # 'sampled_reverse_kl' (per sampled token, REINFORCE; needs lmbda=1),
+      # or '' = distill.terms as they are (a 'ce' term skips rollouts).
+      loss="jsd",
+      beta=0.5,  # JSD's teacher weight (0 = forward KL, 1 = reverse KL).
+      # Sampling, separate from the distillation temperature.
+      temperature=0.9, top_k=0, top_p=1.0,
+      max_new_tokens=128,
+      log_rollouts_every=100,  # Steps between rollouts written as text.
+  ))
 
   # mode='cache_teacher' (kdjax/run/cache_builder.py): the frozen teacher's
   # top k log-probs at config.distill.temperature, per token or example.
@@ -259,6 +277,35 @@ def lm_data(**overrides) -> ml_collections.ConfigDict:
   return data
 
 
+def prompt_data(**overrides) -> ml_collections.ConfigDict:
+  """The data section of a prompt/completion config (kdjax/data/prompts.py).
+
+  For on-policy distillation: prompts the models continue, with reference
+  completions for off-policy steps and evaluation. The training sequences
+  are prompt + completion, so data.seq_length = max_prompt_length +
+  max_completion_length - 1 (validated).
+  """
+  data = lm_data(
+      format="prompts",
+      name="addition",  # addition | reversal | shakespeare | jsonl | a tfds name.
+      tokenizer_path="",  # '' = a character tokenizer (addition, reversal).
+      max_prompt_length=8,  # Prompt tokens kept (the last ones).
+      max_completion_length=5,  # Completion tokens with its EOS.
+      seq_length=12,
+      # Problems drawn per split (addition, reversal); caps (shakespeare).
+      num_examples=ml_collections.ConfigDict(
+          dict(train=10000, validation=256, test=1000)),
+      # addition: min_digits, max_digits; reversal: min_length, max_length,
+      # alphabet; shakespeare: prompt_lines, completion_lines.
+      task_options=ml_collections.ConfigDict(dict(min_digits=1,
+                                                  max_digits=3)),
+      files=ml_collections.ConfigDict(),  # jsonl: {split: path}.
+      prompt_key="prompt", completion_key="completion",
+      pad_id=0)
+  data.update(overrides)
+  return data
+
+
 def missing_fields(config: ml_collections.ConfigDict) -> list[str]:
   """The default's fields `config` lacks, dotted (the engine reads them all).
 
@@ -299,6 +346,26 @@ OPTIONAL = {
     "data.input_dtype": "'int32' for token ids (mode=aot_check) ['float32']",
     "data.eval_max_examples": "> 0: evaluate on the eval split's first N "
                               "only [0]",
+    # Prompt/completion data (kdjax/data/prompts.py; prompt_data()).
+    "data.format": "'prompts': prompt/completion pairs (on-policy "
+                   "distillation) ['' = as seq_length says]",
+    "data.max_prompt_length": "prompt tokens kept, the last ones",
+    "data.max_completion_length": "completion tokens with its EOS",
+    "data.num_examples.train": "problems drawn (addition, reversal) or a "
+                               "cap (shakespeare, 0 = all), per split",
+    "data.num_examples.validation": "as num_examples.train",
+    "data.num_examples.test": "as num_examples.train",
+    "data.task_options.min_digits": "addition: operand digits, at least",
+    "data.task_options.max_digits": "addition: operand digits, at most",
+    "data.task_options.min_length": "reversal: string length, at least",
+    "data.task_options.max_length": "reversal: string length, at most",
+    "data.task_options.alphabet": "reversal: the characters",
+    "data.task_options.prompt_lines": "shakespeare: play lines per prompt",
+    "data.task_options.completion_lines": "shakespeare: lines to complete",
+    "data.prompt_key": "jsonl/tfds field of the prompt ['prompt']",
+    "data.completion_key": "jsonl/tfds field of the completion "
+                           "['completion']",
+    "data.pad_id": "id of left padding in prompts [0]",
     # Weights in (kdjax/weights/pretrained.py).
     "<role>.init_from": "'hf_bert:<HF BERT dir>' into a 'bert' model, "
                         "'llama:<HF dir or .gguf>' into a 'llama' model; "

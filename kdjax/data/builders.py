@@ -10,6 +10,8 @@ data dir on a TPU VM) is read through the same path.
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import os
 import struct
 
@@ -151,3 +153,134 @@ def prepare(name: str, data_dir: str, source_dir: str | None = None) -> None:
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(
           download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+
+
+# ---------------------------------------------------------------------------
+# Prompt/completion pairs from JSONL files (kdjax.data.prompts reads them).
+
+
+class PromptDataError(errors.KdjaxError, ValueError):
+  """A prompt/completion file or record kdjax cannot read."""
+
+
+def read_prompt_jsonl(path: str, prompt_key: str = "prompt",
+                      completion_key: str = "completion"
+                      ) -> list[tuple[str, str]]:
+  """(prompt, completion) of every line of a JSONL file, in file order.
+
+  One JSON object per line, its text under `prompt_key` / `completion_key`
+  (strings; other fields are ignored); blank lines are skipped. Errors name
+  the file and the 1-based line.
+  """
+  if not os.path.isfile(path):
+    raise DatasetMissingError(f"Prompt file {path!r} does not exist.")
+  pairs = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f"{path}:{number}"
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise PromptDataError(f"{where}: not valid JSON ({e.msg} at column "
+                              f"{e.colno}).") from None
+      if not isinstance(record, dict):
+        raise PromptDataError(f"{where}: expected a JSON object with "
+                              f"{prompt_key!r} and {completion_key!r}, got "
+                              f"{type(record).__name__}.")
+      texts = []
+      for key in (prompt_key, completion_key):
+        if key not in record:
+          raise PromptDataError(
+              f"{where}: field {key!r} is missing (fields: "
+              f"{sorted(record)}); set the prompt/completion field names if "
+              "the file uses others.")
+        if not isinstance(record[key], str):
+          raise PromptDataError(f"{where}: field {key!r} must be a string, "
+                                f"got {type(record[key]).__name__}.")
+        texts.append(record[key])
+      pairs.append((texts[0], texts[1]))
+  return pairs
+
+
+def _split_file_lists(split_files) -> dict[str, tuple[str, ...]]:
+  """{split: file or files} -> {split: tuple of files}, splits sorted."""
+  if not split_files:
+    raise PromptDataError("No prompt files given: pass {split: file(s)}, e.g. "
+                          "{'train': 'train.jsonl'}.")
+  return {split: (files,) if isinstance(files, str) else tuple(files)
+          for split, files in sorted(split_files.items())}
+
+
+def prompt_files_fingerprint(split_files, prompt_key: str = "prompt",
+                             completion_key: str = "completion") -> str:
+  """Changes when a file is added, moved between splits, resized or touched,
+  or the field names change."""
+  h = hashlib.sha256(f"{prompt_key}\0{completion_key}\n".encode("utf-8"))
+  for split, files in _split_file_lists(split_files).items():
+    for path in files:
+      if not os.path.isfile(path):
+        raise DatasetMissingError(f"Prompt file {path!r} (split {split!r}) "
+                                  "does not exist.")
+      st = os.stat(path)
+      h.update(f"{split}\0{os.path.abspath(path)}\0{st.st_size}\0"
+               f"{st.st_mtime_ns}\n".encode("utf-8"))
+  return h.hexdigest()[:16]
+
+
+class PromptCompletionJsonl(tfds.core.GeneratorBasedBuilder):
+  """Prompt/completion pairs from JSONL files, one split per {split: files}.
+
+  Features: `prompt` and `completion` (tfds Text, read back as UTF-8 bytes),
+  records in file order (files in the order given: shuffling is off),
+  keyed '<file #>:<record #>'.
+  Each distinct set of files (and field names) is its own builder config
+  (`prompt_files_fingerprint`), so edited files are prepared afresh. Use
+  `prompt_jsonl_builder`.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "JSONL prompt/completion files, Text features."}
+
+  def __init__(self, *, split_files, prompt_key: str = "prompt",
+               completion_key: str = "completion", **kwargs):
+    self._split_files = _split_file_lists(split_files)
+    self._keys = (prompt_key, completion_key)
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            "prompt": tfds.features.Text(),
+            "completion": tfds.features.Text(),
+        }),
+        description="Prompt/completion pairs from JSONL files.",
+        disable_shuffling=True,  # File order, not tfds' shuffle by key.
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # The files are local; nothing is downloaded.
+    return {split: self._generate_examples(files)
+            for split, files in self._split_files.items()}
+
+  def _generate_examples(self, files):
+    for i, path in enumerate(files):
+      for j, (prompt, completion) in enumerate(
+          read_prompt_jsonl(path, *self._keys)):
+        yield f"{i}:{j}", {"prompt": prompt, "completion": completion}
+
+
+def prompt_jsonl_builder(split_files, data_dir: str, *,
+                         prompt_key: str = "prompt",
+                         completion_key: str = "completion"
+                         ) -> PromptCompletionJsonl:
+  """The builder for these files ({split: path or paths}) in data_dir."""
+  config = tfds.core.BuilderConfig(
+      name=prompt_files_fingerprint(split_files, prompt_key, completion_key),
+      description=", ".join(f"{s}: {list(f)}" for s, f in
+                            _split_file_lists(split_files).items()))
+  return PromptCompletionJsonl(split_files=split_files, prompt_key=prompt_key,
+                               completion_key=completion_key,
+                               data_dir=data_dir, file_format="array_record",
+                               config=config)

@@ -167,6 +167,29 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
   return lse - (label_logits - row_max)
 
 
+def sampled_reverse_kl(student_logits: Array, teacher_logits: Array,
+                       sampled: Array) -> Array:
+  """Reverse KL estimated on the student's own sampled tokens (on-policy).
+
+  Per token y (sampled from the student): r = log q(y) - log p(y), an
+  unbiased one-sample estimate of KL(q || p) at that position. The value
+  returned is r; its gradient is r * grad log q(y) (REINFORCE with the
+  log-ratio as a detached per-token cost, as tinker's on-policy
+  distillation), which is the gradient of KL(q || p) in expectation over y:
+  the score-function term E_q[grad log q] is zero. No temperature: the
+  estimate is of the distributions the samples came from (the samples'
+  own temperature is the sampler's business). Only meaningful on tokens the
+  student sampled; on other text it is a biased estimate.
+  """
+  sampled = sampled[..., None].astype(jnp.int32)
+  log_q = jnp.take_along_axis(_log_softmax(student_logits), sampled,
+                              axis=-1)[..., 0]
+  log_p = jnp.take_along_axis(_log_softmax(teacher_logits), sampled,
+                              axis=-1)[..., 0]
+  cost = lax.stop_gradient(log_q - log_p)
+  return cost + cost * (log_q - lax.stop_gradient(log_q))
+
+
 def entropy(logits: Array, *, temperature: Any = 1.0) -> Array:
   """Shannon entropy (nats) of softmax(logits / T); never scaled by T**2.
 

@@ -38,6 +38,9 @@ HARD_LABEL_SOURCES = ("dataset", "teacher")
 SCHEDULES = ("constant", "linear", "cosine")
 TEACHER_COMBINATIONS = ("ensemble", "sum")
 TASK_TERM = "ce"
+# Reverse KL on the student's sampled tokens (on-policy distillation): reads
+# the labels, like 'ce', but needs a teacher, like a divergence.
+SAMPLED_TERM = "sampled_reverse_kl"
 
 
 @flax.struct.dataclass
@@ -120,6 +123,8 @@ class Term:
   def __call__(self, student_logits, teacher_logits, labels, temperature):
     if self.name == TASK_TERM:
       return losses.softmax_cross_entropy(student_logits, labels)
+    if self.name == SAMPLED_TERM:  # labels = the tokens the student sampled.
+      return losses.sampled_reverse_kl(student_logits, teacher_logits, labels)
     fn = losses.get_objective(self.name)
     return fn(student_logits, teacher_logits, temperature=temperature,
               **dict(self.options))
@@ -299,7 +304,7 @@ def validate_distill(distill) -> None:
   if distill.hard_labels not in HARD_LABEL_SOURCES:
     fail("distill.hard_labels", distill.hard_labels,
          f"allowed: {HARD_LABEL_SOURCES}")
-  allowed = sorted(set(losses.OBJECTIVES) | {TASK_TERM})
+  allowed = sorted(set(losses.OBJECTIVES) | {TASK_TERM, SAMPLED_TERM})
   for i, spec in enumerate(term_specs(distill)):
     if spec.get("name") not in allowed:
       fail(f"distill.terms[{i}].name", spec.get("name"), f"allowed: {allowed}")

@@ -68,10 +68,18 @@ def make_apply_fn(model) -> ApplyFn:
   return apply
 
 
-def make_lm_apply_fn(model) -> ApplyFn:
+def make_lm_apply_fn(model, vocab_size: int | None = None) -> ApplyFn:
   """Like make_apply_fn for a language model, but returns its final hidden
-  states and LM head instead of logits (see kdjax.distill.token_loss)."""
-  head_kernel = models.lm_head_kernel_fn(model)
+  states and LM head instead of logits (see kdjax.distill.token_loss).
+
+  `vocab_size`: keep the head's first vocab_size columns, for a teacher whose
+  vocabulary is the student's plus padding rows (e.g. rounded up to a
+  multiple of 128; the caller checks the tokenizers agree): the padded ids
+  are masked out, and both distributions live on the same ids.
+  """
+  full_kernel = models.lm_head_kernel_fn(model)
+  head_kernel = (full_kernel if vocab_size is None else
+                 lambda params: full_kernel(params)[:, :vocab_size])
 
   def apply(params, inputs, train, dropout_rng, capture_features=False):
     if capture_features:

@@ -12,8 +12,10 @@ from typing import Any, Iterator
 import numpy as np
 
 from kdjax.data import lm as lm_data
-from kdjax.data import pipeline
+from kdjax.data import pipeline, prompts
+from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.distill import step
+from kdjax.models import generate
 from kdjax.run import lm_metrics, metrics
 
 
@@ -99,8 +101,62 @@ class LanguageModelling:
     return {k: result[k] for k in ("perplexity", "accuracy")}
 
 
+class PromptCompletion(LanguageModelling):
+  """Prompt -> completion pairs (kdjax.data.prompts); the loss covers the
+  completion tokens only. Evaluation: the model's greedy answers to the
+  eval prompts (exact match) and its perplexity on the reference
+  completions. On-policy distillation trains on these prompts
+  (kdjax.run.rollouts)."""
+  headline = "exact_match"
+  higher_is_better = True
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.tokenizer = tokenizer_lib.load(prompts.tokenizer_path(config.data))
+    self.train_data = prompts.load_split(config.data, config.data.train_split,
+                                         self.tokenizer)
+
+  def num_train_records(self) -> int:
+    return len(self.train_data)
+
+  def train_iterator(self, *, global_batch_size: int, seed: int,
+                     augment: bool, teacher_cache=None
+                     ) -> Iterator[dict[str, np.ndarray]]:
+    del augment, teacher_cache  # Validation refuses a cache for prompts.
+    return iter(prompts.train_batches(
+        self.train_data, global_batch_size=global_batch_size, seed=seed))
+
+  def evaluate(self, model, params, mesh) -> dict[str, float]:
+    if self._eval is None:
+      self._eval = prompts.load_split(self.data_config,
+                                      self.data_config.eval_split,
+                                      self.tokenizer)
+    data = self._eval
+    arrays = {"inputs": data.inputs, "labels": data.labels,
+              "mask": data.mask}
+    result = lm_metrics.token_metrics(
+        metrics.cached_apply_fn(model), params, arrays, mesh,
+        batch_size=int(self.data_config.get("eval_batch_size", 8)))
+    answers = generate.generate_padded(
+        model, params, data.prompts,
+        data.prompt_lengths,
+        max_new_tokens=int(self.data_config.max_completion_length),
+        eos_id=data.eos_id)
+    correct = prompts.exact_match(self.tokenizer, answers, data.completions,
+                                  data.eos_id)
+    return {"exact_match": float(np.mean(correct)),
+            "perplexity": result["perplexity"],
+            "accuracy": result["accuracy"]}
+
+
+def is_prompts(data_config) -> bool:
+  return data_config.get("format", "") == "prompts"
+
+
 def task_type(config) -> type:
   """The task class of a config (its static parts need no data)."""
+  if is_prompts(config.data):
+    return PromptCompletion
   if pipeline.is_language_modelling(config.data):
     return LanguageModelling
   return Classification

@@ -20,17 +20,19 @@ from absl import logging
 from kdjax.core import config as config_lib
 from kdjax.core import errors
 from kdjax.data import pipeline
-from kdjax.distill import features, objectives, optim, parallel, step
+from kdjax.distill import features, objectives, on_policy, optim, parallel
+from kdjax.distill import step
 from kdjax.distill import mesh as mesh_lib
 from kdjax.distill import masks
 from kdjax.distill import teacher_cache
 from kdjax.run import layout
+from kdjax.run import rollouts
 from kdjax.run import tasks
 from kdjax.runtime import checkpoint
 from kdjax.runtime import preemption
 from kdjax.runtime import resume
 from kdjax.runtime import storage
-from kdjax.runtime.metrics_writer import MetricsWriter
+from kdjax.runtime.metrics_writer import ROLLOUTS_TAG, MetricsWriter
 from kdjax.weights import params as params_lib
 from kdjax.weights import pretrained
 from kdjax.weights import prompt as prompt_weights
@@ -88,6 +90,18 @@ def open_teacher_cache(config, mode: str) -> teacher_cache.TeacherCache | None:
           teacher_cache.settings(config.cache)["k"], vocab))
 
 
+def _teacher_apply(task, teacher_model, student_model) -> step.ApplyFn:
+  """The teacher's apply function; a language-model teacher whose vocabulary
+  is the student's plus padding rows (same tokenizer: checked by
+  validation) hands over only the student's ids."""
+  teacher_vocab = getattr(teacher_model, "vocab_size", None)
+  student_vocab = getattr(student_model, "vocab_size", None)
+  if (issubclass(task, tasks.LanguageModelling) and teacher_vocab
+      and student_vocab and teacher_vocab > student_vocab):
+    return step.make_lm_apply_fn(teacher_model, vocab_size=student_vocab)
+  return task.make_apply_fn(teacher_model)
+
+
 @dataclasses.dataclass
 class BuiltStep:
   """Everything `build_step` makes: the step function and what it needs.
@@ -109,17 +123,22 @@ class BuiltStep:
   rules: tuple = ()
   state_shardings: Any = None  # Sharded layout only.
   teacher_shardings: tuple = ()  # Sharded layout only.
+  # On-policy: the step for the student's own rollouts when it differs
+  # (the objective has 'ce' terms, which such steps drop), else None.
+  own_samples: Callable | None = None
 
   @property
   def sharded(self) -> bool:
     return self.state_shardings is not None
 
-  def program(self, backend: str) -> Callable:
+  def program(self, backend: str, per_device: Callable | None = None
+              ) -> Callable:
     """(state, this host's batch, teachers_params) -> (state, metrics)."""
+    per_device = per_device or self.per_device
     if not self.sharded:
-      return parallel.map_over_devices(self.per_device, self.mesh, backend)
+      return parallel.map_over_devices(per_device, self.mesh, backend)
     return parallel.jit_sharded(
-        self.per_device, self.mesh, self.rules,
+        per_device, self.mesh, self.rules,
         state_shardings=self.state_shardings,
         frozen_shardings=self.teacher_shardings)
 
@@ -169,7 +188,8 @@ def build_step(config: ml_collections.ConfigDict, mode: str, workdir: str,
           rule_pairs=rules, what="config.teacher.model")
     loaded = teachers_lib.load_all(config, workdir, abstract=abstract,
                                    shardings_of=shardings_of)
-    teacher_applies = tuple(task.make_apply_fn(t.model) for t in loaded)
+    teacher_applies = tuple(_teacher_apply(task, t.model, model)
+                            for t in loaded)
     if sharded:  # Loaded straight into their shards.
       teacher_shardings = tuple(shardings_of(t.model) for t in loaded)
       teachers_params = tuple(t.params for t in loaded)
@@ -180,7 +200,10 @@ def build_step(config: ml_collections.ConfigDict, mode: str, workdir: str,
   if cache is not None:
     objective = cache.objective(config.distill, total_steps)
   else:
-    objective = objectives.from_config(config.distill, mode,
+    distill = config.distill
+    if task is tasks.PromptCompletion and mode == "distill":
+      distill = on_policy.objective_config(config)
+    objective = objectives.from_config(distill, mode,
                                        total_steps=total_steps,
                                        num_teachers=len(teachers_params))
 
@@ -212,6 +235,12 @@ def build_step(config: ml_collections.ConfigDict, mode: str, workdir: str,
       grad_accum_steps=int(train_cfg.grad_accum_steps), trainable_mask=mask,
       token_chunk_size=task.token_chunk_size(train_cfg),
       teacher_outputs=cache.strategy() if cache is not None else None)
+  # The student's own rollouts are graded without 'ce' (no self-imitation).
+  own_samples = None
+  if (task is tasks.PromptCompletion and mode == "distill"
+      and any(t.name == objectives.TASK_TERM for t in objective.terms)):
+    own_samples = functools.partial(
+        per_device, objective=on_policy.without_self_imitation(objective))
   state_shardings = None
   if sharded:
     param_shardings = layout.param_shardings(model, config.data, mesh, rules,
@@ -222,9 +251,30 @@ def build_step(config: ml_collections.ConfigDict, mode: str, workdir: str,
   return BuiltStep(model=model, objective=objective, mask=mask,
                    teacher_applies=teacher_applies,
                    teachers_params=teachers_params, per_device=per_device,
+                   own_samples=own_samples,
                    init_state=init_state, cache=cache, mesh=mesh, rules=rules,
                    state_shardings=state_shardings,
                    teacher_shardings=teacher_shardings)
+
+
+def task_is_on_policy(config: ml_collections.ConfigDict) -> bool:
+  """A distill run on prompt/completion data: the rollout loop applies."""
+  return (config.mode == "distill"
+          and tasks.task_type(config) is tasks.PromptCompletion)
+
+
+def build_rollouts(config, built: BuiltStep, task) -> rollouts.Rollouts:
+  """The rollout programs for `built`'s models, on its mesh and layout."""
+  teacher_model = specs.build_model(config, "teacher")
+  return rollouts.build(
+      config, student_model=built.model, teacher_model=teacher_model,
+      teacher_params=built.teachers_params[0], mesh=built.mesh,
+      rules=built.rules,
+      student_shardings=(built.state_shardings.params if built.sharded
+                         else None),
+      teacher_shardings=(built.teacher_shardings[0] if built.sharded
+                         else None),
+      eos_id=task.train_data.eos_id, backend=config.parallel.backend)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -280,6 +330,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   run_step = built.program(config.parallel.backend)
   teachers_params = built.teachers_params
+  rollout = None
+  if task_is_on_policy(config):
+    rollout = build_rollouts(config, built, task)
+    run_own_samples = (built.program(config.parallel.backend,
+                                     built.own_samples)
+                       if built.own_samples is not None else run_step)
 
   eval_every = int(config.eval_every_steps or steps_per_epoch)
   log_every = int(config.log_every_steps)
@@ -318,14 +374,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return means
 
   stop = preemption.Watcher()  # SIGTERM -> save at an agreed step, exit 0.
-  place = functools.partial(built.place_batch,
-                            backend=config.parallel.backend)
+  placed = functools.partial(built.place_batch,
+                             backend=config.parallel.backend)
+  # On-policy: prompt batches stay on the host until the step's writer
+  # (data, student or teacher) has turned them into training batches.
+  place = (lambda host_batch: host_batch) if rollout else placed
   batch = None  # The next step's batch, placed while the step before runs.
   try:
     for current in range(start_step, total_steps):
       if batch is None:
         batch = place(next(data_iter))
-      state, metrics = run_step(state, batch, teachers_params)
+      program = run_step
+      if rollout is not None:
+        source, batch = rollout.batch(current, batch, state.params)
+        batch = placed(batch)
+        if source == on_policy.STUDENT:
+          program = run_own_samples
+        started = time.perf_counter()
+      state, metrics = program(state, batch, teachers_params)
+      if rollout is not None:
+        jax.block_until_ready(metrics)
+        rollout.seconds["training"] += time.perf_counter() - started
       batch = None
       pending.append(metrics)
       done = current + 1
@@ -334,7 +403,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if not saving:  # Prefetch, unless the data position is about to be saved.
         batch = place(next(data_iter))
       if done % log_every == 0 or done == total_steps:
-        writer.progress(done, check_pending(done))
+        scalars = check_pending(done)
+        if rollout is not None:
+          scalars.update(rollout.time_split())
+        writer.progress(done, scalars)
+      if rollout is not None and rollout.due(done):
+        writer.text(done, ROLLOUTS_TAG, rollout.texts(task.tokenizer))
       if done % eval_every == 0 or done == total_steps:
         evaluated[done] = task.evaluate(model, state.params, mesh)
         writer.write(done, "eval", evaluated[done])

@@ -20,6 +20,7 @@ from absl import logging
 from kdjax.runtime import storage
 
 METRICS_FILE = "metrics.jsonl"
+ROLLOUTS_TAG = "rollouts"  # WORKDIR/rollouts.jsonl (MetricsWriter.text).
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -46,7 +47,8 @@ class MetricsWriter:
     self._staged = None
     if self._enabled:
       # A resumed run appends to the metrics.jsonl it wrote before.
-      self._staged = storage.StagedDir(workdir, fetch=(METRICS_FILE,))
+      self._staged = storage.StagedDir(
+          workdir, fetch=(METRICS_FILE, f"{ROLLOUTS_TAG}.jsonl"))
       self._jsonl = open(self._staged.path(METRICS_FILE), "a")
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(self._staged.path(TENSORBOARD_DIR))
@@ -60,6 +62,20 @@ class MetricsWriter:
     self._jsonl.flush()
     for k, v in scalars.items():
       self._tb.add_scalar(f"{split}/{k}", float(v), step)
+    self._tb.flush()
+    self._staged.sync()
+
+  def text(self, step: int, tag: str, records: list[dict]) -> None:
+    """Records (e.g. a few rollouts) to WORKDIR/<tag>.jsonl and TensorBoard
+    text, for a person to read what the model writes."""
+    if not self._enabled or not records:
+      return
+    with open(self._staged.path(f"{tag}.jsonl"), "a") as f:
+      for record in records:
+        f.write(json.dumps({"step": step, **record}) + "\n")
+    self._tb.add_text(tag, "\n\n".join(
+        "  \n".join(f"**{k}**: {v}" for k, v in record.items())
+        for record in records), step)
     self._tb.flush()
     self._staged.sync()
 

@@ -336,3 +336,13 @@ def load_pretrained(params: Any, init_from: str, *,
     encoder = select_layers(encoder, layers, int(fields["num_layers"]),
                             name="layer")
   return bert.with_encoder(params, jax.tree.map(jnp.asarray, encoder))
+
+
+def teacher_tokenizer_path(config) -> str:
+  """Where the teacher's own tokenizer is, when it has one apart from the
+  data's: an imported Llama's checkpoint (HF directory or GGUF); '' for a
+  teacher kdjax trained on the data's tokens."""
+  init_from = config.teacher.get("init_from", "")
+  if init_from.partition(":")[0] == "llama":
+    return llama_path(init_from)
+  return ""

@@ -1,0 +1,178 @@
+"""Ways to train a small student on multi-digit addition, side by side.
+
+    python benchmarks/on_policy_addition.py --workdir=/tmp/kd_add   # ~1 hour
+    python benchmarks/on_policy_addition.py --workdir=/tmp/kd_add --quick
+
+configs/on_policy_addition.py: a teacher trained here from scratch (CE on
+the answers), then a student about 5x smaller trained for the SAME number
+of gradient steps by each method below, at several seeds:
+  ce          CE on the data's answers (mode=scratch)
+  kd          token-level KD on the data's answers: JSD(0.5), lmbda=0
+  seqkd       the teacher's online rollouts (sampled), JSD(0.5)
+  gkd_0.5     half the steps on the student's own rollouts (GKD), JSD(0.5)
+  gkd_1.0     every step on the student's rollouts, JSD(0.5)
+  srkl        every step on the student's rollouts, per-token reverse KL
+              on its sampled tokens (REINFORCE; tinker's on-policy KD)
+Reported on the test split (disjoint problems): exact match of the greedy
+answer, and on the student's own samples (temperature 1) the teacher's
+per-token NLL and the exact reverse KL KL(student || teacher) per token
+(kdjax/run/on_policy_eval.py), plus wall time per run. Finished runs are
+skipped, so the script resumes where it stopped. Prints a table and writes
+WORKDIR/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from configs import on_policy_addition  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kdjax import modes  # pylint: disable=wrong-import-position
+from kdjax.models import generate  # pylint: disable=wrong-import-position
+from kdjax.run import layout, on_policy_eval, tasks  # pylint: disable=wrong-import-position
+from kdjax.weights import specs  # pylint: disable=wrong-import-position
+
+METHODS = {
+    "ce": ("scratch", {}),
+    "kd": ("distill", dict(lmbda=0.0)),
+    "seqkd": ("distill", dict(lmbda=0.0, seq_kd=True)),
+    "gkd_0.5": ("distill", dict(lmbda=0.5)),
+    "gkd_1.0": ("distill", dict(lmbda=1.0)),
+    "srkl": ("distill", dict(lmbda=1.0, loss="sampled_reverse_kl")),
+}
+
+
+def _cpu() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def _config(args, mode, seed, on_policy=None):
+  config = on_policy_addition.get_config("smoke" if args.quick else "")
+  config.data.data_dir = os.path.join(args.workdir, "data")
+  config.teacher.checkpoint_dir = os.path.join(args.workdir, "teacher")
+  config.mode = mode
+  config.seed = seed
+  if args.quick:
+    config.teacher.train.num_steps = 20
+    config.student.train.num_steps = 8
+  config.distill.on_policy.update(on_policy or {})
+  return config
+
+
+def _run(config, workdir) -> float:
+  """Trains unless WORKDIR/run.json says it finished; returns wall seconds."""
+  timing = os.path.join(workdir, "wall_seconds.json")
+  if os.path.exists(os.path.join(workdir, "run.json")) and os.path.exists(
+      timing):
+    with open(timing) as f:
+      return json.load(f)["seconds"]
+  start = time.perf_counter()
+  modes.run(config, workdir)
+  seconds = time.perf_counter() - start
+  with open(timing, "w") as f:
+    json.dump({"seconds": seconds}, f)
+  return seconds
+
+
+def _test_metrics(config, run_dir, teacher) -> dict:
+  """Exact match on the test split and the teacher's view of the samples."""
+  config = config.copy_and_resolve_references()
+  config.data.eval_split = config.data.test_split
+  mesh = layout.make_mesh(config)
+  task = tasks.PromptCompletion(config)
+  model = specs.build_model(config, "student")
+  params = layout.restore_params(config, model, run_dir, mesh)
+  result = task.evaluate(model, params, mesh)
+  test = task._eval  # pylint: disable=protected-access
+  result.update(on_policy_eval.sampled_quality(
+      model, params, teacher.model, teacher.params, test,
+      sampling=generate.Sampling(temperature=1.0),
+      max_new_tokens=int(config.data.max_completion_length), seed=1234))
+  return result
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument("--quick", action="store_true",
+                      help="smoke-sized models and a few steps (a check)")
+  args = parser.parse_args()
+  seeds = [int(s) for s in args.seeds.split(",")]
+  methods = args.methods.split(",")
+
+  teacher_config = _config(args, "teacher", 0)
+  teacher_seconds = _run(teacher_config,
+                         teacher_config.teacher.checkpoint_dir)
+  mesh = layout.make_mesh(teacher_config)
+  teacher = layout.load_teacher(_config(args, "distill", 0),
+                                teacher_config.teacher.checkpoint_dir, mesh)
+  teacher_test = _test_metrics_teacher(teacher_config)
+  rows = {}
+  for method in methods:
+    mode, on_policy = METHODS[method]
+    for seed in seeds:
+      config = _config(args, mode, seed, on_policy)
+      run_dir = os.path.join(args.workdir, f"{method}_seed{seed}")
+      seconds = _run(config, run_dir)
+      metrics = _test_metrics(config, run_dir, teacher)
+      metrics["wall_seconds"] = seconds
+      rows.setdefault(method, []).append(metrics)
+      print(f"{method} seed {seed}: " + ", ".join(
+          f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+
+  summary = {"cpu": _cpu(), "teacher": dict(teacher_test,
+                                            wall_seconds=teacher_seconds),
+             "steps": int(_config(args, "distill", 0).student.train.num_steps),
+             "seeds": seeds, "methods": {}}
+  print(f"\nCPU: {summary['cpu']}; student steps per run: "
+        f"{summary['steps']}; seeds {seeds}")
+  print(f"teacher: exact match {teacher_test['exact_match']:.3f}, "
+        f"trained in {teacher_seconds / 60:.1f} min\n")
+  header = ("method", "exact match", "teacher NLL", "reverse KL",
+            "minutes/run")
+  print("| " + " | ".join(header) + " |")
+  print("|" + "---|" * len(header))
+  for method, results in rows.items():
+    stats = {}
+    for key in ("exact_match", "teacher_nll", "reverse_kl", "wall_seconds"):
+      values = [r[key] for r in results]
+      stats[key] = (statistics.mean(values),
+                    statistics.stdev(values) if len(values) > 1 else 0.0)
+    summary["methods"][method] = {"runs": results, "mean_std": stats}
+    cell = lambda k, f: f"{stats[k][0]:{f}} ± {stats[k][1]:{f}}"
+    print(f"| {method} | {cell('exact_match', '.3f')} | "
+          f"{cell('teacher_nll', '.3f')} | {cell('reverse_kl', '.3f')} | "
+          f"{stats['wall_seconds'][0] / 60:.1f} |")
+  with open(os.path.join(args.workdir, "results.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+
+
+def _test_metrics_teacher(config) -> dict:
+  config = config.copy_and_resolve_references()
+  config.data.eval_split = config.data.test_split
+  mesh = layout.make_mesh(config)
+  task = tasks.PromptCompletion(config)
+  model = specs.build_model(config, "teacher")
+  params = layout.restore_params(config, model,
+                                 config.teacher.checkpoint_dir, mesh)
+  return task.evaluate(model, params, mesh)
+
+
+if __name__ == "__main__":
+  main()
