@@ -3,6 +3,10 @@
     python benchmarks/on_policy_addition.py --workdir=/tmp/kd_add   # ~1 hour
     python benchmarks/on_policy_addition.py --workdir=/tmp/kd_add --quick
 
+    # SmolLM2-135M-Instruct teaching a 2-layer Llama on Shakespeare prompts:
+    python benchmarks/on_policy_addition.py --config=on_policy_shakespeare \
+        --methods=kd,gkd_1.0 --seeds=0 --workdir=/tmp/kd_shakespeare
+
 configs/on_policy_addition.py: a teacher trained here from scratch (CE on
 the answers), then a student about 5x smaller trained for the SAME number
 of gradient steps by each method below, at several seeds:
@@ -33,11 +37,11 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from configs import on_policy_addition  # pylint: disable=g-import-not-at-top,wrong-import-position
+import importlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kdjax import modes  # pylint: disable=wrong-import-position
 from kdjax.models import generate  # pylint: disable=wrong-import-position
 from kdjax.run import layout, on_policy_eval, tasks  # pylint: disable=wrong-import-position
-from kdjax.weights import specs  # pylint: disable=wrong-import-position
+from kdjax.weights import resolve, specs  # pylint: disable=wrong-import-position
 
 METHODS = {
     "ce": ("scratch", {}),
@@ -61,12 +65,15 @@ def _cpu() -> str:
 
 
 def _config(args, mode, seed, on_policy=None):
-  config = on_policy_addition.get_config("smoke" if args.quick else "")
+  module = importlib.import_module(f"configs.{args.config}")
+  config = module.get_config(*(["smoke"] if args.quick else []))
+  config = resolve.resolve_config(config)  # 'llama:' -> the installed GGUF.
   config.data.data_dir = os.path.join(args.workdir, "data")
-  config.teacher.checkpoint_dir = os.path.join(args.workdir, "teacher")
+  if not config.teacher.get("pretrained", False):
+    config.teacher.checkpoint_dir = os.path.join(args.workdir, "teacher")
   config.mode = mode
   config.seed = seed
-  if args.quick:
+  if args.quick and not config.teacher.get("pretrained", False):
     config.teacher.train.num_steps = 20
     config.student.train.num_steps = 8
   config.distill.on_policy.update(on_policy or {})
@@ -101,13 +108,16 @@ def _test_metrics(config, run_dir, teacher) -> dict:
   result.update(on_policy_eval.sampled_quality(
       model, params, teacher.model, teacher.params, test,
       sampling=generate.Sampling(temperature=1.0),
-      max_new_tokens=int(config.data.max_completion_length), seed=1234))
+      max_new_tokens=int(config.distill.on_policy.max_new_tokens),
+      seed=1234))
   return result
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True)
+  parser.add_argument("--config", default="on_policy_addition",
+                      help="a configs/ module with prompt/completion data")
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--methods", default=",".join(METHODS))
   parser.add_argument("--quick", action="store_true",
@@ -117,12 +127,14 @@ def main() -> None:
   methods = args.methods.split(",")
 
   teacher_config = _config(args, "teacher", 0)
-  teacher_seconds = _run(teacher_config,
-                         teacher_config.teacher.checkpoint_dir)
+  teacher_seconds = 0.0
+  if not teacher_config.teacher.get("pretrained", False):
+    teacher_seconds = _run(teacher_config,
+                           teacher_config.teacher.checkpoint_dir)
   mesh = layout.make_mesh(teacher_config)
-  teacher = layout.load_teacher(_config(args, "distill", 0),
-                                teacher_config.teacher.checkpoint_dir, mesh)
-  teacher_test = _test_metrics_teacher(teacher_config)
+  teacher = layout.load_teacher(_config(args, "distill", 0), args.workdir,
+                                mesh)
+  teacher_test = _test_metrics_teacher(teacher_config, teacher, mesh)
   rows = {}
   for method in methods:
     mode, on_policy = METHODS[method]
@@ -142,8 +154,9 @@ def main() -> None:
              "seeds": seeds, "methods": {}}
   print(f"\nCPU: {summary['cpu']}; student steps per run: "
         f"{summary['steps']}; seeds {seeds}")
-  print(f"teacher: exact match {teacher_test['exact_match']:.3f}, "
-        f"trained in {teacher_seconds / 60:.1f} min\n")
+  print(f"teacher: exact match {teacher_test['exact_match']:.3f}, NLL of "
+        f"its own samples {teacher_test['teacher_nll']:.3f}, trained in "
+        f"{teacher_seconds / 60:.1f} min\n")
   header = ("method", "exact match", "teacher NLL", "reverse KL",
             "minutes/run")
   print("| " + " | ".join(header) + " |")
@@ -163,15 +176,20 @@ def main() -> None:
     json.dump(summary, f, indent=1)
 
 
-def _test_metrics_teacher(config) -> dict:
+def _test_metrics_teacher(config, teacher, mesh) -> dict:
+  """The teacher's test metrics, and its own samples graded by itself (the
+  floor of teacher NLL a student's samples can reach: the teacher's
+  entropy on them)."""
   config = config.copy_and_resolve_references()
   config.data.eval_split = config.data.test_split
-  mesh = layout.make_mesh(config)
   task = tasks.PromptCompletion(config)
-  model = specs.build_model(config, "teacher")
-  params = layout.restore_params(config, model,
-                                 config.teacher.checkpoint_dir, mesh)
-  return task.evaluate(model, params, mesh)
+  result = task.evaluate(teacher.model, teacher.params, mesh)
+  result.update(on_policy_eval.sampled_quality(
+      teacher.model, teacher.params, teacher.model, teacher.params,
+      task._eval, sampling=generate.Sampling(temperature=1.0),  # pylint: disable=protected-access
+      max_new_tokens=int(config.distill.on_policy.max_new_tokens),
+      seed=1234))
+  return result
 
 
 if __name__ == "__main__":

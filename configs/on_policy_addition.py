@@ -43,6 +43,8 @@ def get_config(preset: str = ""):
       seq_length=12,
       num_examples=ml_collections.ConfigDict(
           dict(train=20000, validation=256, test=1000)),
+      task_options=ml_collections.ConfigDict(dict(min_digits=1,
+                                                  max_digits=3)),
       eval_batch_size=64)
   config.teacher.model = ml_collections.ConfigDict(TEACHER)
   config.teacher.train = defaults.train(

@@ -296,13 +296,16 @@ def prompt_data(**overrides) -> ml_collections.ConfigDict:
       num_examples=ml_collections.ConfigDict(
           dict(train=10000, validation=256, test=1000)),
       # addition: min_digits, max_digits; reversal: min_length, max_length,
-      # alphabet; shakespeare: prompt_lines, completion_lines.
-      task_options=ml_collections.ConfigDict(dict(min_digits=1,
-                                                  max_digits=3)),
+      # alphabet; shakespeare: prompt_lines, completion_lines ({} = the
+      # kdjax.data.prompts defaults). Replaced, not merged, by overrides.
+      task_options=ml_collections.ConfigDict(),
       files=ml_collections.ConfigDict(),  # jsonl: {split: path}.
       prompt_key="prompt", completion_key="completion",
       pad_id=0)
+  options = overrides.pop("task_options", None)
   data.update(overrides)
+  if options is not None:
+    data.task_options = ml_collections.ConfigDict(dict(options))
   return data
 
 

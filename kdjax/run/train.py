@@ -433,6 +433,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   summary = {**meta, "steps": total_steps, "num_params": params_lib.count(params),
              "resumed_from_step": restored_step,
              "eval": final, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+  if rollout is not None:  # This process's time, since it (re)started.
+    summary["on_policy"] = rollout.time_split()
   if jax.process_index() == 0:  # A local or gs:// workdir (kdjax.runtime.storage).
     storage.write_json(os.path.join(workdir, RUN_FILE), summary)
   logging.info("%s finished: eval %s %.4f", mode, task.headline,

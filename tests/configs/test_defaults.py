@@ -45,6 +45,7 @@ PRESETS = {
     "rotten_tomatoes": (None, "smoke", "teacher", "instructed"),
     "shakespeare_smollm2": (None, "hour", "variants", "smoke"),
     "on_policy_addition": (None, "smoke"),
+    "on_policy_shakespeare": (None, "smoke"),
     "llama_slices": (None, "8b_1b_v5e16", "8b_1b_v5e8", "8b_1b_v5e4",
                      "8b_1b_replicated", "70b_8b_v5p"),
 }

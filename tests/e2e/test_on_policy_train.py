@@ -86,8 +86,10 @@ def test_on_policy_steps_agree_across_backends_and_meshes(addition, tmp_path):
     with open(os.path.join(workdir, "rollouts.jsonl")) as f:
       texts = [json.loads(line) for line in f]
     results[name] = (_params(config, workdir), texts, summary)
-  reference, texts, _ = results["shard_map"]
+  reference, texts, summary = results["shard_map"]
   assert texts and texts[0]["step"] == 2
+  assert summary["on_policy"]["sampling_seconds"] > 0
+  assert 0 < summary["on_policy"]["sampling_fraction"] < 1
   for name in ("pmap", "sharded"):
     params, other_texts, _ = results[name]
     assert other_texts == texts, name
