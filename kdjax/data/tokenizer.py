@@ -27,7 +27,7 @@ class TokenizerMissingError(TokenizerError, FileNotFoundError):
 
 # GGUF tokenizer.ggml.pre -> (pre-tokenizer kind, BPE ignore_merges). See
 # llama.cpp's llama-vocab.cpp for what each name means there.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
                  r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|"
                  r"\s+")
 _GGUF_PRE = {
@@ -134,7 +134,7 @@ def from_gguf(reader):
         [tk.pre_tokenizers.Digits(individual_digits=True), byte_level])
   elif kind == "llama3":
     tokenizer.pre_tokenizer = tk.pre_tokenizers.Sequence(
-        [tk.pre_tokenizers.Split(tk.Regex(_LLAMA3_SPLIT), behavior="isolated"),
+        [tk.pre_tokenizers.Split(tk.Regex(LLAMA3_SPLIT), behavior="isolated"),
          byte_level])
   else:
     tokenizer.pre_tokenizer = byte_level
