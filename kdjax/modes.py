@@ -19,7 +19,7 @@ from absl import logging
 from kdjax import aot, validation
 from kdjax.core import config as config_lib
 from kdjax.data import pipeline
-from kdjax.run import cache_builder, lm_report, report, seqkd, train
+from kdjax.run import cache_builder, export, lm_report, report, seqkd, train
 from kdjax.runtime import storage
 from kdjax.weights import resolve, specs
 
@@ -125,4 +125,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return seqkd.generate_text(config, workdir)
   if config.mode == "cache_teacher":
     return cache_builder.build(config, workdir)
+  if config.mode == "export":
+    return export.export(config, workdir)
   return train.train(config, workdir)

@@ -20,16 +20,17 @@ from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.distill import objectives, on_policy, optim, parallel
 from kdjax.distill import mesh as mesh_lib
 from kdjax.distill import teacher_cache
-from kdjax.run import seqkd
+from kdjax.run import export, seqkd
 from kdjax.models import is_language_model
 from kdjax.runtime import checkpoint, distributed, workdir as workdir_lib
 from kdjax.weights import pretrained, specs
 
 MODES = ("teacher", "scratch", "distill", "evaluate", "pipeline", "aot_check",
-         "generate_text", "cache_teacher")
+         "generate_text", "cache_teacher", "export")
 # The models each mode builds, and those it trains.
 MODELS_USED = {"teacher": ("teacher",), "generate_text": ("teacher",),
-               "cache_teacher": ("teacher",), "scratch": ("student",)}
+               "cache_teacher": ("teacher",), "scratch": ("student",),
+               "export": ("student",)}
 TRAINED = {"teacher": ("teacher",), "scratch": ("student",),
            "distill": ("student",), "pipeline": ("teacher", "student")}
 
@@ -101,6 +102,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   distributed.validate(config.get("distributed"))
   if config.data.get("format", "") == "prompts":
     validate_prompts(config)
+  if config.mode == "export":
+    export.validate(config)
   if config.mode == "aot_check":
     aot.validate(config)
   else:

@@ -150,6 +150,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.cache.batch_size = 0  # Teacher batch; 0 = student.train.batch_size.
   config.cache.chunk_size = 0  # LM positions per head chunk; 0 = all at once.
 
+  # mode=export (kdjax/run/export.py): WORKDIR's student, written out.
+  config.export = ml_collections.ConfigDict(dict(
+      format="hf",  # hf (transformers directory) | gguf (llama.cpp).
+      dir="",  # '' = WORKDIR/export/<format>.
+      step=0,  # 0 = the newest checkpoint.
+      dtype="float32",  # hf: float32 | bfloat16 | float16.
+      gguf_type="f32",  # gguf: f32 | f16 | q8_0.
+  ))
+
   config.pipeline = ml_collections.ConfigDict()
   config.pipeline.seeds = (0, 1, 2)  # One scratch and one distilled student each.
   config.pipeline.small_data_fraction = 0.03  # 0 disables the small-data runs.

@@ -125,3 +125,33 @@ def test_sampled_reverse_kl_trains_on_own_samples_only(addition, tmp_path):
                               lmbda=1.0), str(tmp_path / "srkl"))
   assert "sampled_reverse_kl" in summary["objective"]
   assert 0.0 <= summary["eval"]["exact_match"] <= 1.0
+
+
+def test_mode_export_writes_what_kdjax_reimports(addition, tmp_path):
+  """mode=export on a finished distill run: the HF directory re-imports
+  (kdjax's own importer) to the checkpoint's parameters, bit for bit, and
+  its manifest names the run's objective and metrics. GGUF refuses the
+  character tokenizer by name (llama.cpp has no pre-tokenizer for it)."""
+  from kdjax.weights import pretrained  # pylint: disable=g-import-not-at-top
+  from kdjax.weights.exporters import hf_llama, manifest  # pylint: disable=g-import-not-at-top
+  data_dir, teacher = addition
+  config = _config(data_dir, teacher, lmbda=0.0)
+  run_dir = str(tmp_path / "run")
+  summary = train.train(config, run_dir)
+  config.mode = "export"
+  config.export.update(format="hf", dir=str(tmp_path / "hf"))
+  result = modes.run(config, run_dir)
+  assert result["path"] == str(tmp_path / "hf")
+  fields = specs.model_kwargs(config, "student")
+  shapes = params_lib.abstract(specs.build_model(config, "student"),
+                               config.data)
+  imported = pretrained.load_pretrained(shapes, "llama:" + result["path"],
+                                        model_fields=fields)
+  _assert_equal(imported, _params(config, run_dir))
+  made_by = manifest.read_manifest(result["path"])
+  assert made_by["objective"] == summary["objective"]
+  assert made_by["eval_metrics"]["exact_match"] == summary["eval"][
+      "exact_match"]
+  config.export.update(format="gguf", dir=str(tmp_path / "gguf"))
+  with pytest.raises(hf_llama.ExportError, match="pre_tokenizer"):
+    modes.run(config, run_dir)
