@@ -192,8 +192,8 @@ def main() -> None:
   print(f"teacher: exact match {teacher_test['exact_match']:.3f}, NLL of "
         f"its own samples {teacher_test['teacher_nll']:.3f}, trained in "
         f"{teacher_seconds / 60:.1f} min\n")
-  header = ("method", "exact match", "teacher NLL", "reverse KL",
-            "minutes/run")
+  header = ("method", "exact match", "vs ce, paired by seed",
+            "teacher NLL", "reverse KL", "minutes/run")
   print("| " + " | ".join(header) + " |")
   print("|" + "---|" * len(header))
   for method, results in rows.items():
@@ -204,7 +204,14 @@ def main() -> None:
                     statistics.stdev(values) if len(values) > 1 else 0.0)
     summary["methods"][method] = {"runs": results, "mean_std": stats}
     cell = lambda k, f: f"{stats[k][0]:{f}} ± {stats[k][1]:{f}}"
-    print(f"| {method} | {cell('exact_match', '.3f')} | "
+    paired = ""
+    if "ce" in rows and method != "ce":  # Same seed = same warm start.
+      diffs = [r["exact_match"] - c["exact_match"]
+               for r, c in zip(results, rows["ce"])]
+      summary["methods"][method]["exact_match_minus_ce"] = diffs
+      paired = (f"{statistics.mean(diffs):+.3f} ("
+                + ", ".join(f"{d:+.2f}" for d in diffs) + ")")
+    print(f"| {method} | {cell('exact_match', '.3f')} | {paired} | "
           f"{cell('teacher_nll', '.3f')} | {cell('reverse_kl', '.3f')} | "
           f"{stats['wall_seconds'][0] / 60:.1f} |")
   with open(os.path.join(args.workdir, "results.json"), "w") as f:
