@@ -51,14 +51,21 @@ def _assert_equal(a, b):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_lmbda_zero_is_off_policy_kd_bit_for_bit(addition, tmp_path,
+@pytest.fixture(scope="module")
+def lmbda_zero_run(addition, tmp_path_factory):
+  """(config, workdir, summary) of a finished lmbda=0 distill run."""
+  data_dir, teacher = addition
+  config = _config(data_dir, teacher, lmbda=0.0)
+  workdir = str(tmp_path_factory.mktemp("lmbda0"))
+  return config, workdir, train.train(config, workdir)
+
+
+def test_lmbda_zero_is_off_policy_kd_bit_for_bit(lmbda_zero_run, tmp_path,
                                                  monkeypatch):
   """lmbda=0 trains on the data's completions through the rollout loop;
   the plain loop (no rollout machinery) gives the same student, bit for
   bit."""
-  data_dir, teacher = addition
-  config = _config(data_dir, teacher, lmbda=0.0)
-  train.train(config, str(tmp_path / "lmbda0"))
+  config, lmbda0, _ = lmbda_zero_run
   monkeypatch.setattr(train, "task_is_on_policy", lambda config: False)
   train.train(config, str(tmp_path / "plain"))
   before = params_lib.init(specs.build_model(config, "student"), config.data,
@@ -66,8 +73,8 @@ def test_lmbda_zero_is_off_policy_kd_bit_for_bit(addition, tmp_path,
   after = _params(config, str(tmp_path / "plain"))
   assert max(float(np.abs(np.asarray(x) - y).max()) for x, y in zip(
       jax.tree.leaves(before), jax.tree.leaves(after))) > 1e-4
-  _assert_equal(_params(config, str(tmp_path / "lmbda0")), after)
-  assert not os.path.exists(tmp_path / "lmbda0" / "rollouts.jsonl")
+  _assert_equal(_params(config, lmbda0), after)
+  assert not os.path.exists(os.path.join(lmbda0, "rollouts.jsonl"))
 
 
 def test_on_policy_steps_agree_across_backends_and_meshes(addition, tmp_path):
@@ -127,17 +134,15 @@ def test_sampled_reverse_kl_trains_on_own_samples_only(addition, tmp_path):
   assert 0.0 <= summary["eval"]["exact_match"] <= 1.0
 
 
-def test_mode_export_writes_what_kdjax_reimports(addition, tmp_path):
+def test_mode_export_writes_what_kdjax_reimports(lmbda_zero_run, tmp_path):
   """mode=export on a finished distill run: the HF directory re-imports
   (kdjax's own importer) to the checkpoint's parameters, bit for bit, and
   its manifest names the run's objective and metrics. GGUF refuses the
   character tokenizer by name (llama.cpp has no pre-tokenizer for it)."""
   from kdjax.weights import pretrained  # pylint: disable=g-import-not-at-top
   from kdjax.weights.exporters import hf_llama, manifest  # pylint: disable=g-import-not-at-top
-  data_dir, teacher = addition
-  config = _config(data_dir, teacher, lmbda=0.0)
-  run_dir = str(tmp_path / "run")
-  summary = train.train(config, run_dir)
+  config, run_dir, summary = lmbda_zero_run
+  config = config.copy_and_resolve_references()
   config.mode = "export"
   config.export.update(format="hf", dir=str(tmp_path / "hf"))
   result = modes.run(config, run_dir)
