@@ -163,9 +163,17 @@ def main() -> None:
   teacher = layout.load_teacher(_config(args, "distill", 0), args.workdir,
                                 mesh)
   teacher_test = _test_metrics_teacher(teacher_config, teacher, mesh)
-  rows = {}
   starts = ({seed: _sft_start(args, seed) for seed in seeds}
             if args.sft_steps else {})
+  rows = {}
+  for seed in starts:  # Where every method starts: the CE warm start.
+    config = _config(args, "scratch", seed)
+    config.student.train.num_steps = args.sft_steps
+    metrics = _test_metrics(config, os.path.join(args.workdir,
+                                                 f"sft_seed{seed}"), teacher)
+    metrics["wall_seconds"] = _run(config, os.path.join(
+        args.workdir, f"sft_seed{seed}"))
+    rows.setdefault("start", []).append(metrics)
   for method in methods:
     mode, on_policy = METHODS[method]
     for seed in seeds:
