@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -44,6 +43,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import importlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import sharded_load_memory  # pylint: disable=wrong-import-position  (its cpu_model)
 from kdjax import modes  # pylint: disable=wrong-import-position
 from kdjax.data import prompts  # pylint: disable=wrong-import-position
 from kdjax.models import generate  # pylint: disable=wrong-import-position
@@ -59,17 +60,6 @@ METHODS = {
     "gkd_1.0": ("distill", dict(lmbda=1.0)),
     "srkl": ("distill", dict(lmbda=1.0, loss="sampled_reverse_kl")),
 }
-
-
-def _cpu() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
 
 
 def _config(args, mode, seed, on_policy=None):
@@ -190,7 +180,7 @@ def main() -> None:
       print(f"{method} seed {seed}: " + ", ".join(
           f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
 
-  summary = {"cpu": _cpu(), "teacher": dict(teacher_test,
+  summary = {"cpu": sharded_load_memory.cpu_model(), "teacher": dict(teacher_test,
                                             wall_seconds=teacher_seconds),
              "steps": int(_config(args, "distill", 0).student.train.num_steps),
              "sft_steps": args.sft_steps,
