@@ -133,6 +133,10 @@ def get_config() -> ml_collections.ConfigDict:
       # or '' = distill.terms as they are (a 'ce' term skips rollouts).
       loss="jsd",
       beta=0.5,  # JSD's teacher weight (0 = forward KL, 1 = reverse KL).
+      # sampled_reverse_kl only: each token's gradient is weighted by the
+      # costs from it on, discounted per token (0 = its own cost, as tinker;
+      # 1 = the rest of the completion's summed cost).
+      discount=0.0,
       # Sampling, separate from the distillation temperature.
       temperature=0.9, top_k=0, top_p=1.0,
       max_new_tokens=128,

@@ -168,7 +168,8 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
 
 
 def sampled_reverse_kl(student_logits: Array, teacher_logits: Array,
-                       sampled: Array) -> Array:
+                       sampled: Array, *, advantage: Array | None = None
+                       ) -> Array:
   """Reverse KL estimated on the student's own sampled tokens (on-policy).
 
   Per token y (sampled from the student): r = log q(y) - log p(y), an
@@ -180,6 +181,11 @@ def sampled_reverse_kl(student_logits: Array, teacher_logits: Array,
   estimate is of the distributions the samples came from (the samples'
   own temperature is the sampler's business). Only meaningful on tokens the
   student sampled; on other text it is a biased estimate.
+
+  `advantage` (same shape as `sampled`, detached) replaces r as the weight
+  of grad log q(y): e.g. the discounted sum of the costs from this token on
+  (`discounted_returns`), so a token is also charged for the text it leads
+  to. The value returned stays r.
   """
   sampled = sampled[..., None].astype(jnp.int32)
   log_q = jnp.take_along_axis(_log_softmax(student_logits), sampled,
@@ -187,7 +193,27 @@ def sampled_reverse_kl(student_logits: Array, teacher_logits: Array,
   log_p = jnp.take_along_axis(_log_softmax(teacher_logits), sampled,
                               axis=-1)[..., 0]
   cost = lax.stop_gradient(log_q - log_p)
-  return cost + cost * (log_q - lax.stop_gradient(log_q))
+  weight = cost if advantage is None else lax.stop_gradient(advantage)
+  return cost + weight * (log_q - lax.stop_gradient(log_q))
+
+
+def discounted_returns(costs: Array, mask: Array, discount: float) -> Array:
+  """returns[t] = sum over later counted tokens t' >= t of
+  discount**(t' - t) * costs[t'], along the last axis.
+
+  Positions with mask 0 add nothing, and the discount counts positions, so a
+  row's masked tail (padding, text after EOS) is not charged to anyone.
+  discount=0 gives the counted costs themselves.
+  """
+  counted = jnp.where(mask > 0, costs, 0.0).astype(jnp.float32)
+
+  def step(later, cost):
+    total = cost + discount * later
+    return total, total
+
+  _, out = lax.scan(step, jnp.zeros(counted.shape[:-1], jnp.float32),
+                    jnp.moveaxis(counted, -1, 0), reverse=True)
+  return jnp.moveaxis(out, 0, -1)
 
 
 def entropy(logits: Array, *, temperature: Any = 1.0) -> Array:

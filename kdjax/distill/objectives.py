@@ -41,6 +41,7 @@ TASK_TERM = "ce"
 # Reverse KL on the student's sampled tokens (on-policy distillation): reads
 # the labels, like 'ce', but needs a teacher, like a divergence.
 SAMPLED_TERM = "sampled_reverse_kl"
+DISCOUNT = "discount"  # SAMPLED_TERM's option: future costs' weight per token.
 
 
 @flax.struct.dataclass
@@ -120,11 +121,13 @@ class Term:
   options: tuple[tuple[str, Any], ...] = ()
   label: str = ""
 
-  def __call__(self, student_logits, teacher_logits, labels, temperature):
+  def __call__(self, student_logits, teacher_logits, labels, temperature,
+               advantage=None):
     if self.name == TASK_TERM:
       return losses.softmax_cross_entropy(student_logits, labels)
     if self.name == SAMPLED_TERM:  # labels = the tokens the student sampled.
-      return losses.sampled_reverse_kl(student_logits, teacher_logits, labels)
+      return losses.sampled_reverse_kl(student_logits, teacher_logits, labels,
+                                       advantage=advantage)
     fn = losses.get_objective(self.name)
     return fn(student_logits, teacher_logits, temperature=temperature,
               **dict(self.options))
@@ -157,9 +160,23 @@ class Objective:
   def needs_features(self) -> bool:
     return bool(self.feature_terms)
 
+  @property
+  def sampled_discount(self) -> float:
+    """The `sampled_reverse_kl` term's discount (0: each token's own cost)."""
+    for term in self.terms:
+      if term.name == SAMPLED_TERM:
+        return float(dict(term.options).get(DISCOUNT, 0.0))
+    return 0.0
+
   def __call__(self, student: ModelOutputs, teachers: Sequence[ModelOutputs],
-               labels: jax.Array, step: jax.Array, aux_params: Any = None):
-    """Per-example loss and {term name: per-example value} (unweighted)."""
+               labels: jax.Array, step: jax.Array, aux_params: Any = None,
+               advantages: jax.Array | None = None):
+    """Per-example loss and {term name: per-example value} (unweighted).
+
+    `advantages`: the weights of a `sampled_reverse_kl` term's score
+    function, when its discount > 0 (kdjax/distill/token_loss.py computes
+    them over the whole sequence first).
+    """
     temperature = self.temperature(step)
     cached = teachers[0].topk if self.uses_teacher else None
     if self.uses_teacher and self.hard_labels == "teacher":
@@ -173,7 +190,8 @@ class Objective:
       elif term.name == TASK_TERM or self.combine == "ensemble":
         teacher_logits = (self._ensemble_logits(teachers, temperature)
                           if self.uses_teacher else None)
-        value = term(student.logits, teacher_logits, labels, temperature)
+        value = term(student.logits, teacher_logits, labels, temperature,
+                     advantages if term.name == SAMPLED_TERM else None)
       else:  # 'sum': one divergence per teacher, weighted.
         value = sum(c * term(student.logits, t.logits, labels, temperature)
                     for c, t in zip(self._coefficients(), teachers))
@@ -313,6 +331,10 @@ def validate_distill(distill) -> None:
     if spec.get("schedule", "constant") not in SCHEDULES:
       fail(f"distill.terms[{i}].schedule", spec.get("schedule"),
            f"allowed: {SCHEDULES}")
+    if DISCOUNT in spec and (spec["name"] != SAMPLED_TERM
+                             or not 0.0 <= float(spec[DISCOUNT]) <= 1.0):
+      fail(f"distill.terms[{i}].{DISCOUNT}", spec[DISCOUNT],
+           f"in [0, 1], and only for '{SAMPLED_TERM}'")
   if distill.temperature_schedule not in SCHEDULES:
     fail("distill.temperature_schedule", distill.temperature_schedule,
          f"allowed: {SCHEDULES}")

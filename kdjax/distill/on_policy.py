@@ -55,6 +55,7 @@ class Settings:
   top_p: float
   max_new_tokens: int
   log_rollouts_every: int
+  discount: float
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "Settings":
@@ -63,7 +64,8 @@ class Settings:
                beta=float(c.beta), temperature=float(c.temperature),
                top_k=int(c.top_k), top_p=float(c.top_p),
                max_new_tokens=int(c.max_new_tokens),
-               log_rollouts_every=int(c.log_rollouts_every))
+               log_rollouts_every=int(c.log_rollouts_every),
+               discount=float(c.discount))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -81,6 +83,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail(f"{field}.loss", c.loss,
          "estimates KL on the student's own samples only: set "
          "distill.on_policy.lmbda=1 and seq_kd=False")
+  if not 0.0 <= float(c.discount) <= 1.0:
+    fail(f"{field}.discount", c.discount, "in [0, 1] (0 = each token's own "
+         "cost, as tinker)")
+  if float(c.discount) and c.loss != objectives.SAMPLED_TERM:
+    fail(f"{field}.discount", c.discount,
+         f"weighs future costs of '{objectives.SAMPLED_TERM}' only; set it "
+         "to 0 for other losses")
   if float(c.temperature) < 0:
     fail(f"{field}.temperature", c.temperature, ">= 0 (0 = greedy)")
   if int(c.top_k) < 0:
@@ -113,6 +122,8 @@ def objective_config(config: ml_collections.ConfigDict
   term = {"name": c.loss, "weight": 1.0}
   if c.loss == "jsd":
     term["beta"] = float(c.beta)
+  if c.loss == objectives.SAMPLED_TERM and float(c.discount):
+    term[objectives.DISCOUNT] = float(c.discount)
   distill.terms = (term,)
   return distill
 

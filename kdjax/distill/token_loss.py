@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kdjax.distill import losses, objectives
 from kdjax.distill.objectives import ModelOutputs
 from kdjax.models import partitioning
 
@@ -64,14 +65,15 @@ def logits_from_hidden(hidden: Array, head: Array) -> Array:
 def direct_objective(objective, student_hidden: Array, student_head: Array,
                      teacher_hiddens: Sequence[Array],
                      teacher_heads: Sequence[Array], labels: Array,
-                     mask: Array, step: Array, *,
-                     global_count: Array) -> tuple[Array, dict[str, Array]]:
+                     mask: Array, step: Array, *, global_count: Array,
+                     advantages: Array | None = None
+                     ) -> tuple[Array, dict[str, Array]]:
   """The reference: full [B, L, V] logits, then the objective (module doc)."""
   teacher_hiddens, teacher_heads = _check_inputs(
       objective, student_hidden, student_head, teacher_hiddens, teacher_heads,
       labels, mask)
   sums = _token_sums(objective, student_hidden, student_head, teacher_hiddens,
-                     teacher_heads, labels, mask, step)
+                     teacher_heads, labels, mask, step, advantages)
   return sums["loss"] / global_count, lax.stop_gradient(sums)
 
 
@@ -79,7 +81,8 @@ def chunked_objective(objective, student_hidden: Array, student_head: Array,
                       teacher_hiddens: Sequence[Array],
                       teacher_heads: Sequence[Array], labels: Array,
                       mask: Array, step: Array, *, chunk_size: int,
-                      global_count: Array) -> tuple[Array, dict[str, Array]]:
+                      global_count: Array, advantages: Array | None = None
+                      ) -> tuple[Array, dict[str, Array]]:
   """Same loss, metrics and gradients as `direct_objective`, chunk by chunk.
 
   Args:
@@ -97,6 +100,8 @@ def chunked_objective(objective, student_hidden: Array, student_head: Array,
       masked positions (their matmuls are computed and thrown away).
     global_count: the normaliser, the number of valid tokens of the global
       batch (all devices and micro-batches), as in `step.train_step`.
+    advantages: [B, L] or None, for a discounted `sampled_reverse_kl` term
+      (`token_objective` computes them); no gradient.
 
   Returns:
     (loss, metric sums); only the loss carries gradients (to student_hidden
@@ -119,7 +124,8 @@ def chunked_objective(objective, student_hidden: Array, student_head: Array,
 
   hidden_chunks = to_chunks(student_hidden)
   data_chunks = ([jax.tree.map(to_chunks, h) for h in teacher_hiddens],
-                 to_chunks(labels), to_chunks(mask))
+                 to_chunks(labels), to_chunks(mask),
+                 None if advantages is None else to_chunks(advantages))
   # Under shard_map a replicated head meeting sharded hidden states is cast to
   # varying where they meet; inside the loop that cast's transpose would be
   # one all-reduce of the head gradient per chunk. Cast once, outside, so the
@@ -151,9 +157,9 @@ def _chunked_loss(objective, axes, *args):
   """
   def chunk_loss(hidden, student_head, teacher_heads, chunk, step,
                  global_count):
-    t_hiddens, labels, mask = chunk
+    t_hiddens, labels, mask, advantages = chunk
     sums = _token_sums(objective, hidden, student_head, t_hiddens,
-                       teacher_heads, labels, mask, step)
+                       teacher_heads, labels, mask, step, advantages)
     return sums["loss"] / global_count, sums
 
   def scan(with_grads, hidden_chunks, student_head, teacher_heads,
@@ -216,25 +222,78 @@ def token_objective(objective, student_hidden: Array, student_head: Array,
   """chunk_size == 0: `direct_objective`; > 0: `chunked_objective`.
 
   One entry point for a config field (e.g. `loss_chunk_size`, 0 = direct).
+  A `sampled_reverse_kl` term with a discount > 0 charges each sampled token
+  for the costs of the tokens after it, which the chunks cannot see one at a
+  time: a forward-only pass over the chunks computes every token's cost
+  first (one more head matmul per model, no gradient), then the discounted
+  returns (`losses.discounted_returns`) weigh the term's gradient.
   """
+  advantages = None
+  if objective.sampled_discount > 0:
+    advantages = _sampled_advantages(
+        objective, student_hidden, student_head, teacher_hiddens,
+        teacher_heads, labels, mask, step, chunk_size=chunk_size)
   if chunk_size == 0 and not isinstance(chunk_size, bool):
     return direct_objective(objective, student_hidden, student_head,
                             teacher_hiddens, teacher_heads, labels, mask, step,
-                            global_count=global_count)
+                            global_count=global_count, advantages=advantages)
   return chunked_objective(objective, student_hidden, student_head,
                            teacher_hiddens, teacher_heads, labels, mask, step,
-                           chunk_size=chunk_size, global_count=global_count)
+                           chunk_size=chunk_size, global_count=global_count,
+                           advantages=advantages)
+
+
+def _sampled_advantages(objective, student_hidden, student_head,
+                        teacher_hiddens, teacher_heads, labels, mask, step, *,
+                        chunk_size: int) -> Array:
+  """[B, L] discounted returns of the sampled-token costs; no gradient."""
+  if any(w is None for w in teacher_heads):
+    raise ValueError("a discounted sampled_reverse_kl grades the student's "
+                     "own samples: it needs the live teacher, not a cache")
+  student_hidden, student_head, teacher_hiddens, teacher_heads = (
+      lax.stop_gradient((student_hidden, student_head, list(teacher_hiddens),
+                         list(teacher_heads))))
+  batch, length = labels.shape
+  size = min(_check_chunk_size(chunk_size), length) if chunk_size else length
+  num_chunks = -(-length // size)
+  pad = num_chunks * size - length
+
+  def to_chunks(x):
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(
+        x.reshape((batch, num_chunks, size) + x.shape[2:]), 1, 0)
+
+  def costs(chunk):
+    hidden, t_hiddens, chunk_labels = chunk
+    student_logits = logits_from_hidden(hidden, student_head)
+    teachers = [ModelOutputs(logits_from_hidden(h, w))
+                for h, w in zip(t_hiddens, teacher_heads)]
+    _, terms = objective(ModelOutputs(student_logits), teachers, chunk_labels,
+                         step)
+    return terms[_sampled_label(objective)]
+
+  per_chunk = lax.map(costs, (to_chunks(student_hidden),
+                              [to_chunks(h) for h in teacher_hiddens],
+                              to_chunks(labels)))
+  per_token = jnp.moveaxis(per_chunk, 0, 1).reshape(batch, -1)[:, :length]
+  return losses.discounted_returns(per_token, mask,
+                                   objective.sampled_discount)
+
+
+def _sampled_label(objective) -> str:
+  return next(t.label or t.name for t in objective.terms
+              if t.name == objectives.SAMPLED_TERM)
 
 
 def _token_sums(objective, hidden, head, teacher_hiddens, teacher_heads,
-                labels, mask, step) -> dict[str, Array]:
+                labels, mask, step, advantages=None) -> dict[str, Array]:
   """Masked sums of the objective and metrics over the given tokens."""
   student_logits = logits_from_hidden(hidden, head)
   teachers = [ModelOutputs(lax.stop_gradient(logits_from_hidden(h, w)))
               if w is not None else ModelOutputs(None, hidden=h)  # Cached.
               for h, w in zip(teacher_hiddens, teacher_heads)]
   per_token, terms = objective(ModelOutputs(student_logits), teachers, labels,
-                               step)
+                               step, advantages=advantages)
   predictions = jnp.argmax(student_logits, -1)
   sums = {"loss": _masked_sum(per_token, mask),
           "correct": _masked_sum(predictions == labels, mask),

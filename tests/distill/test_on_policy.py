@@ -23,7 +23,7 @@ from conftest import load_config
 def _settings(**kwargs):
   fields = dict(lmbda=0.5, seq_kd=False, loss="jsd", beta=0.5,
                 temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=4,
-                log_rollouts_every=0)
+                log_rollouts_every=0, discount=0.0)
   fields.update(kwargs)
   return on_policy.Settings(**fields)
 
@@ -80,6 +80,7 @@ def test_no_cross_entropy_on_the_students_own_samples():
     ("beta", -0.1, "beta"), ("top_p", 0.0, "top_p"),
     ("max_new_tokens", 0, "max_new_tokens"),
     ("max_new_tokens", 9, "max_completion_length"),
+    ("discount", 1.5, "discount"), ("discount", 0.5, "future costs"),
 ])
 def test_bad_settings_are_refused_by_name(field, value, match, tmp_path):
   config = load_config("on_policy_addition", "smoke")

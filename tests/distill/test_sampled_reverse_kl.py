@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from kdjax.core import defaults
-from kdjax.distill import losses, objectives
+from kdjax.distill import losses, objectives, token_loss
 
 
 def _log_softmax64(x):
@@ -74,3 +74,68 @@ def test_is_a_term_that_reads_the_sampled_tokens():
   np.testing.assert_allclose(
       total, losses.sampled_reverse_kl(s, t, y), rtol=1e-6)
   assert set(terms) == {"sampled_reverse_kl"}
+
+
+def _returns64(costs, mask, discount):
+  out = np.zeros_like(costs, np.float64)
+  later = np.zeros(costs.shape[:-1])
+  for t in reversed(range(costs.shape[-1])):
+    later = mask[..., t] * costs[..., t] + discount * later
+    out[..., t] = later
+  return out
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), discount=st.floats(0.0, 1.0))
+def test_discounted_returns_sum_the_counted_costs_ahead(seed, discount):
+  rng = np.random.default_rng(seed)
+  costs = rng.normal(size=(3, 6))
+  mask = (rng.random((3, 6)) > 0.3).astype(np.float32)
+  np.testing.assert_allclose(
+      losses.discounted_returns(jnp.asarray(costs, jnp.float32), mask,
+                                discount),
+      _returns64(costs, mask, discount), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [0, 3])
+def test_a_discounted_term_weighs_each_token_by_the_costs_ahead(chunk_size):
+  """Through the token loss (chunks of 3 of 7 positions cannot see each
+  other's tokens): the gradient is sum_t A_t grad log q(y_t) / count, A_t
+  the discounted sum of the masked costs from t on, computed in float64."""
+  distill = defaults.get_config().distill
+  distill.terms = ({"name": "sampled_reverse_kl", "weight": 1.0,
+                    "discount": 0.8},)
+  objectives.validate_distill(distill)
+  objective = objectives.distillation(distill, num_teachers=1, total_steps=1)
+  assert objective.sampled_discount == 0.8
+  rng = np.random.default_rng(3)
+  b, length, d, v = 2, 7, 5, 6
+  hidden = rng.normal(size=(b, length, d)).astype(np.float32)
+  head = rng.normal(size=(d, v)).astype(np.float32)
+  t_hidden = rng.normal(size=(b, length, d)).astype(np.float32)
+  t_head = rng.normal(size=(d, v)).astype(np.float32)
+  y = rng.integers(0, v, (b, length))
+  mask = np.ones((b, length), np.float32)
+  mask[0, 5:] = 0  # After EOS: charged to no one.
+  mask[1, :2] = 0  # The prompt.
+  count = mask.sum()
+
+  def loss(x):
+    return token_loss.token_objective(
+        objective, x, jnp.asarray(head), [jnp.asarray(t_hidden)],
+        [jnp.asarray(t_head)], jnp.asarray(y), jnp.asarray(mask),
+        jnp.int32(0), chunk_size=chunk_size, global_count=jnp.float32(count))
+
+  (value, sums), grad = jax.value_and_grad(loss, has_aux=True)(
+      jnp.asarray(hidden))
+  pick = lambda a: np.take_along_axis(a, y[..., None], -1)[..., 0]
+  log_q = _log_softmax64(hidden.astype(np.float64) @ head)
+  log_p = _log_softmax64(t_hidden.astype(np.float64) @ t_head)
+  cost = pick(log_q) - pick(log_p)
+  advantage = _returns64(cost, mask, 0.8)
+  np.testing.assert_allclose(value, np.sum(mask * cost) / count, rtol=1e-5)
+  g_logits = (mask * advantage)[..., None] * (
+      np.eye(v)[y] - np.exp(log_q)) / count
+  np.testing.assert_allclose(grad, g_logits @ head.T, rtol=1e-4, atol=1e-6)
+  # Without the discount the weights differ: the test can tell them apart.
+  assert np.abs(advantage - mask * cost).max() > 0.1
