@@ -123,8 +123,9 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   return tensors
 
 
-def _mapping(num_layers: int) -> list[tuple[str, tuple[str, ...], bool]]:
-  """(HF name, kdjax param path, transpose?) for every encoder parameter."""
+def hf_names(num_layers: int) -> list[tuple[str, tuple[str, ...], bool]]:
+  """(HF name, kdjax param path, transpose?) for every encoder parameter
+  (the exporter, kdjax/weights/exporters/hf_bert.py, writes the same)."""
   def dense(hf, ours):
     return [(f"{hf}.weight", ours + ("kernel",), True),
             (f"{hf}.bias", ours + ("bias",), False)]
@@ -165,7 +166,7 @@ def convert_params(state_dict: Mapping[str, np.ndarray],
   if prefix is None:
     raise CheckpointError("No embeddings.word_embeddings.weight (under any of "
                           f"{_PREFIXES}); keys start {sorted(sd)[:5]}.")
-  rows = _mapping(config["num_layers"])
+  rows = hf_names(config["num_layers"])
   if config.get("add_pooler", True) and f"{prefix}pooler.dense.weight" in sd:
     rows += [("pooler.dense.weight", ("pooler", "kernel"), True),
              ("pooler.dense.bias", ("pooler", "bias"), False)]
