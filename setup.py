@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",  # HF checkpoint import (numpy loader, no PyTorch)
     "tokenizers>=0.19",  # WordPiece/BPE tokenizers from HF tokenizer.json
     "gguf>=0.10",  # Llama-family weights and tokenizers from GGUF files
+    "flatbuffers>=24.3",  # jax.export serialization (StableHLO, kdjax.serve)
 ]
 
 EXTRAS_REQUIRE = {

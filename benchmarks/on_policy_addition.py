@@ -5,7 +5,8 @@
 
     # SmolLM2-135M-Instruct teaching a 2-layer Llama on Shakespeare prompts:
     python benchmarks/on_policy_addition.py --config=on_policy_shakespeare \
-        --methods=kd,gkd_1.0 --seeds=0 --workdir=/tmp/kd_shakespeare
+        --methods=kd,gkd_0.5,gkd_1.0 --seeds=0 --sft_steps=0 \
+        --workdir=/tmp/kd_shakespeare
 
 configs/on_policy_addition.py: a teacher trained here from scratch (CE on
 the answers), then a student about 5x smaller trained for the SAME number
@@ -23,6 +24,8 @@ student's samples are noise to grade until it writes digits.
   gkd_1.0     every step on the student's rollouts, JSD(0.5)
   srkl        every step on the student's rollouts, per-token reverse KL
               on its sampled tokens (REINFORCE; tinker's on-policy KD)
+  srkl_lr3e-4, srkl_d0.9_lr3e-4 (not in the default --methods): srkl at a
+              tenth of the learning rate, per token and with discount 0.9
 Reported on the test split (disjoint problems): exact match of the greedy
 answer, and on the student's own samples (temperature 1) the teacher's
 per-token NLL and the exact reverse KL KL(student || teacher) per token
@@ -59,10 +62,17 @@ METHODS = {
     "gkd_0.5": ("distill", dict(lmbda=0.5)),
     "gkd_1.0": ("distill", dict(lmbda=1.0)),
     "srkl": ("distill", dict(lmbda=1.0, loss="sampled_reverse_kl")),
+    # The same at a tenth of the learning rate, per token and discounted.
+    "srkl_lr3e-4": ("distill", dict(lmbda=1.0, loss="sampled_reverse_kl"),
+                    dict(learning_rate=3e-4)),
+    "srkl_d0.9_lr3e-4": ("distill", dict(lmbda=1.0, loss="sampled_reverse_kl",
+                                         discount=0.9),
+                         dict(learning_rate=3e-4)),
 }
+DEFAULT_METHODS = ("ce", "kd", "seqkd", "gkd_0.5", "gkd_1.0", "srkl")
 
 
-def _config(args, mode, seed, on_policy=None):
+def _config(args, mode, seed, on_policy=None, train=None):
   module = importlib.import_module(f"configs.{args.config}")
   config = module.get_config(*(["smoke"] if args.quick else []))
   config = resolve.resolve_config(config)  # 'llama:' -> the installed GGUF.
@@ -76,6 +86,7 @@ def _config(args, mode, seed, on_policy=None):
     config.student.train.num_steps = 8
     args.sft_steps = min(args.sft_steps, 4)
   config.distill.on_policy.update(on_policy or {})
+  config.student.train.update(train or {})
   return config
 
 
@@ -134,7 +145,8 @@ def main() -> None:
   parser.add_argument("--config", default="on_policy_addition",
                       help="a configs/ module with prompt/completion data")
   parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                      help=f"of {sorted(METHODS)}")
   parser.add_argument("--sft_steps", type=int, default=500,
                       help="CE steps every student starts from (of the "
                       "config's student.train.num_steps)")
@@ -165,9 +177,9 @@ def main() -> None:
         args.workdir, f"sft_seed{seed}"))
     rows.setdefault("start", []).append(metrics)
   for method in methods:
-    mode, on_policy = METHODS[method]
+    mode, on_policy, *train = METHODS[method]
     for seed in seeds:
-      config = _config(args, mode, seed, on_policy)
+      config = _config(args, mode, seed, on_policy, *train)
       if starts:  # The layers are the warm start's own.
         config.student.update(init_from=starts[seed], init_layers=())
         config.student.train.num_steps -= args.sft_steps
@@ -191,12 +203,13 @@ def main() -> None:
         f"its own samples {teacher_test['teacher_nll']:.3f}, trained in "
         f"{teacher_seconds / 60:.1f} min\n")
   header = ("method", "exact match", "vs ce, paired by seed",
-            "teacher NLL", "reverse KL", "minutes/run")
+            "teacher NLL", "reverse KL", "held-out perplexity", "minutes/run")
   print("| " + " | ".join(header) + " |")
   print("|" + "---|" * len(header))
   for method, results in rows.items():
     stats = {}
-    for key in ("exact_match", "teacher_nll", "reverse_kl", "wall_seconds"):
+    for key in ("exact_match", "teacher_nll", "reverse_kl", "perplexity",
+                "wall_seconds"):
       values = [r[key] for r in results]
       stats[key] = (statistics.mean(values),
                     statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -211,6 +224,7 @@ def main() -> None:
                 + ", ".join(f"{d:+.2f}" for d in diffs) + ")")
     print(f"| {method} | {cell('exact_match', '.3f')} | {paired} | "
           f"{cell('teacher_nll', '.3f')} | {cell('reverse_kl', '.3f')} | "
+          f"{cell('perplexity', '.4g')} | "
           f"{stats['wall_seconds'][0] / 60:.1f} |")
   with open(os.path.join(args.workdir, "results.json"), "w") as f:
     json.dump(summary, f, indent=1)

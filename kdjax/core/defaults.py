@@ -156,11 +156,19 @@ def get_config() -> ml_collections.ConfigDict:
 
   # mode=export (kdjax/run/export.py): WORKDIR's student, written out.
   config.export = ml_collections.ConfigDict(dict(
-      format="hf",  # hf (transformers directory) | gguf (llama.cpp).
+      # hf (transformers directory) | gguf (llama.cpp) | stablehlo (any
+      # student: a jax.export function with its weights, for kdjax.serve).
+      format="hf",
       dir="",  # '' = WORKDIR/export/<format>.
       step=0,  # 0 = the newest checkpoint.
       dtype="float32",  # hf: float32 | bfloat16 | float16.
       gguf_type="f32",  # gguf: f32 | f16 | q8_0.
+      # stablehlo: lowered for these; cuda/rocm are dropped (reason logged)
+      # where this jax cannot lower the model for them.
+      platforms=("cpu", "tpu", "cuda"),
+      # stablehlo: class names in label order; () = the shipped dataset's
+      # (fashion_mnist_idx, sklearn_digits, rotten_tomatoes) or none.
+      label_names=(),
   ))
 
   config.pipeline = ml_collections.ConfigDict()

@@ -4,10 +4,15 @@ Reads the run in WORKDIR (its newest checkpoint, or config.export.step)
 and writes config.export.format under config.export.dir (default
 WORKDIR/export/<format>):
   hf     a transformers LlamaForCausalLM directory (kdjax/weights/exporters/
-         hf_llama.py), dtype config.export.dtype;
+         hf_llama.py) or, for a BERT student, BertModel weights + its head
+         in a file of its own (hf_bert.py), dtype config.export.dtype;
   gguf   one GGUF file for llama.cpp (gguf_llama.py), config.export.gguf_type
-         f32 | f16 | q8_0.
-Both carry a manifest (kdjax/weights/exporters/manifest.py): the source run,
+         f32 | f16 | q8_0;
+  stablehlo  any student as a jax.export function with its weights inside,
+         a symbolic batch, lowered for config.export.platforms, with its
+         input signature and tokenizer (exporters/stablehlo.py); served by
+         `python -m kdjax.serve DIR` without kdjax's training code.
+All carry a manifest (kdjax/weights/exporters/manifest.py): the source run,
 its step, teacher, objective and eval metrics from its run.json, so a served
 model can be traced to how it was made.
 """
@@ -20,16 +25,24 @@ from typing import Any
 from absl import logging
 
 from kdjax.core.config import fail
-from kdjax.data import prompts
+from kdjax.data import builders, pipeline, prompts
+from kdjax.data import text as text_data
 from kdjax.run import tasks
 from kdjax.runtime import checkpoint, storage
 from kdjax.weights import params as params_lib
 from kdjax.weights import specs
-from kdjax.weights.exporters import gguf_llama, hf_llama, manifest
+from kdjax.weights.exporters import gguf_llama, hf_bert, hf_llama, manifest
+from kdjax.weights.exporters import stablehlo
 
-FORMATS = ("hf", "gguf")
+FORMATS = ("hf", "gguf", "stablehlo")
 GGUF_TYPES = ("f32", "f16", "q8_0")
 RUN_FILE = "run.json"
+# Class names of the shipped datasets (config.export.label_names overrides).
+LABEL_NAMES = {
+    "fashion_mnist_idx": builders.FASHION_MNIST_CLASSES,
+    "sklearn_digits": tuple(str(d) for d in range(10)),
+    "rotten_tomatoes": text_data.RT_CLASSES,
+}
 
 
 def validate(config) -> None:
@@ -41,17 +54,44 @@ def validate(config) -> None:
     fail("export.gguf_type", export.gguf_type, f"allowed: {GGUF_TYPES}")
   if export.dtype not in ("float32", "bfloat16", "float16"):
     fail("export.dtype", export.dtype, "float32 | bfloat16 | float16")
-  if config.student.model.name != "llama":
+  writes = {"hf": ("llama", "bert"), "gguf": ("llama",)}.get(export.format)
+  if writes and config.student.model.name not in writes:
     fail("student.model.name", config.student.model.name,
-         "HF and GGUF export write Llama students ('llama')")
+         f"export.format='{export.format}' writes {writes} students; "
+         "export.format='stablehlo' writes any student")
   if int(export.step) < 0:
     fail("export.step", export.step, ">= 0 (0 = the newest checkpoint)")
+  if export.format == "stablehlo":
+    try:
+      stablehlo.check_platforms(export.platforms)
+    except stablehlo.ExportError:
+      fail("export.platforms", export.platforms,
+           f"distinct names from {stablehlo.PLATFORMS}, at least one")
+    names = tuple(export.label_names)
+    if names and (pipeline.is_language_modelling(config.data)
+                  or len(names) != int(config.data.num_classes)):
+      fail("export.label_names", names,
+           "one name per class (data.num_classes), or () for a language "
+           "model or unknown names")
 
 
 def _tokenizer_path(config) -> str:
+  """The run's tokenizer ('' for a model without text input)."""
   if tasks.is_prompts(config.data):
     return prompts.tokenizer_path(config.data)
-  return str(config.data.tokenizer_path)
+  if pipeline.is_language_modelling(config.data):
+    return str(config.data.tokenizer_path)
+  return str(config.data.get("tokenizer_dir", ""))
+
+
+def _label_names(config) -> tuple[str, ...]:
+  """config.export.label_names, else the shipped dataset's, else none."""
+  if config.export.label_names:
+    return tuple(str(n) for n in config.export.label_names)
+  if pipeline.is_language_modelling(config.data):
+    return ()
+  names = LABEL_NAMES.get(config.data.name, ())
+  return tuple(names) if len(names) == int(config.data.num_classes) else ()
 
 
 def _run_summary(workdir: str) -> dict[str, Any]:
@@ -68,8 +108,9 @@ def export(config, workdir: str) -> dict[str, Any]:
   summary = _run_summary(workdir)
   teacher = (config.teacher.get("init_from", "")
              or config.teacher.get("checkpoint_dir", ""))
-  fmt = (f"hf:{export_cfg.dtype}" if export_cfg.format == "hf"
-         else f"gguf:{export_cfg.gguf_type}")
+  fmt = {"hf": f"hf:{export_cfg.dtype}",
+         "gguf": f"gguf:{export_cfg.gguf_type}",
+         "stablehlo": "stablehlo"}[export_cfg.format]
   made_by = manifest.build_manifest(
       source_run=workdir, step=int(summary.get("steps", step or 0)),
       teacher=teacher, objective=summary.get("objective", ""),
@@ -77,7 +118,18 @@ def export(config, workdir: str) -> dict[str, Any]:
   fields = specs.model_kwargs(config, "student")
   target = export_cfg.dir or os.path.join(workdir, "export",
                                           export_cfg.format)
-  if export_cfg.format == "hf":
+  if export_cfg.format == "stablehlo":
+    written = stablehlo.export_stablehlo(
+        target, model, params, config.data,
+        tokenizer_path=_tokenizer_path(config),
+        label_names=_label_names(config), manifest=made_by,
+        model_spec=specs.model_spec(config, "student"),
+        platforms=tuple(export_cfg.platforms), overwrite=True)
+  elif export_cfg.format == "hf" and config.student.model.name == "bert":
+    written = hf_bert.export_hf_bert(
+        target, params, fields, tokenizer_path=_tokenizer_path(config),
+        dtype=export_cfg.dtype, manifest=made_by, overwrite=True)
+  elif export_cfg.format == "hf":
     written = hf_llama.export_hf(
         target, params, fields, tokenizer_path=_tokenizer_path(config),
         dtype=export_cfg.dtype, manifest=made_by, overwrite=True)

@@ -20,8 +20,10 @@ from kdjax.core import config as config_lib
 from kdjax.data import pipeline
 from kdjax.runtime import checkpoint
 from kdjax.weights import params as params_lib
+from kdjax.weights import pretrained
 from kdjax.weights import prompt as prompt_weights
 from kdjax.weights import specs
+from kdjax.weights.exporters import hf_bert as hf_bert_export
 from kdjax.weights.importers import hf_bert
 from conftest import load_config
 
@@ -158,3 +160,34 @@ def test_validation_names_a_bad_variant_mode(tmp_path):
   config.pipeline.variants = (dict(config.pipeline.variants[0], mode="teacher"),)
   with pytest.raises(config_lib.ConfigError, match=r"pipeline.variants\[0\].mode"):
     validation.validate(config, str(tmp_path))
+
+
+def test_mode_export_writes_the_prompt_student_as_hf_bert(smoke_run, tmp_path):
+  """mode=export, format hf, on the distilled soft-prompt MiniLM: kdjax's
+  importer + the head file give back the run's parameters and logits."""
+  config, workdir, _ = smoke_run
+  run_dir = os.path.join(workdir, "full_data", "distill_prompt_distilled",
+                         "seed_0")
+  _, params = _restore(config, run_dir)
+  variant = next(v for v in config.pipeline.variants
+                 if v["name"] == "prompt_distilled")
+  export_config = config.copy_and_resolve_references()
+  for key, value in variant["overrides"].items():
+    section, _, field = key.rpartition(".")
+    target = export_config
+    for part in section.split("."):
+      target = target[part]
+    target[field] = value
+  export_config.mode = "export"
+  export_config.export.format = "hf"
+  export_config.export.dir = str(tmp_path / "hf")
+  modes.run(export_config, run_dir)
+  with open(tmp_path / "hf" / "config.json") as f:
+    assert json.load(f)["architectures"] == ["BertModel"]
+  zeros = jax.tree.map(np.zeros_like, jax.device_get(params))
+  loaded = pretrained.load_pretrained(zeros, "hf_bert:" + str(tmp_path / "hf"))
+  _, head = hf_bert_export.read_head(str(tmp_path / "hf"))
+  loaded = {**loaded, **head}
+  for (p1, a), (p2, b) in zip(jax.tree_util.tree_leaves_with_path(params),
+                              jax.tree_util.tree_leaves_with_path(loaded)):
+    assert p1 == p2 and _bits_equal(a, b), jax.tree_util.keystr(p1)

@@ -1,12 +1,13 @@
 """Where exported weights came from: a small JSON manifest.
 
-An exported student (kdjax.weights.exporters.hf_llama / gguf_llama) carries
-one plain JSON object saying which run and step it is, which teacher and
-objective trained it and how it scored, so a file found later on a disk or a
-model hub can be traced back to its run. Nothing reads it to load weights:
-transformers, llama.cpp and kdjax's importers ignore it.
+An exported student (kdjax.weights.exporters: hf_llama, gguf_llama,
+stablehlo) carries one plain JSON object saying which run and step it is,
+which teacher and objective trained it and how it scored, so a file found
+later on a disk or a model hub can be traced back to its run. Nothing reads
+it to load weights: transformers, llama.cpp and kdjax's importers ignore it.
 
   HF directory   kdjax_manifest.json next to config.json
+  StableHLO dir  kdjax_manifest.json next to signature.json
   GGUF file      the string metadata key `kdjax.manifest` (the JSON text);
                  `gguf-dump` / llama.cpp's model info print it.
 
