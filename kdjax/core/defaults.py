@@ -97,6 +97,16 @@ def get_config() -> ml_collections.ConfigDict:
       name="mlp", hidden=(128,), dropout_rate=0.0))
   config.student.train = train(num_epochs=40, augment=False)
   config.student.precision = precision()
+  # LoRA (kdjax/models/lora.py): low-rank adapters on the projections of a
+  # pretrained student (needs student.init_from); only they train (and
+  # what student.train.trainable adds, e.g. a classifier's 'head').
+  config.student.lora = ml_collections.ConfigDict(dict(
+      rank=0,  # r; 0 = no adapters (the whole student trains).
+      alpha=16.0,  # The adapters' output is scaled by alpha / rank (PEFT's).
+      dropout=0.0,  # Dropout on the adapters' input while training.
+      # Projection names or patterns ('query', 'attention/out', 'mlp/*');
+      # () = every projection of every layer (attention and MLP).
+      targets=()))
 
   config.distill = ml_collections.ConfigDict()
   config.distill.alpha = 0.5  # Weight of T^2 * KL(teacher_T || student_T).

@@ -25,14 +25,17 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from kdjax.models import lora
 from kdjax.models import stacking
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 
 
 def trainable_mask(params: dict[str, Any],
-                   trainable: Sequence[str] = ("prompt",)) -> dict[str, Any]:
-  """A tree like `params`: True where a leaf's path starts with a name given.
+                   trainable: Sequence[str] = ("prompt",), *,
+                   adapters: bool = False) -> dict[str, Any]:
+  """A tree like `params`: True where a leaf's path starts with a name given
+  (and, with `adapters`, on every LoRA adapter leaf: kdjax/models/lora.py).
 
   Names are '/'-separated path prefixes ('prompt', 'head', 'encoder/pooler',
   'layers_5/mlp'). On a scan_layers model a name with a layer index selects
@@ -56,7 +59,8 @@ def trainable_mask(params: dict[str, Any],
       rows.setdefault(parts, set()).add(layer[1])
   mask = {}
   for path, leaf in flat.items():
-    if any(path[:len(p)] == p for p in whole):
+    if any(path[:len(p)] == p for p in whole) or (
+        adapters and path[-1] in lora.ADAPTERS):
       mask[path] = True
       continue
     chosen = set().union(*[i for p, i in rows.items() if path[:len(p)] == p])

@@ -122,7 +122,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, rope: tuple) -> jax.Array:
   return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-class _Projection(nn.Module):
+class Projection(nn.Module):
   """A bias-free projection whose kernel keeps the heads as their own axis.
 
   What nn.DenseGeneral computes, with the kernel created in its own shape:
@@ -166,7 +166,7 @@ class Attention(nn.Module):
     batch, length, width = x.shape
     h, kv, dh = self.num_heads, self.num_kv_heads, self.head_dim
     def dense(heads, heads_axis, name):
-      return _Projection((width, heads, dh), ("embed", heads_axis, "head_dim"),
+      return Projection((width, heads, dh), ("embed", heads_axis, "head_dim"),
                          "bld,dhk->blhk", self.dtype, name=name)
     q = part.constrain(dense(h, "heads", "query")(x),
                        ("batch", "act_length", "act_heads", None))
@@ -237,7 +237,7 @@ class Attention(nn.Module):
                      preferred_element_type=jnp.float32)
     out = out / jnp.transpose(denom, (0, 3, 1, 2))[..., None]
     out = out.reshape(batch, length, h, dh).astype(self.dtype)
-    return _Projection((h, dh, width), ("heads", "head_dim", "embed"),
+    return Projection((h, dh, width), ("heads", "head_dim", "embed"),
                        "blhk,hkd->bld", self.dtype, name="out")(out)
 
 
@@ -403,7 +403,9 @@ class Llama(nn.Module):
       self.layers = nn.scan(
           layer, length=self.num_layers,
           variable_axes={"params": 0, "cache": 0, "intermediates": 0},
-          split_rngs={"params": True},
+          # Dropout: none of Llama's own; LoRA adapters' (models/lora.py)
+          # get a different mask in every layer.
+          split_rngs={"params": True, "dropout": True},
           # (positions, decode, attention_mask): the same for every layer.
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
           metadata_params={nn.PARTITION_NAME: "layers"})(*fields)

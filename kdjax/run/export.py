@@ -11,7 +11,11 @@ WORKDIR/export/<format>):
   stablehlo  any student as a jax.export function with its weights inside,
          a symbolic batch, lowered for config.export.platforms, with its
          input signature and tokenizer (exporters/stablehlo.py); served by
-         `python -m kdjax.serve DIR` without kdjax's training code.
+         `python -m kdjax.serve DIR` without kdjax's training code;
+  peft   a LoRA Llama student's adapters in PEFT's format, with the frozen
+         base beside them as a HF directory (exporters/peft_llama.py).
+A LoRA student's adapters are merged into its kernels for hf and gguf
+(kdjax/models/lora.py merge); stablehlo traces the adapted model as it is.
 All carry a manifest (kdjax/weights/exporters/manifest.py): the source run,
 its step, teacher, objective and eval metrics from its run.json, so a served
 model can be traced to how it was made.
@@ -27,14 +31,16 @@ from absl import logging
 from kdjax.core.config import fail
 from kdjax.data import builders, pipeline, prompts
 from kdjax.data import text as text_data
+from kdjax.models import lora
 from kdjax.run import tasks
 from kdjax.runtime import checkpoint, storage
 from kdjax.weights import params as params_lib
 from kdjax.weights import specs
 from kdjax.weights.exporters import gguf_llama, hf_bert, hf_llama, manifest
+from kdjax.weights.exporters import peft_llama
 from kdjax.weights.exporters import stablehlo
 
-FORMATS = ("hf", "gguf", "stablehlo")
+FORMATS = ("hf", "gguf", "stablehlo", "peft")
 GGUF_TYPES = ("f32", "f16", "q8_0")
 RUN_FILE = "run.json"
 # Class names of the shipped datasets (config.export.label_names overrides).
@@ -54,13 +60,22 @@ def validate(config) -> None:
     fail("export.gguf_type", export.gguf_type, f"allowed: {GGUF_TYPES}")
   if export.dtype not in ("float32", "bfloat16", "float16"):
     fail("export.dtype", export.dtype, "float32 | bfloat16 | float16")
-  writes = {"hf": ("llama", "bert"), "gguf": ("llama",)}.get(export.format)
+  writes = {"hf": ("llama", "bert"), "gguf": ("llama",),
+            "peft": ("llama",)}.get(export.format)
   if writes and config.student.model.name not in writes:
     fail("student.model.name", config.student.model.name,
          f"export.format='{export.format}' writes {writes} students; "
          "export.format='stablehlo' writes any student")
   if int(export.step) < 0:
     fail("export.step", export.step, ">= 0 (0 = the newest checkpoint)")
+  if export.format == "peft":
+    if specs.lora_settings(config, "student") is None:
+      fail("student.lora.rank", config.student.lora.rank,
+           "export.format='peft' writes LoRA adapters: a student with rank > 0")
+    if tuple(config.student.train.get("trainable", ())):
+      fail("student.train.trainable", config.student.train.trainable,
+           "PEFT's format holds adapters only; export this student as "
+           "'hf' (adapters merged) instead")
   if export.format == "stablehlo":
     try:
       stablehlo.check_platforms(export.platforms)
@@ -110,7 +125,7 @@ def export(config, workdir: str) -> dict[str, Any]:
              or config.teacher.get("checkpoint_dir", ""))
   fmt = {"hf": f"hf:{export_cfg.dtype}",
          "gguf": f"gguf:{export_cfg.gguf_type}",
-         "stablehlo": "stablehlo"}[export_cfg.format]
+         "stablehlo": "stablehlo", "peft": "peft"}[export_cfg.format]
   made_by = manifest.build_manifest(
       source_run=workdir, step=int(summary.get("steps", step or 0)),
       teacher=teacher, objective=summary.get("objective", ""),
@@ -118,6 +133,14 @@ def export(config, workdir: str) -> dict[str, Any]:
   fields = specs.model_kwargs(config, "student")
   target = export_cfg.dir or os.path.join(workdir, "export",
                                           export_cfg.format)
+  adapters = specs.lora_settings(config, "student")
+  if export_cfg.format == "peft":
+    written = _export_peft(target, params, fields, adapters, made_by, config)
+    logging.info("Exported %s to %s", fmt, target)
+    return {"format": fmt, "path": target, "manifest": made_by,
+            "written": written}
+  if adapters is not None and export_cfg.format != "stablehlo":
+    params = lora.merge(params, adapters)  # W + (alpha / r) A B per kernel.
   if export_cfg.format == "stablehlo":
     written = stablehlo.export_stablehlo(
         target, model, params, config.data,
@@ -141,3 +164,20 @@ def export(config, workdir: str) -> dict[str, Any]:
   logging.info("Exported %s to %s", fmt, target)
   return {"format": fmt, "path": target, "manifest": made_by,
           "written": written}
+
+
+def _export_peft(target, params, fields, adapters, made_by, config):
+  """PEFT's adapter directory in TARGET and, in TARGET/base, the frozen
+  base it goes on (a HF directory: the student's own imported layers, which
+  need not be any published model's), named as base_model_name_or_path."""
+  _, base = lora.split(params)
+  base_dir = os.path.join(target, "base")
+  hf_llama.export_hf(base_dir, base, fields,
+                     tokenizer_path=_tokenizer_path(config),
+                     dtype=config.export.dtype, manifest=made_by,
+                     overwrite=True)
+  written = peft_llama.export_peft(
+      target, params, fields, adapters,
+      base_model_name_or_path=os.path.abspath(base_dir), manifest=made_by,
+      overwrite=True)
+  return dict(written, base=base_dir)

@@ -25,6 +25,7 @@ from kdjax.distill import step
 from kdjax.distill import mesh as mesh_lib
 from kdjax.distill import masks
 from kdjax.distill import teacher_cache
+from kdjax.models import lora
 from kdjax.run import layout
 from kdjax.run import rollouts
 from kdjax.run import tasks
@@ -66,13 +67,14 @@ def init_feature_projections(config, objective, model, teacher_applies,
       jax.random.key(seed + 2))
 
 
-def trainable_mask(params, trainable, field: str):
-  """Python-bool tree (True = trained) from `config.<role>.train.trainable`;
-  None when everything trains."""
-  if not trainable:
+def trainable_mask(params, trainable, field: str, adapters: bool = False):
+  """Python-bool tree (True = trained) from `config.<role>.train.trainable`
+  and, with `adapters` (a LoRA model), the adapters; None when everything
+  trains."""
+  if not trainable and not adapters:
     return None
   try:
-    return masks.trainable_mask(params, tuple(trainable))
+    return masks.trainable_mask(params, tuple(trainable), adapters=adapters)
   except ValueError as e:
     raise config_lib.ConfigError(f"config.{field}={tuple(trainable)!r}: {e}") from e
 
@@ -222,8 +224,10 @@ def build_step(config: ml_collections.ConfigDict, mode: str, workdir: str,
                                    aux_params)
 
   shapes = params_lib.abstract(model, config.data, seed)
+  # A LoRA model trains its adapters (and what train.trainable adds).
   mask = trainable_mask(shapes, train_cfg.get("trainable", ()),
-                        f"{role}.train.trainable")
+                        f"{role}.train.trainable",
+                        adapters=lora.is_adapted(model))
   if mask is not None:  # Frozen leaves: no optimizer state, never updated.
     aux_shapes = jax.eval_shape(lambda: init_feature_projections(
         config, objective, model, teacher_applies, teachers_params, seed))
@@ -313,6 +317,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           "num_trainable_params": params_lib.count(params, mask),
           "optimizer": train_cfg.optimizer,
           "config": resume.describe_run(config)}
+  if config[role].get("init_layers", ()):  # For rebuilding its base.
+    meta["init_layers"] = [int(i) for i in config[role].init_layers]
   ckpt = checkpoint.Checkpointer(
       workdir, save_every_steps=config.checkpoint.every_steps,
       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)

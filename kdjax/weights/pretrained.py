@@ -13,6 +13,8 @@
                            embeddings, final norm and head are copied as well.
                            init_layers picks encoder layers of an hf_bert
                            checkpoint the same way.
+LoRA adapters in `params` (kdjax/models/lora.py) keep their initialisation:
+the base weights are imported around them.
 
 Shapes are checked leaf by leaf, so a config that disagrees with the
 checkpoint (width, heads, vocabulary, RoPE scaling) fails with the differing
@@ -42,6 +44,7 @@ import numpy as np
 from kdjax.core import config as config_lib
 from kdjax.models import bert
 from kdjax.models import llama as llama_model
+from kdjax.models import lora
 from kdjax.models import stacking
 from kdjax.weights.importers import hf_bert, llama
 
@@ -302,6 +305,16 @@ def load_pretrained(params: Any, init_from: str, *,
   """
   if not init_from:
     return params
+  adapters, base = lora.split(params)
+  if adapters:  # LoRA adapters keep their init; the checkpoint has none.
+    adapter_shardings, base_shardings = (
+        lora.split(shardings) if shardings is not None else (None, None))
+    if adapter_shardings is not None:
+      adapters = jax.tree.map(_place_sharded, adapters, adapter_shardings)
+    return lora.combine(
+        load_pretrained(base, init_from, model_fields=model_fields,
+                        layers=layers, field=field, shardings=base_shardings),
+        adapters)
   kind, _, path = init_from.partition(":")
   stack_path = _stack_path(kind, params)
   if stack_path:

@@ -4,11 +4,13 @@
 for ('vocab' or 'labels': rows of the imported word-embedding table) right
 after the pretrained weights are loaded (kdjax.models.prompt has the math).
 
-Prompt-only export: a run with `config.<role>.train.trainable` set also writes
+Prompt-only export: a run with `config.<role>.train.trainable` set (or LoRA
+adapters: kdjax/models/lora.py) also writes
 WORKDIR/trainable_params.msgpack at its end (`export_trainable`; flax msgpack
 serialisation, not Orbax: one small file), holding the trained leaves and a
-note of the backbone they need (init_from, model spec, seed, a SHA-256 of the
-frozen leaves). `load_onto(backbone_params, path)` puts them back on a frozen
+note of the backbone they need (init_from, init_layers, model spec with its
+LoRA settings, seed, a SHA-256 of the frozen leaves).
+`load_onto(backbone_params, path)` puts them back on a frozen
 backbone (checking it is the same one); `rebuild(path, data_config)` builds
 the whole model from the note alone. `split`/`merge` give the trained-only
 tree (kilobytes). The Orbax checkpoint (resume) is unchanged.
@@ -134,6 +136,7 @@ def export_trainable(workdir: str, params: dict[str, Any],
   note = {"init_from": init_from, "model": meta.get("model"),
           "seed": meta.get("seed"), "role": meta.get("role"),
           "variant": meta.get("variant", ""),
+          "init_layers": meta.get("init_layers", []),
           "num_params": params_lib.count(trained),
           "frozen_sha256": fingerprint(frozen)}
   blob = serialization.msgpack_serialize({
@@ -188,10 +191,13 @@ def rebuild(path: str, data_config) -> tuple[nn.Module, dict[str, Any]]:
   note, _ = read_export(path)
   spec = {k: tuple(v) if isinstance(v, list) else v
           for k, v in note["model"].items()}
-  model = specs.model_from_spec(spec)
+  model = specs.model_from_spec(spec)  # With its LoRA adapters, if any.
   seed = int(note["seed"])
   params = params_lib.init(model, data_config, seed)
-  params = pretrained.load_pretrained(params, note["init_from"])
+  params = pretrained.load_pretrained(
+      params, note["init_from"],
+      model_fields={k: v for k, v in spec.items() if k not in ("name", "lora")},
+      layers=tuple(note.get("init_layers", ())))
   run = ml_collections.ConfigDict(
       {"run": {"model": note["model"], "init_from": note["init_from"]}})
   params = init_from_config(params, run, "run", seed)

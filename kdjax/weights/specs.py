@@ -11,10 +11,13 @@ import dataclasses
 import os
 from typing import Any
 
+import jax
 import ml_collections
 
 from kdjax import models
 from kdjax.core.config import ConfigError, fail
+from kdjax.data import pipeline
+from kdjax.models import lora
 from kdjax.runtime import checkpoint
 
 # (init_from prefix, model name) pairs an importer exists for.
@@ -60,18 +63,44 @@ def model_kwargs(config: ml_collections.ConfigDict, role: str) -> dict[str, Any]
   return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 
+def lora_settings(config: ml_collections.ConfigDict, role: str
+                  ) -> lora.LoraSettings | None:
+  """config.<role>.lora as settings (targets () = the model's defaults);
+  None when absent or rank 0 (no adapters)."""
+  section = config[role].get("lora", None)
+  if section is None or not section.get("rank", 0):
+    return None
+  targets = tuple(section.get("targets", ()))
+  return lora.LoraSettings(
+      rank=section.rank, alpha=float(section.get("alpha", 16.0)),
+      dropout=float(section.get("dropout", 0.0)),
+      targets=targets or lora.default_targets(config[role].model.name))
+
+
 def model_spec(config: ml_collections.ConfigDict, role: str) -> dict[str, Any]:
-  """What identifies a model in checkpoint meta: its name and every field."""
-  return {"name": config[role].model.name, **model_kwargs(config, role)}
+  """What identifies a model in checkpoint meta: its name and every field
+  (and 'lora', the adapters' settings, when it has them)."""
+  spec = {"name": config[role].model.name, **model_kwargs(config, role)}
+  settings = lora_settings(config, role)
+  if settings is not None:
+    spec["lora"] = settings.to_dict()
+  return spec
 
 
 def build_model(config: ml_collections.ConfigDict, role: str):
-  return models.get_model(config[role].model.name, **model_kwargs(config, role))
+  """The role's model; with config.<role>.lora, with its adapters."""
+  model = models.get_model(config[role].model.name,
+                           **model_kwargs(config, role))
+  settings = lora_settings(config, role)
+  return model if settings is None else lora.wrap(model, settings)
 
 
 def model_from_spec(spec: dict[str, Any]):
   kwargs = dict(spec)
-  return models.get_model(kwargs.pop("name"), **kwargs)
+  adapters = kwargs.pop("lora", None)
+  model = models.get_model(kwargs.pop("name"), **kwargs)
+  return (model if adapters is None
+          else lora.wrap(model, lora.LoraSettings.from_dict(adapters)))
 
 
 def teacher_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -184,9 +213,10 @@ def validate_model(config: ml_collections.ConfigDict, role: str) -> None:
         "field (it defaults to the data's) or make them equal.")
   validate_precision(config, role)
   try:
-    build_model(config, role)
+    models.get_model(model_cfg.name, **model_kwargs(config, role))
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.{role}.model: {e}") from e
+  validate_lora(config, role)
   init_from = config[role].get("init_from", "")
   kind = init_from.partition(":")[0]
   if init_from and (kind, model_cfg.name) not in IMPORTERS:
@@ -196,6 +226,50 @@ def validate_model(config: ml_collections.ConfigDict, role: str) -> None:
          ".gguf>' ('llama:' = SmolLM2-135M-Instruct) for a 'llama' model")
   if config[role].get("pretrained", False) and not init_from:
     fail(f"{role}.pretrained", True, f"needs config.{role}.init_from")
+
+
+def validate_lora(config: ml_collections.ConfigDict, role: str) -> None:
+  """config.<role>.lora: sound settings, on a pretrained base, whose targets
+  each match a projection of the model (found by initialising it
+  abstractly: nothing is computed)."""
+  section = config[role].get("lora", None)
+  if section is None:
+    return
+  rank = section.get("rank", 0)
+  if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+    fail(f"{role}.lora.rank", rank, "an int: 0 (no adapters) or the rank")
+  if not rank:
+    return
+  if role != "student":
+    fail(f"{role}.lora.rank", rank, "LoRA adapters are for the student")
+  if not float(section.get("alpha", 16.0)) > 0:
+    fail(f"{role}.lora.alpha", section.get("alpha"),
+         "> 0 (the adapters' output is scaled by alpha / rank)")
+  if not 0.0 <= float(section.get("dropout", 0.0)) < 1.0:
+    fail(f"{role}.lora.dropout", section.get("dropout"), "in [0, 1)")
+  targets = section.get("targets", ())
+  if isinstance(targets, str) or not all(
+      isinstance(t, str) and t.strip("/") for t in targets):
+    fail(f"{role}.lora.targets", targets,
+         "a tuple of projection names or patterns ('query', "
+         "'attention/out', 'mlp/*'), () = the model's defaults")
+  name = config[role].model.name
+  if not targets and name not in lora.DEFAULT_TARGETS:
+    fail(f"{role}.lora.targets", targets,
+         f"a {name!r} model has no default targets (defaults exist for "
+         f"{sorted(lora.DEFAULT_TARGETS)}); name its projections")
+  if not config[role].get("init_from", ""):
+    fail(f"{role}.lora.rank", rank,
+         f"LoRA adapts a pretrained model: set config.{role}.init_from "
+         "(with init_layers to start from some of its layers); on a random "
+         "frozen base the adapters would learn on noise (rank 0 trains the "
+         "whole model)")
+  try:
+    jax.eval_shape(lambda: build_model(config, role).init(
+        jax.random.key(0), pipeline.dummy_inputs(config.data)))
+  except ValueError as e:
+    raise ConfigError(f"config.{role}.lora.targets={tuple(targets)!r}: "
+                      f"{e}") from e
 
 
 def validate_precision(config: ml_collections.ConfigDict, role: str) -> None:
