@@ -92,7 +92,9 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
     validate_pipeline(config.pipeline)
   specs.validate_extra_teachers(config.distill)
   teacher_cache.validate(config.cache, config.distill, mode=config.mode,
-                         student_augment=config.student.train.augment)
+                         student_augment=config.student.train.augment,
+                         language_model=pipeline.is_language_modelling(
+                             config.data))
   specs.validate_teachers(
       config, workdir, config.mode,
       from_cache=teacher_cache.enabled(config.distill))

@@ -380,6 +380,24 @@ OPTIONAL = {
     "data.input_dtype": "'int32' for token ids (mode=aot_check) ['float32']",
     "data.eval_max_examples": "> 0: evaluate on the eval split's first N "
                               "only [0]",
+    # A transfer set (kdjax/data/augment.py): data.train_split =
+    # 'train_augmented' reads the texts of base_split and augmented copies.
+    "data.transfer_set.copies": "augmented draws per text, duplicates "
+                                "dropped [4]",
+    "data.transfer_set.seed": "which copies [0]",
+    "data.transfer_set.p_mask": "P(a word becomes mask_token) [0.1]",
+    "data.transfer_set.p_pos": "P(a word becomes another of its corpus-"
+                               "frequency group) [0.1]",
+    "data.transfer_set.p_ng": "P(a copy is cut to a random n-gram) [0.25]",
+    "data.transfer_set.max_ngram": "n-gram length at most [5]",
+    "data.transfer_set.mask_token": "['[MASK]']",
+    "data.transfer_set.base_split": "the split augmented ['train']",
+    "data.transfer_set.max_source_examples": "> 0: only the first N texts "
+                                             "of base_split [0 = all]",
+    # The teacher cache (kdjax/distill/teacher_cache.py).
+    "cache.store": "'topk' (top k log-probs at T) or 'logits' (raw "
+                   "logits, classification: any T, and logit MSE) "
+                   "['topk']",
     # Prompt/completion data (kdjax/data/prompts.py; prompt_data()).
     "data.format": "'prompts': prompt/completion pairs (on-policy "
                    "distillation) ['' = as seq_length says]",

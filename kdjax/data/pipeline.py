@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from kdjax.core.config import fail
+from kdjax.data import augment
 from kdjax.data import builders
 from kdjax.data import text as text_lib
 from kdjax.data import tokenizer as tokenizer_lib
@@ -32,8 +33,16 @@ def default_data_dir() -> str:
 
 
 def get_source(data_config, split: str):
-  """Random-access source of a split; shipped datasets are prepared on first use."""
+  """Random-access source of a split; shipped datasets are prepared on first use.
+
+  Split augment.SPLIT ('train_augmented') is the transfer set of
+  config.data.transfer_set's source split (kdjax.data.augment), prepared
+  on first use too.
+  """
   data_dir = data_config.data_dir or default_data_dir()
+  if split == augment.SPLIT:
+    source = transfer_builder(data_config).as_data_source(split=split)
+    return _maybe_in_memory(source, data_config)
   if data_config.name in builders.SHIPPED_BUILDERS:
     builders.prepare(data_config.name, data_dir,
                      source_dir=data_config.get("source_dir") or None)
@@ -45,10 +54,47 @@ def get_source(data_config, split: str):
         f"data dir {data_dir!r}: {_one_line(e)} Prepare it there (tfds "
         f"build, array_record format) or use one of the shipped builders: "
         f"{sorted(builders.SHIPPED_BUILDERS)}.") from e
+  return _maybe_in_memory(source, data_config)
+
+
+def _maybe_in_memory(source, data_config):
   if data_config.get("cache_in_memory", False):
     return InMemorySource(source, keys=(data_config.input_key,
                                         data_config.label_key))
   return source
+
+
+def transfer_builder(data_config) -> augment.AugmentedTransferSet:
+  """The prepared transfer set of config.data (kdjax.data.augment): the
+  augmented copies of config.data.transfer_set.base_split's texts."""
+  if "transfer_set" not in data_config or not is_text(data_config):
+    fail("data.train_split", augment.SPLIT,
+         "a transfer set needs text data (data.tokenizer_dir) and "
+         "config.data.transfer_set (kdjax.data.augment.Settings' fields)")
+  settings = augment.Settings.from_config(data_config.transfer_set)
+  base = get_source(data_config, settings.base_split)
+  info = getattr(base, "dataset_info", None)
+  source_name = info.full_name if info is not None else str(data_config.name)
+  num = len(base)
+  if settings.max_source_examples > 0:
+    num = min(num, settings.max_source_examples)
+  key, label_key = data_config.input_key, data_config.label_key
+
+  def read_source() -> list[tuple[str, int]]:
+    records = base.__getitems__(list(range(num)))
+    return [(r[key].decode("utf-8") if isinstance(r[key], bytes)
+             else str(r[key]), int(r[label_key])) for r in records]
+
+  builder = augment.transfer_builder(
+      data_dir=data_config.data_dir or default_data_dir(),
+      source_name=f"{source_name}:{settings.base_split}",
+      read_source=read_source, num_source=num, settings=settings,
+      num_classes=int(data_config.num_classes), input_key=key,
+      label_key=label_key)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+          download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  return builder
 
 
 def _one_line(e: Exception) -> str:
@@ -348,3 +394,14 @@ def validate(data_config, *, language_model: bool) -> None:
            "must be > 0 tokens for text data")
   if not 0.0 < data_config.train_fraction <= 1.0:
     fail("data.train_fraction", data_config.train_fraction, "must be in (0, 1]")
+  if "transfer_set" in data_config:
+    augment.validate(data_config.transfer_set)
+  if augment.SPLIT in (data_config.get("train_split"),
+                       data_config.get("eval_split")):
+    if "transfer_set" not in data_config:
+      fail("data.train_split", data_config.train_split,
+           f"{augment.SPLIT!r} needs config.data.transfer_set "
+           "(kdjax.data.augment.Settings' fields)")
+    if not data_config.get("tokenizer_dir", ""):
+      fail("data.train_split", data_config.train_split,
+           f"{augment.SPLIT!r} is for text data (data.tokenizer_dir)")

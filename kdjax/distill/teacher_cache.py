@@ -53,6 +53,16 @@ own objective turns every kl term into the top-k KL with a tail bucket
 kdjax.distill.token_loss's chunked path, which passes per-token teacher
 entries through chunk by chunk.
 
+Raw logits (config.cache.store = 'logits', classification only): each
+record is the uint64 record index and the teacher's n x C float32 logits
+(C = classes), no temperature applied, nothing dropped. Log-probabilities
+lose the logits' offset, which a logit-matching loss ('mse', Tang et al.
+2019's best) needs; and raw logits serve every output term at any T, exactly
+as the online teacher would (the cache's manifest then has "store": "logits"
+and temperature null, and a run reading it is checked for everything above
+but T and k). `CachedTeachers` hands them over as the teacher's logits, so
+the objective is config.distill's own, unchanged.
+
 This module is the cache's format, settings, reader and step strategy;
 kdjax.run.cache_builder writes it.
 """
@@ -87,6 +97,10 @@ BATCH_KEY = "teacher_topk"  # The batch entry holding the cached entries.
 # One record per chunk (random access); zstd (array_record's default).
 WRITER_OPTIONS = "group_size:1"
 VALUE_DTYPES = ("bfloat16", "float32")
+# What a record holds (config.cache.store, an optional field): the top k at
+# T, or (classification) the raw logits.
+STORE_TOPK, STORE_LOGITS = "topk", "logits"
+STORES = (STORE_TOPK, STORE_LOGITS)
 # Distillation terms a cache can serve: the top-k KL with its tail bucket
 # (forward KL when k = vocab) and the task loss.
 CACHED_TERMS = ("kl", "forward_kl", "topk_kl", objectives.TASK_TERM)
@@ -101,6 +115,11 @@ def settings(cache_config) -> dict[str, Any]:
   return dict(cache_config)
 
 
+def store_of(cache_settings: dict[str, Any]) -> str:
+  """config.cache.store ('topk' when absent)."""
+  return cache_settings.get("store", STORE_TOPK) or STORE_TOPK
+
+
 def cache_dir(cache_settings: dict[str, Any], workdir: str) -> str:
   return cache_settings["dir"] or storage.join(workdir, "teacher_cache")
 
@@ -111,13 +130,19 @@ def enabled(distill_config) -> bool:
 
 
 def validate(cache_config, distill_config, *, mode: str,
-             student_augment: bool) -> None:
+             student_augment: bool, language_model: bool = False) -> None:
   """Raises ConfigError naming a bad config.cache / distill.teacher_cache
   setting (modes cache_teacher and distill from a cache only)."""
   using = mode == "distill" and enabled(distill_config)
   if mode != "cache_teacher" and not using:
     return
   s = settings(cache_config)
+  store = store_of(s)
+  if store not in STORES:
+    fail("cache.store", store, f"allowed: {STORES}")
+  if store == STORE_LOGITS and language_model:
+    fail("cache.store", store, "raw logits are for classification (a few "
+         "classes); a language model's cache keeps the top k ('topk')")
   k = s["k"]
   if isinstance(k, bool) or not isinstance(k, int) or k < 1:
     fail("cache.k", k, "must be an int >= 1 (entries kept per token; more "
@@ -145,7 +170,8 @@ def validate(cache_config, distill_config, *, mode: str,
       fail("distill.features", distill_config.features,
            "feature terms need the teacher's activations, which a cache "
            "does not hold")
-    cached_objective_terms(distill_config)  # Raises on an unsupported term.
+    if store == STORE_TOPK:  # Raw logits serve every output term.
+      cached_objective_terms(distill_config)  # Raises on an unsupported term.
 
 
 def vocab_size(data_config, model_config) -> int:
@@ -174,6 +200,21 @@ def record_dtype(positions: int, k: int, value_dtype: str,
                    ("log_tail", "<f4", (positions,))])
 
 
+def logits_record_dtype(positions: int, classes: int) -> np.dtype:
+  """The layout of a 'logits' cache record: index, float32 logits."""
+  return np.dtype([("record", "<u8"), ("logits", "<f4", (positions, classes))])
+
+
+def encode_logits(records: np.ndarray, logits: np.ndarray,
+                  dtype: np.dtype) -> list[bytes]:
+  """Rows [n, positions, C] of raw logits -> one serialized record per row."""
+  out = np.zeros(len(records), dtype)
+  out["record"] = records
+  out["logits"] = np.asarray(logits, np.float32).reshape(out["logits"].shape)
+  data, size = out.tobytes(), dtype.itemsize
+  return [data[i * size:(i + 1) * size] for i in range(len(records))]
+
+
 def encode(records: np.ndarray, log_probs: np.ndarray, indices: np.ndarray,
            log_tail: np.ndarray, dtype: np.dtype) -> list[bytes]:
   """Rows [n, positions, ...] -> one serialized record (bytes) per row."""
@@ -191,8 +232,12 @@ def encode(records: np.ndarray, log_probs: np.ndarray, indices: np.ndarray,
 
 
 def decode(raw: Sequence[bytes], dtype: np.dtype) -> dict[str, np.ndarray]:
-  """Serialized records -> {'record', 'log_probs', 'indices', 'log_tail'}."""
+  """Serialized records -> {'record', 'log_probs', 'indices', 'log_tail'}
+  (or {'record', 'logits'} for a 'logits' cache)."""
   rows = np.frombuffer(b"".join(raw), dtype)
+  if "logits" in dtype.names:
+    return {"record": rows["record"].astype(np.int64),
+            "logits": np.ascontiguousarray(rows["logits"])}
   values = np.ascontiguousarray(rows["log_probs"])
   if dtype["log_probs"].base == np.dtype("<u2"):
     values = values.view(ml_dtypes.bfloat16)
@@ -327,9 +372,14 @@ class TeacherCache:
     self.record_indices = np.load(io.BytesIO(
         epath.Path(storage.join(directory, INDICES_FILE)).read_bytes()))
     enc = manifest["encoding"]
-    self._dtype = record_dtype(manifest["positions_per_record"],
-                               manifest["k"], enc["values"],
-                               np.dtype(enc["indices"]).str)
+    self.store = manifest.get("store", STORE_TOPK)
+    if self.store == STORE_LOGITS:
+      self._dtype = logits_record_dtype(manifest["positions_per_record"],
+                                        manifest["vocab_size"])
+    else:
+      self._dtype = record_dtype(manifest["positions_per_record"],
+                                 manifest["k"], enc["values"],
+                                 np.dtype(enc["indices"]).str)
     self._per_token = manifest["data"]["task"] == "language_modelling"
     self._source = None
 
@@ -346,7 +396,7 @@ class TeacherCache:
 
   def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
     """Entries of split records `rows`: log_probs, indices [n, (L,) k],
-    log_tail [n, (L)]."""
+    log_tail [n, (L)]; or logits [n, C] ('logits' store)."""
     rows = np.asarray(rows, np.int64)
     keys = np.searchsorted(self.record_indices, rows)
     keys = np.minimum(keys, len(self.record_indices) - 1)
@@ -395,15 +445,16 @@ class TeacherCache:
     if data["split"] != data_config.train_split:
       refuse("split (data_config.train_split)", data["split"],
              data_config.train_split)
-    if not math.isclose(m["temperature"], float(temperature),
-                        rel_tol=0, abs_tol=1e-12):
+    logits = self.store == STORE_LOGITS  # Raw: any T, every class.
+    if not logits and not math.isclose(m["temperature"], float(temperature),
+                                       rel_tol=0, abs_tol=1e-12):
       refuse("temperature (config.distill.temperature)", m["temperature"],
              float(temperature),
              " (the top k are tied to T)")
     if m["vocab_size"] != vocab:
       refuse("vocabulary size" if language_model else "class count",
              m["vocab_size"], vocab)
-    if m["k"] != k:
+    if not logits and m["k"] != k:
       refuse("k (config.cache.k)", m["k"], k)
     records = records_for(data_config, data_config.train_split)
     found = records.fingerprint()
@@ -433,6 +484,13 @@ class TeacherCache:
           "subset_seed select records the cache was not made for.")
 
   def objective(self, distill_config, total_steps: int) -> objectives.Objective:
+    if self.store == STORE_LOGITS:  # The online teacher's objective.
+      base = objectives.distillation(distill_config, num_teachers=1,
+                                     total_steps=total_steps)
+      return dataclasses.replace(
+          base, teacher_weights=(1.0,),
+          description=f"{base.description} (teacher logits from the "
+          f"cache {self.directory})")
     return cached_objective(distill_config, total_steps, self)
 
   def strategy(self) -> "CachedTeachers":
@@ -473,11 +531,16 @@ def teacher_outputs(entries: dict[str, jax.Array],
                     vocab: int | None) -> ModelOutputs:
   """The teacher's ModelOutputs from a batch's cached entries.
 
+  A 'logits' cache's entries are the teacher's logits: handed over as a live
+  teacher's would be (no TeacherTopK).
+
   `hidden` carries the TeacherTopK and `head` is None: kdjax.distill.token_loss
   passes such per-token teacher entries through chunk by chunk instead of
   applying a head. `vocab` (classification) adds dense `logits` for the
   step's agreement metric; None (token loss) leaves them out.
   """
+  if "logits" in entries:
+    return ModelOutputs(lax.stop_gradient(entries["logits"]))
   cached = TeacherTopK(**jax.tree.map(lax.stop_gradient, entries))
   logits = None if vocab is None else cached.dense_log_probs(vocab)
   return ModelOutputs(logits, hidden=cached, head=None)

@@ -25,10 +25,12 @@ from jax.sharding import PartitionSpec as P
 from kdjax.data import pipeline
 from kdjax.distill import losses, parallel, step as step_lib, token_loss
 from kdjax.distill import mesh as mesh_lib
+from kdjax.core.config import ConfigError
 from kdjax.distill.teacher_cache import (
-    INDICES_FILE, MANIFEST, WRITER_OPTIONS, FORMAT, CacheMismatchError,
-    cache_dir, effective_k, encode, index_dtype, record_dtype, records_for,
-    settings, vocab_size)
+    INDICES_FILE, MANIFEST, STORE_LOGITS, WRITER_OPTIONS, FORMAT,
+    CacheMismatchError, cache_dir, effective_k, encode, encode_logits,
+    index_dtype, logits_record_dtype, record_dtype, records_for, settings,
+    store_of, vocab_size)
 from kdjax.run import layout
 from kdjax.runtime import checkpoint, distributed, storage
 from kdjax.weights import pretrained, specs
@@ -64,14 +66,17 @@ def load_teacher(config, workdir: str, mesh):
 
 def _topk_function(apply_fn, mesh, *, language_model: bool, k: int,
                    temperature: float, chunk_size: int, value_dtype,
-                   indices_dtype, batch_sharding=None):
+                   indices_dtype, batch_sharding=None, raw_logits=False):
   """Compiled (params, global inputs) -> top-k log-probs, indices, log tail.
 
   Per device: the teacher's forward, then its top k at temperature T. For
   LMs the head is applied chunk_size positions at a time (lax.map), so no
-  [B, L, V] logits exist, as in kdjax.distill.token_loss.
+  [B, L, V] logits exist, as in kdjax.distill.token_loss. `raw_logits`
+  (classification): (float32 logits,) instead.
   """
   def topk(logits):
+    if raw_logits:
+      return (logits.astype(jnp.float32),)
     t = losses.teacher_topk(logits, k, temperature=temperature)
     return (t.log_probs.astype(value_dtype), t.indices.astype(indices_dtype),
             t.log_tail.astype(jnp.float32))
@@ -155,30 +160,43 @@ def build(config, workdir: str) -> dict[str, Any]:
   s = settings(config.cache)
   directory = cache_dir(s, workdir)
   split = s["split"] or config.data.train_split
+  language_model = pipeline.is_language_modelling(config.data)
+  raw_logits = store_of(s) == STORE_LOGITS
+  if raw_logits and language_model:
+    raise ConfigError("config.cache.store='logits' is for classification; a "
+                      "language model's cache keeps the top k ('topk').")
   records = records_for(config.data, split)
   rows_all = np.asarray(records.default_subset(), np.int64)
-  language_model = pipeline.is_language_modelling(config.data)
   vocab = vocab_size(config.data, config.teacher.model)  # Teacher's outputs.
-  k = effective_k(s["k"], vocab)
+  k = vocab if raw_logits else effective_k(s["k"], vocab)
   temperature = float(config.distill.temperature)
   idx_dtype = index_dtype(vocab)
-  dtype = record_dtype(records.positions, k, s["dtype"], idx_dtype.str)
+  dtype = (logits_record_dtype(records.positions, vocab) if raw_logits else
+           record_dtype(records.positions, k, s["dtype"], idx_dtype.str))
   per_shard = int(s["records_per_shard"])
   num_shards = max(1, -(-len(rows_all) // per_shard))
   indices_sha = hashlib.sha256(rows_all.astype("<i8").tobytes()).hexdigest()
 
   mesh = layout.make_mesh(config)
   model, params, teacher = load_teacher(config, workdir, mesh)
+  encoding = ({"values": "float32", "record_bytes": dtype.itemsize,
+               "layout": str(dtype.descr), "writer_options": WRITER_OPTIONS}
+              if raw_logits else
+              {"values": s["dtype"], "indices": str(idx_dtype.name),
+               "log_tail": "float32", "record_bytes": dtype.itemsize,
+               "layout": str(dtype.descr), "writer_options": WRITER_OPTIONS})
   manifest = _json_roundtrip({
-      "format": FORMAT, "teacher": teacher, "temperature": temperature,
+      "format": FORMAT, "teacher": teacher,
+      # Raw logits hold no temperature (any T reads them).
+      "temperature": None if raw_logits else temperature,
       "k": k, "vocab_size": vocab, "data": records.fingerprint(),
       "records": int(len(rows_all)), "record_indices_sha256": indices_sha,
       "positions_per_record": records.positions,
-      "encoding": {"values": s["dtype"], "indices": str(idx_dtype.name),
-                   "log_tail": "float32", "record_bytes": dtype.itemsize,
-                   "layout": str(dtype.descr), "writer_options": WRITER_OPTIONS},
+      "encoding": encoding,
       "records_per_shard": per_shard, "num_shards": num_shards,
       "complete": False})
+  if raw_logits:  # Absent = 'topk' (the caches made before the option).
+    manifest["store"] = STORE_LOGITS
   found = storage.read_json(storage.join(directory, MANIFEST))
   if found is not None and _identity(found) != _identity(manifest):
     diff = sorted(k for k in set(_identity(found)) | set(_identity(manifest))
@@ -206,7 +224,8 @@ def build(config, workdir: str) -> dict[str, Any]:
       value_dtype=(jnp.bfloat16 if s["dtype"] == "bfloat16" else jnp.float32),
       indices_dtype=jnp.dtype(idx_dtype.name),
       batch_sharding=(mesh_lib.batch_sharding(mesh, layout.rules(config, mesh))
-                      if layout.is_sharded(mesh) else None))
+                      if layout.is_sharded(mesh) else None),
+      raw_logits=raw_logits)
   params = parallel.on_mesh(params, mesh)
 
   def place(inputs):
@@ -251,8 +270,9 @@ def build(config, workdir: str) -> dict[str, Any]:
       computed += real
     if keep:
       encoded = []
-      for rows, (log_probs, indices, log_tail) in outputs:
-        encoded += encode(rows, log_probs, indices, log_tail, dtype)
+      for rows, result in outputs:
+        encoded += (encode_logits(rows, result[0], dtype) if raw_logits
+                    else encode(rows, *result, dtype))
       _write_shard(path, encoded)
       logging.info("teacher cache: shard %d/%d written (%d records, %.1f "
                    "records/s)", index + 1, num_shards, len(mine),

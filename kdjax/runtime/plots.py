@@ -61,3 +61,47 @@ def write_report_png(report: dict[str, Any], workdir: str, path: str) -> None:
   fig.savefig(png, format="png", dpi=110)
   plt.close(fig)
   storage.write_bytes(path, png.getvalue())
+
+
+def write_accuracy_vs_size_png(curves: dict[str, list[dict[str, float]]],
+                               path: str, *, teacher: dict | None = None,
+                               ylabel: str = "test accuracy") -> None:
+  """Accuracy against parameter count (log x), one line per method.
+
+  `curves`: {method: [{'params', 'mean', 'std', 'examples_per_second'}, ...]}
+  (error bars: std over seeds; each point labelled with its examples/s);
+  `teacher`: {'params', 'accuracy', 'examples_per_second'} drawn as a
+  dashed line and a star.
+  """
+  fig, ax = plt.subplots(figsize=(7.5, 5))
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for i, (name, points) in enumerate(curves.items()):
+    points = sorted(points, key=lambda p: p["params"])
+    x = [p["params"] for p in points]
+    ax.errorbar(x, [p["mean"] for p in points],
+                yerr=[p.get("std", 0.0) for p in points], marker="o",
+                capsize=3, color=colors[i % len(colors)], label=name)
+    for p in points:
+      if p.get("examples_per_second"):
+        ax.annotate(f"{p['examples_per_second']:,.0f}/s",
+                    (p["params"], p["mean"]), textcoords="offset points",
+                    xytext=(4, -12), fontsize=7)
+  if teacher:
+    ax.axhline(teacher["accuracy"], color="gray", linestyle="--",
+               label="teacher")
+    ax.scatter([teacher["params"]], [teacher["accuracy"]], marker="*",
+               s=120, color="gray", zorder=3)
+    if teacher.get("examples_per_second"):
+      ax.annotate(f"{teacher['examples_per_second']:,.0f}/s",
+                  (teacher["params"], teacher["accuracy"]),
+                  textcoords="offset points", xytext=(-30, 6), fontsize=7)
+  ax.set_xscale("log")
+  ax.set_xlabel("parameters (labels: inference examples/s)")
+  ax.set_ylabel(f"{ylabel} (mean ± std over seeds)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=110)
+  plt.close(fig)
+  storage.write_bytes(path, png.getvalue())

@@ -43,6 +43,7 @@ PRESETS = {
     "digits": (None, "tiny"),
     "fashion_mnist_objectives": (None, "smoke"),
     "rotten_tomatoes": (None, "smoke", "teacher", "instructed"),
+    "rotten_tomatoes_transfer": (None, "smoke"),
     "shakespeare_smollm2": (None, "hour", "variants", "smoke"),
     "on_policy_addition": (None, "smoke"),
     "on_policy_shakespeare": (None, "smoke"),
@@ -201,7 +202,7 @@ def _resolved(name, preset):
 
 
 def _needs(name):
-  return {"rotten_tomatoes": [minilm],
+  return {"rotten_tomatoes": [minilm], "rotten_tomatoes_transfer": [minilm],
           "shakespeare_smollm2": [smollm2]}.get(name, [])
 
 

@@ -43,6 +43,8 @@ smollm2 = pytest.mark.skipif(
     pytest.param("rotten_tomatoes", "smoke", marks=minilm),
     pytest.param("rotten_tomatoes", "teacher", marks=minilm),
     pytest.param("rotten_tomatoes", "instructed", marks=minilm),
+    pytest.param("rotten_tomatoes_transfer", "", marks=minilm),
+    pytest.param("rotten_tomatoes_transfer", "smoke", marks=minilm),
 ])
 def test_preset_validates(module, preset, tmp_path):
   config = load_config(module, preset)
