@@ -44,7 +44,6 @@ The tensor names are the inverse of kdjax.weights.importers.hf_bert's, so
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -83,25 +82,11 @@ _SPECIAL_TOKENS = {"cls_token": "[CLS]", "sep_token": "[SEP]",
                    "mask_token": "[MASK]"}
 _SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
-# BertClassifier's fields and defaults (Flax adds parent and name).
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(bert.BertClassifier)
-             if f.name not in ("parent", "name")}
-
 
 def classifier_fields(fields: Any) -> dict[str, Any]:
   """A BertClassifier, ConfigDict or mapping of its fields -> a plain dict
-  with every field (the model's defaults where absent); a config's 'name'
-  key is dropped, other unknown keys and invalid values fail."""
-  if isinstance(fields, bert.BertClassifier):
-    fields = {n: getattr(fields, n) for n in _DEFAULTS}
-  elif hasattr(fields, "to_dict"):
-    fields = fields.to_dict()
-  fields = {k: v for k, v in dict(fields).items() if k != "name"}
-  unknown = sorted(set(fields) - set(_DEFAULTS))
-  if unknown:
-    raise ExportError(f"BERT fields {unknown} are not fields of "
-                      "kdjax.models.bert.BertClassifier.")
-  out = dict(_DEFAULTS, **fields)
+  with every field (hf_llama.module_fields), checked."""
+  out = hf_llama.module_fields(bert.BertClassifier, fields, "BERT")
   out["instruction_ids"] = tuple(int(i) for i in out["instruction_ids"])
   out["prompt_init_words"] = tuple(out["prompt_init_words"])
   try:
@@ -146,17 +131,7 @@ def _expected_shapes(fields: Mapping[str, Any]) -> dict[tuple[str, ...], tuple]:
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           np.ones((1, 1), np.int32))["params"]
   return {k: tuple(v.shape)
-          for k, v in _flatten(partitioning.unbox(shapes)).items()}
-
-
-def _flatten(tree: Mapping[str, Any], prefix=()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flatten(value, prefix + (str(key),)))
-    else:
-      out[prefix + (str(key),)] = value
-  return out
+          for k, v in hf_llama.flatten(partitioning.unbox(shapes)).items()}
 
 
 def layout(num_layers: int, pooler: bool
@@ -180,7 +155,7 @@ def to_hf_state_dicts(params: Any, fields: Any
   the head as classifier.*; the head file holds it either way.
   """
   fields = classifier_fields(fields)
-  flat = _flatten(host_params(params))
+  flat = hf_llama.flatten(host_params(params))
   expected = _expected_shapes(fields)
   missing = sorted("/".join(p) for p in set(expected) - set(flat))
   if missing:

@@ -61,26 +61,28 @@ class ExportError(errors.KdjaxError, ValueError):
 
 # --- Fields and params. -----------------------------------------------------
 
-# The Llama module's fields and defaults (Flax adds parent and name).
-_LLAMA_DEFAULTS = {f.name: f.default
-                   for f in dataclasses.fields(llama_model.Llama)
-                   if f.name not in ("parent", "name")}
-
-
-def llama_fields(fields: Any) -> dict[str, Any]:
-  """A Llama module, ConfigDict or mapping of its fields -> a plain dict with
-  every field (the model's defaults where absent); a config's 'name' key is
-  dropped, other unknown keys fail."""
-  if isinstance(fields, llama_model.Llama):
-    fields = {n: getattr(fields, n) for n in _LLAMA_DEFAULTS}
+def module_fields(module_cls: type, fields: Any, kind: str) -> dict[str, Any]:
+  """A module instance, ConfigDict or mapping of a Flax module's fields ->
+  a plain dict with every field (the module's defaults where absent); a
+  config's 'name' key is dropped, other unknown keys fail. Shared by the
+  exporters (kind names the model in the error)."""
+  defaults = {f.name: f.default for f in dataclasses.fields(module_cls)
+              if f.name not in ("parent", "name")}
+  if isinstance(fields, module_cls):
+    fields = {n: getattr(fields, n) for n in defaults}
   elif hasattr(fields, "to_dict"):
     fields = fields.to_dict()
   fields = {k: v for k, v in dict(fields).items() if k != "name"}
-  unknown = sorted(set(fields) - set(_LLAMA_DEFAULTS))
+  unknown = sorted(set(fields) - set(defaults))
   if unknown:
-    raise ExportError(f"Llama fields {unknown} are not fields of "
-                      "kdjax.models.llama.Llama.")
-  out = dict(_LLAMA_DEFAULTS, **fields)
+    raise ExportError(f"{kind} fields {unknown} are not fields of "
+                      f"{module_cls.__module__}.{module_cls.__name__}.")
+  return dict(defaults, **fields)
+
+
+def llama_fields(fields: Any) -> dict[str, Any]:
+  """The Llama's fields as a plain dict (`module_fields`), checked."""
+  out = module_fields(llama_model.Llama, fields, "Llama")
   problems = []
   if out["head_dim"] == 0 and out["width"] % out["num_heads"]:
     problems.append(f"width={out['width']} not divisible by num_heads="
@@ -117,11 +119,11 @@ def host_params(params: Any) -> dict[str, Any]:
   return params
 
 
-def _flatten(tree: Mapping[str, Any], prefix=()) -> dict[tuple[str, ...], Any]:
+def flatten(tree: Mapping[str, Any], prefix=()) -> dict[tuple[str, ...], Any]:
   out = {}
   for key, value in tree.items():
     if isinstance(value, Mapping):
-      out.update(_flatten(value, prefix + (str(key),)))
+      out.update(flatten(value, prefix + (str(key),)))
     else:
       out[prefix + (str(key),)] = value
   return out
@@ -147,7 +149,7 @@ def to_hf_state_dict(params: Any, fields: Any) -> dict[str, np.ndarray]:
   naming them.
   """
   fields = llama_fields(fields)
-  flat = _flatten(host_params(params))
+  flat = flatten(host_params(params))
   entries = llama_import.layout(fields)
   missing = ["/".join(e.path) for e in entries if e.path not in flat]
   if missing:
