@@ -111,16 +111,7 @@ def chunked_objective(objective, student_hidden: Array, student_head: Array,
   teacher_hiddens, teacher_heads = _check_inputs(
       objective, student_hidden, student_head, teacher_hiddens, teacher_heads,
       labels, mask)
-  chunk_size = _check_chunk_size(chunk_size)
-  batch, length = labels.shape
-  chunk_size = min(chunk_size, length)
-  num_chunks = -(-length // chunk_size)
-  pad = num_chunks * chunk_size - length
-
-  def to_chunks(x):  # [B, L, ...] -> [num_chunks, B, chunk_size, ...]
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    x = x.reshape((batch, num_chunks, chunk_size) + x.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
+  to_chunks = _chunker(labels.shape[1], _check_chunk_size(chunk_size))
 
   hidden_chunks = to_chunks(student_hidden)
   data_chunks = ([jax.tree.map(to_chunks, h) for h in teacher_hiddens],
@@ -140,6 +131,20 @@ def chunked_objective(objective, student_hidden: Array, student_head: Array,
   loss, sums = _chunked_loss(objective, axes, hidden_chunks, student_head,
                              teacher_heads, data_chunks, step, global_count)
   return loss, lax.stop_gradient(sums)
+
+
+def _chunker(length: int, chunk_size: int):
+  """x [B, L, ...] -> [num_chunks, B, chunk_size, ...], the last chunk padded
+  (chunk_size above L means one chunk)."""
+  chunk_size = min(chunk_size, length)
+  num_chunks = -(-length // chunk_size)
+  pad = num_chunks * chunk_size - length
+
+  def to_chunks(x):
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape((x.shape[0], num_chunks, chunk_size) + x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+  return to_chunks
 
 
 def _chunked_loss(objective, axes, *args):
@@ -254,14 +259,8 @@ def _sampled_advantages(objective, student_hidden, student_head,
       lax.stop_gradient((student_hidden, student_head, list(teacher_hiddens),
                          list(teacher_heads))))
   batch, length = labels.shape
-  size = min(_check_chunk_size(chunk_size), length) if chunk_size else length
-  num_chunks = -(-length // size)
-  pad = num_chunks * size - length
-
-  def to_chunks(x):
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.moveaxis(
-        x.reshape((batch, num_chunks, size) + x.shape[2:]), 1, 0)
+  to_chunks = _chunker(length, _check_chunk_size(chunk_size) if chunk_size
+                       else length)
 
   def costs(chunk):
     hidden, t_hiddens, chunk_labels = chunk
