@@ -88,6 +88,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   for role in TRAINED.get(config.mode, ()):
     optim.validate(config[role].train, f"{role}.train", batch_shards,
                    split_over)
+    validate_trainable_only(config, role)
   if config.mode == "pipeline":
     validate_pipeline(config.pipeline)
   specs.validate_extra_teachers(config.distill)
@@ -110,6 +111,19 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
     aot.validate(config)
   else:
     workdir_lib.check_workdir(workdir)
+
+
+def validate_trainable_only(config: ml_collections.ConfigDict,
+                            role: str) -> None:
+  """checkpoint.trainable_only needs frozen leaves to leave out."""
+  if not config.checkpoint.get("trainable_only", False):
+    return
+  lora_rank = int(config[role].get("lora", {}).get("rank", 0) or 0)
+  if not config[role].train.get("trainable", ()) and not lora_rank:
+    fail("checkpoint.trainable_only", True,
+         f"a {role} run with every leaf trained has nothing to leave out: "
+         f"set config.{role}.train.trainable or config.{role}.lora.rank, "
+         "or leave it False")
 
 
 def validate_prompts(config: ml_collections.ConfigDict) -> None:

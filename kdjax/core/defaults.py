@@ -205,6 +205,11 @@ def get_config() -> ml_collections.ConfigDict:
   # A run whose every checkpoint is damaged stops (nothing is deleted);
   # True sets them aside and starts over from step 0.
   config.checkpoint.restart_if_unreadable = False
+  # True: a run with frozen leaves (LoRA, <role>.train.trainable) saves the
+  # trained leaves alone (and their optimizer state); the frozen base is
+  # rebuilt from <role>.init_from on resume, report and export, and must be
+  # bit-identical to the one trained on (its fingerprint is checked).
+  config.checkpoint.trainable_only = False
 
   # Several processes (hosts). On a Cloud TPU VM nothing needs setting: the
   # slice's workers are found automatically. Elsewhere set the three fields
@@ -255,11 +260,18 @@ def train(**overrides) -> ml_collections.ConfigDict:
 
 def precision(params: str = "float32", compute: str = "float32"
               ) -> ml_collections.ConfigDict:
-  """A role's precision (config.teacher.precision, config.student.precision):
-  a run setting, not part of the model, so a float32 checkpoint loads into a
-  bfloat16 run. `params`: the dtype weights are held in ('bfloat16' for the
-  frozen teacher only: half the memory, never a float32 copy on device);
-  `compute`: activations and matmul inputs ('llama' and 'gpt' so far)."""
+  """A role's precision (config.teacher.precision, config.student.precision),
+  MaxText's weight dtype / compute dtype: a run setting, not part of the
+  model, so a float32 checkpoint loads into a bfloat16 run.
+  `params`: the dtype weights are held in. 'bfloat16' is for the frozen
+  teacher only (half the memory and bandwidth, never a float32 copy on
+  device); a trained model keeps float32 parameters, the master copy its
+  optimizer updates.
+  `compute`: matmul inputs and activations, for every model ('bfloat16':
+  mixed precision; softmax, normalisation statistics, pooling, logits and
+  every loss stay float32).
+  The mixed-precision policy: teacher params=compute='bfloat16', student
+  params='float32', compute='bfloat16' (README, "Precision")."""
   return ml_collections.ConfigDict(dict(params=params, compute=compute))
 
 

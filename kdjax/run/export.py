@@ -33,8 +33,9 @@ from kdjax.data import builders, pipeline, prompts
 from kdjax.data import text as text_data
 from kdjax.models import lora
 from kdjax.run import tasks
-from kdjax.runtime import checkpoint, storage
+from kdjax.runtime import storage
 from kdjax.weights import params as params_lib
+from kdjax.weights import run_params
 from kdjax.weights import specs
 from kdjax.weights.exporters import gguf_llama, hf_bert, hf_llama, manifest
 from kdjax.weights.exporters import peft_llama
@@ -118,8 +119,8 @@ def export(config, workdir: str) -> dict[str, Any]:
   export_cfg = config.export
   model = specs.build_model(config, "student")
   step = int(export_cfg.step) or None
-  params = checkpoint.restore_params(
-      workdir, params_lib.abstract(model, config.data), step=step)
+  params = run_params.restore(
+      workdir, params_lib.abstract(model, config.data), config.data, step=step)
   summary = _run_summary(workdir)
   teacher = (config.teacher.get("init_from", "")
              or config.teacher.get("checkpoint_dir", ""))

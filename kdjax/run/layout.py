@@ -19,8 +19,8 @@ from jax.sharding import Mesh
 
 from kdjax.distill import mesh as mesh_lib
 from kdjax.distill import parallel
-from kdjax.runtime import checkpoint
 from kdjax.weights import params as params_lib
+from kdjax.weights import run_params
 from kdjax.weights import specs
 from kdjax.weights import teachers as teachers_lib
 
@@ -85,4 +85,4 @@ def restore_params(config, model, run_dir: str, mesh: Mesh) -> Any:
     shardings = param_shardings(model, config.data, mesh,
                                 rules(config, mesh), f"{run_dir} model")
     shapes = parallel.abstract_like(shapes, shardings)
-  return checkpoint.restore_params(run_dir, shapes)
+  return run_params.restore(run_dir, shapes, config.data)

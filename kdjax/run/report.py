@@ -22,6 +22,7 @@ from kdjax.run import layout
 from kdjax.run import metrics
 from kdjax.runtime import checkpoint, plots, storage
 from kdjax.weights import params as params_lib
+from kdjax.weights import run_params
 from kdjax.weights import specs
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
@@ -49,8 +50,8 @@ def load_params(config, role: str, run_dir: str, spec=None, mesh=None):
            if spec else specs.build_model(config, role))
   if mesh is not None:
     return model, layout.restore_params(config, model, run_dir, mesh)
-  return model, checkpoint.restore_params(
-      run_dir, params_lib.abstract(model, config.data))
+  return model, run_params.restore(
+      run_dir, params_lib.abstract(model, config.data), config.data)
 
 
 def _run_json(run_dir: str) -> dict[str, Any]:

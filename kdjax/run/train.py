@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from kdjax.core import config as config_lib
+from kdjax.core import trees
 from kdjax.core import errors
 from kdjax.data import pipeline
 from kdjax.distill import features, objectives, on_policy, optim, parallel
@@ -319,9 +320,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           "config": resume.describe_run(config)}
   if config[role].get("init_layers", ()):  # For rebuilding its base.
     meta["init_layers"] = [int(i) for i in config[role].init_layers]
+  trained_only = mask is not None and config.checkpoint.trainable_only
+  if trained_only and all(getattr(x, "is_fully_addressable", True)
+                          for x in jax.tree.leaves(params)):
+    # The base a resume, report or export rebuilds must be this one.
+    meta[checkpoint.FROZEN_SHA256] = prompt_weights.fingerprint(
+        trees.split(params, mask)[1])
   ckpt = checkpoint.Checkpointer(
       workdir, save_every_steps=config.checkpoint.every_steps,
-      keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+      keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
+      trained_mask=mask if trained_only else None)
   try:
     restored, restored_step = ckpt.restore_latest(
         state, data_iter, run_meta=meta,

@@ -1,7 +1,11 @@
 """The one module that talks to Orbax (its API moves; the version is pinned).
 
 A run's checkpoints live in WORKDIR/checkpoints/<step>/ with four items:
-  params   the model's parameters (all a teacher needs, all an export needs)
+  params   the model's parameters (all a teacher needs, all an export needs);
+           with checkpoint.trainable_only, the trained leaves alone (LoRA
+           adapters, a prompt, a head): the frozen base is rebuilt from the
+           run's init_from when read (kdjax.weights.run_params), and meta's
+           'params' says which ('trained' or 'all')
   train    optimizer state, step, RNG key and auxiliary trainables (e.g.
            feature projections: trained with the student, not exported)
   data     the grain iterator position
@@ -28,12 +32,16 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from kdjax.core import errors
+from kdjax.core import errors, trees
 from kdjax.core.config import fail
 from kdjax.runtime import distributed, storage
 
 CHECKPOINT_SUBDIR = "checkpoints"
 ITEM_NAMES = ("params", "train", "data", "meta")
+# meta['params']: what the params item holds.
+ALL_PARAMS, TRAINED_PARAMS = "all", "trained"
+# meta['frozen_sha256'] (trained-only checkpoints): the frozen base they need.
+FROZEN_SHA256 = "frozen_sha256"
 
 
 class CheckpointMismatchError(errors.KdjaxError, ValueError):
@@ -146,8 +154,11 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, *, save_every_steps: int, keep: int,
-               async_save: bool = True):
+               async_save: bool = True, trained_mask: Any = None):
+    """`trained_mask` (a tree of bools like the params): save the trained
+    leaves alone (checkpoint.trainable_only); None saves every leaf."""
     self.directory = checkpoint_dir(workdir)
+    self._trained_mask = trained_mask
     self._every = save_every_steps
     self._last_saved = None  # The newest step known to be written.
     self._pending = None  # A step being written in the background.
@@ -184,11 +195,16 @@ class Checkpointer:
     last call, raises CheckpointSaveError.
     """
     self.wait()  # Surfaces a background failure of the previous save.
+    params = state.params
+    meta = dict(meta, params=ALL_PARAMS)
+    if self._trained_mask is not None:
+      params = trees.split(params, self._trained_mask)[0]
+      meta["params"] = TRAINED_PARAMS
     try:
       saved = self._manager.save(
           step,
           args=ocp.args.Composite(
-              params=ocp.args.StandardSave(state.params),
+              params=ocp.args.StandardSave(params),
               train=ocp.args.StandardSave(_train_items(state)),
               data=grain.checkpoint.CheckpointSave(data_iterator),
               meta=ocp.args.JsonSave(meta)),
@@ -296,9 +312,15 @@ class Checkpointer:
     stored = with_retries(where, lambda: {
         item: _stored_arrays(storage.join(self.directory, str(step), item))
         for item in ("params", "train")})
+    # A trained-only checkpoint restores onto the state's own frozen base
+    # (loaded from init_from), which must be the one it was trained on.
+    target = abstract_state.params
+    if holds_trained_only(meta):
+      check_frozen_base(meta, run_meta, self.directory)
+      target = _like_stored(target, stored["params"])
     check_structure(  # Before the config: names the arrays that differ.
         {"params": stored["params"], **dict(stored["train"])},
-        _train_items(abstract_state, params=True),
+        {"params": target, **_train_items(abstract_state)},
         found_optimizer=meta.get("optimizer", "?"),
         expected_optimizer=run_meta.get("optimizer", "?"),
         directory=self.directory)
@@ -307,20 +329,61 @@ class Checkpointer:
     restored = with_retries(where, lambda: self._manager.restore(
         step,
         args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_state.params),
+            params=ocp.args.StandardRestore(target),
             train=ocp.args.StandardRestore(_train_items(abstract_state)),
             data=grain.checkpoint.CheckpointRestore(data_iterator))))
     train = restored["train"]
     return abstract_state.replace(
-        step=train["step"], params=restored["params"],
+        step=train["step"],
+        params=trees.overlay(abstract_state.params, restored["params"]),
         opt_state=train["opt_state"], rng=train["rng"],
         aux_params=train["aux_params"])
 
 
-def _train_items(state, params: bool = False) -> dict[str, Any]:
-  items = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
-           "aux_params": state.aux_params}
-  return {"params": state.params, **items} if params else items
+def holds_trained_only(meta: dict[str, Any] | None) -> bool:
+  """Whether a checkpoint's params item holds the trained leaves alone."""
+  return bool(meta) and meta.get("params") == TRAINED_PARAMS
+
+
+def check_frozen_base(found_meta: dict[str, Any], run_meta: dict[str, Any],
+                      directory: str) -> None:
+  """Refuses a trained-only checkpoint over another frozen base (both
+  fingerprints known: kdjax.weights.prompt.fingerprint)."""
+  found, mine = found_meta.get(FROZEN_SHA256), run_meta.get(FROZEN_SHA256)
+  if found and mine and found != mine:
+    raise CheckpointMismatchError(
+        f"The checkpoint in {directory} holds trained leaves alone, trained "
+        f"on another frozen base than this run loads (init_from "
+        f"{found_meta.get('init_from', '?')!r}: its frozen leaves differ "
+        "bit for bit). Every checkpoint is left in place: restore the "
+        "weights it was trained on, or use another --workdir.")
+
+
+def _paths(stored) -> list[tuple[str, ...]]:
+  """The leaf paths of a stored item's tree (or any nested dict)."""
+  return sorted(tuple(_key_name(k) for k in path) for path, _ in
+                jax.tree_util.tree_flatten_with_path(stored)[0])
+
+
+def _like_stored(tree, stored):
+  """The leaves of `tree` at the paths a checkpoint's item stores."""
+  return trees.select(tree, _paths(stored))
+
+
+def stored_param_paths(workdir_or_checkpoints: str, step: int | None = None
+                       ) -> list[tuple[str, ...]]:
+  """The leaf paths a run's params item stores at `step` (newest)."""
+  directory = _checkpoints_of(workdir_or_checkpoints)
+  if step is None:
+    step = latest_step(directory)
+  where = f"Reading the parameter list of step {step} in {directory}"
+  return _paths(_read_params(where, lambda: _stored_arrays(
+      storage.join(directory, str(step), "params"))))
+
+
+def _train_items(state) -> dict[str, Any]:
+  return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
+          "aux_params": state.aux_params}
 
 
 def _stored_arrays(item_dir: str):
@@ -462,12 +525,15 @@ def latest_step(workdir_or_checkpoints: str) -> int | None:
 
 
 def restore_params(workdir_or_checkpoints: str, abstract_params,
-                   step: int | None = None):
+                   step: int | None = None, base=None):
   """Loads only the parameters of a run (e.g. a teacher) at `step` (newest).
 
-  Never falls back to an older step: parameters that cannot be read raise
-  UnreadableCheckpointError naming the step (a teacher silently older than
-  the one asked for would change every result).
+  A checkpoint of trained leaves alone (holds_trained_only) is laid over
+  `base`, the run's frozen base rebuilt by the caller
+  (kdjax.weights.run_params does both). Never falls back to an older step:
+  parameters that cannot be read raise UnreadableCheckpointError naming
+  the step (a teacher silently older than the one asked for would change
+  every result).
   """
   directory = _checkpoints_of(workdir_or_checkpoints)
   # Orbax refuses a checkpoint saved on another topology (e.g. by several
@@ -478,32 +544,56 @@ def restore_params(workdir_or_checkpoints: str, abstract_params,
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {directory}.")
     where = f"Reading the parameters of step {step} in {directory}"
-    try:
-      return with_retries(where, lambda: manager.restore(
-          step, args=ocp.args.Composite(
-              params=ocp.args.StandardRestore(abstract_params))))["params"]
-    except UnreadableCheckpointError:
-      raise
-    except Exception as e:  # pylint: disable=broad-except
-      kind = ("damaged" if classify_read_error(e) == CORRUPT
-              else "unreadable")
-      raise UnreadableCheckpointError(
-          f"{where} failed: the checkpoint is {kind} ({_short(e)}). kdjax "
-          "does not fall back to an older step for parameters; restore "
-          "the files, or point to another checkpoint.") from e
+    stored = _read_params(where, lambda: _stored_trained_only(
+        manager, directory, step))
+    if stored is not None:
+      if base is None:
+        raise ValueError(
+            f"Step {step} in {directory} holds the trained leaves alone "
+            "(checkpoint.trainable_only): read it with kdjax.weights."
+            "run_params.restore, which rebuilds the frozen base.")
+      abstract_params = _like_stored(abstract_params, stored)
+    params = _read_params(where, lambda: manager.restore(
+        step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params))))["params"]
+  return trees.overlay(base, params) if stored is not None else params
 
 
-def read_meta(workdir: str) -> dict[str, Any] | None:
-  """The meta item of a run's newest checkpoint, or None if it has none.
+def _stored_trained_only(manager, directory: str, step: int):
+  """The stored params tree (metadata) of a trained-only step, else None."""
+  meta = manager.restore(step, args=ocp.args.Composite(
+      meta=ocp.args.JsonRestore()))["meta"]
+  if not holds_trained_only(meta):
+    return None
+  return _stored_arrays(storage.join(directory, str(step), "params"))
+
+
+def _read_params(where: str, read: Callable[[], Any]) -> Any:
+  """read() with retries; any other failure is UnreadableCheckpointError."""
+  try:
+    return with_retries(where, read)
+  except UnreadableCheckpointError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    kind = "damaged" if classify_read_error(e) == CORRUPT else "unreadable"
+    raise UnreadableCheckpointError(
+        f"{where} failed: the checkpoint is {kind} ({_short(e)}). kdjax "
+        "does not fall back to an older step for parameters; restore the "
+        "files, or point to another checkpoint.") from e
+
+
+def read_meta(workdir: str, step: int | None = None) -> dict[str, Any] | None:
+  """The meta item of a run's checkpoint at `step` (newest), or None if it
+  has none.
 
   An unreadable meta raises UnreadableCheckpointError (no older step is
   read in its place).
   """
-  directory = checkpoint_dir(workdir)
+  directory = _checkpoints_of(workdir)
   if not storage.is_dir(directory):
     return None
   with _read_only(directory) as manager:
-    step = manager.latest_step()
+    step = manager.latest_step() if step is None else step
     if step is None:
       return None
     where = f"Reading the meta of checkpoint step {step} in {directory}"

@@ -12,8 +12,9 @@ note of the backbone they need (init_from, init_layers, model spec with its
 LoRA settings, seed, a SHA-256 of the frozen leaves).
 `load_onto(backbone_params, path)` puts them back on a frozen
 backbone (checking it is the same one); `rebuild(path, data_config)` builds
-the whole model from the note alone. `split`/`merge` give the trained-only
-tree (kilobytes). The Orbax checkpoint (resume) is unchanged.
+the whole model from the note alone (kdjax.core.trees splits and merges the
+trees). The Orbax checkpoint holds the whole model, or the trained leaves
+alone with checkpoint.trainable_only (kdjax.weights.run_params reads both).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from etils import epath
 from flax import serialization
 from flax import traverse_util
 
+from kdjax.core import trees
 from kdjax.core.config import ConfigError
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.models import prompt as prompt_lib
@@ -91,27 +93,6 @@ def init_from_config(params: dict[str, Any], config, role: str,
   return prompt_lib.set_prompt(params, vectors)
 
 
-def split(params: dict[str, Any], mask: dict[str, Any]
-          ) -> tuple[dict[str, Any], dict[str, Any]]:
-  """(trainable, frozen) nested dicts; each holds only its own leaves."""
-  flat, flat_mask = (traverse_util.flatten_dict(params),
-                     traverse_util.flatten_dict(mask))
-  trainable = {k: v for k, v in flat.items() if flat_mask[k]}
-  frozen = {k: v for k, v in flat.items() if not flat_mask[k]}
-  return (traverse_util.unflatten_dict(trainable),
-          traverse_util.unflatten_dict(frozen))
-
-
-def merge(trainable: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]:
-  """Inverse of `split` (e.g. a prompt-only checkpoint onto the backbone)."""
-  flat = traverse_util.flatten_dict(frozen)
-  overlap = set(flat) & set(traverse_util.flatten_dict(trainable))
-  if overlap:
-    raise ValueError(f"Both trees hold {sorted('/'.join(k) for k in overlap)}.")
-  flat.update(traverse_util.flatten_dict(trainable))
-  return traverse_util.unflatten_dict(flat)
-
-
 def fingerprint(tree: Any) -> str:
   """SHA-256 of a params tree's leaves (paths, dtypes, shapes and bits)."""
   digest = hashlib.sha256()
@@ -132,7 +113,7 @@ def export_trainable(workdir: str, params: dict[str, Any],
   """
   if jax.process_index() != 0:
     return None
-  trained, frozen = split(params, mask)
+  trained, frozen = trees.split(params, mask)
   note = {"init_from": init_from, "model": meta.get("model"),
           "seed": meta.get("seed"), "role": meta.get("role"),
           "variant": meta.get("variant", ""),
@@ -181,24 +162,33 @@ def load_onto(backbone_params: dict[str, Any], path: str, *,
         f"frozen leaves differ; it needs init_from={note['init_from']!r}, "
         f"model {note['model']}, seed {note['seed']}). Pass verify=False to "
         "load it anyway.")
-  return merge(trained, traverse_util.unflatten_dict(frozen))
+  return trees.merge(trained, traverse_util.unflatten_dict(frozen))
+
+
+def base_params(description: dict[str, Any], data_config
+                ) -> tuple[nn.Module, dict[str, Any]]:
+  """(model, params) as a run started: the model `description` names (an
+  export's note or a checkpoint's meta: model spec, seed, init_from,
+  init_layers), initialised with its seed, the backbone imported, the
+  prompt initialised. Its frozen leaves are those the run trained over."""
+  spec = {k: tuple(v) if isinstance(v, list) else v
+          for k, v in description["model"].items()}
+  model = specs.model_from_spec(spec)  # With its LoRA adapters, if any.
+  seed = int(description["seed"])
+  params = params_lib.init(model, data_config, seed)
+  params = pretrained.load_pretrained(
+      params, description["init_from"],
+      model_fields={k: v for k, v in spec.items() if k not in ("name", "lora")},
+      layers=tuple(description.get("init_layers", ())))
+  run = ml_collections.ConfigDict(
+      {"run": {"model": description["model"],
+               "init_from": description["init_from"]}})
+  return model, init_from_config(params, run, "run", seed)
 
 
 def rebuild(path: str, data_config) -> tuple[nn.Module, dict[str, Any]]:
-  """(model, params) from an export alone, as the run built them: the model
-  its note names, initialised with its seed, the backbone imported, the
-  prompt initialised, then the export loaded (and verified)."""
+  """(model, params) from an export alone, as the run built them: its
+  base (base_params), then the export loaded (and verified)."""
   note, _ = read_export(path)
-  spec = {k: tuple(v) if isinstance(v, list) else v
-          for k, v in note["model"].items()}
-  model = specs.model_from_spec(spec)  # With its LoRA adapters, if any.
-  seed = int(note["seed"])
-  params = params_lib.init(model, data_config, seed)
-  params = pretrained.load_pretrained(
-      params, note["init_from"],
-      model_fields={k: v for k, v in spec.items() if k not in ("name", "lora")},
-      layers=tuple(note.get("init_layers", ())))
-  run = ml_collections.ConfigDict(
-      {"run": {"model": note["model"], "init_from": note["init_from"]}})
-  params = init_from_config(params, run, "run", seed)
+  model, params = base_params(note, data_config)
   return model, load_onto(params, path)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from kdjax.runtime import checkpoint
 from kdjax.weights import params as params_lib
 from kdjax.weights import pretrained
+from kdjax.weights import run_params
 from kdjax.weights import specs
 
 
@@ -68,7 +69,7 @@ def load(config, spec: specs.TeacherSpec, *, abstract: bool = False,
                                    "init_from": spec.init_from})
   specs.check_checkpoint_model(spec.model, spec.path, spec.field)
   step = checkpoint.latest_step(spec.path)
-  params = checkpoint.restore_params(spec.path, shapes, step=step)
+  params = run_params.restore(spec.path, shapes, config.data, step=step)
   return Teacher(model, params, {"model": spec.model,
                                  "checkpoint_dir": spec.path,
                                  "checkpoint_step": step})

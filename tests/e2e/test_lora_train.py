@@ -8,6 +8,7 @@ tests/weights/test_export_peft.py.)"""
 
 import json
 import os
+import shutil
 
 import flax
 import jax
@@ -26,6 +27,7 @@ from kdjax.runtime import checkpoint
 from kdjax.weights import params as params_lib
 from kdjax.weights import pretrained
 from kdjax.weights import prompt as prompt_weights
+from kdjax.weights import run_params
 from kdjax.weights import specs
 from kdjax.weights.exporters import hf_llama
 from conftest import load_config
@@ -112,8 +114,11 @@ def test_a_lora_student_distils_from_the_cache_on_a_sharded_mesh(
   workdir = str(tmp_path)
   config = _config(root, hf_dir, workdir)
   _run(config, "cache_teacher", workdir)
-  summary = _run(config, "distill", os.path.join(workdir, "student"),
-                 **{"distill.teacher_cache": config.cache.dir})
+  student_dir = os.path.join(workdir, "student")
+  # Checkpoints of the adapters alone, at steps 2 and 3.
+  distill = {"distill.teacher_cache": config.cache.dir,
+             "checkpoint.trainable_only": True, "checkpoint.every_steps": 2}
+  summary = _run(config, "distill", student_dir, **distill)
   assert "teacher cache" in summary["objective"]
   assert np.isfinite(summary["eval"]["perplexity"])
   model = specs.build_model(config, "student")
@@ -126,8 +131,12 @@ def test_a_lora_student_distils_from_the_cache_on_a_sharded_mesh(
       rank=2, alpha=4.0, dropout=0.0,
       targets=list(lora.DEFAULT_TARGETS["llama"]))
 
-  trained = checkpoint.restore_params(os.path.join(workdir, "student"),
-                                      shapes)
+  # The checkpoint stores the adapters alone; reading it rebuilds the base.
+  assert checkpoint.stored_param_paths(student_dir) == sorted(
+      flax.traverse_util.flatten_dict(adapters))
+  with pytest.raises(ValueError, match="trained leaves alone"):
+    checkpoint.restore_params(student_dir, shapes)
+  trained = run_params.restore(student_dir, shapes, config.data)
   trained_adapters, trained_base = lora.split(jax.device_get(trained))
   # The base: the teacher's layer 1, bit for bit, after training.
   imported = pretrained.load_pretrained(
@@ -139,6 +148,16 @@ def test_a_lora_student_distils_from_the_cache_on_a_sharded_mesh(
            flax.traverse_util.flatten_dict(trained_adapters).items()
            if k[-1] == lora.B]
   assert min(moved) > 1e-3  # Every B left zero.
+
+  # A resume from the adapters-alone checkpoint of step 2 ends where the
+  # uninterrupted run did.
+  shutil.rmtree(os.path.join(student_dir, checkpoint.CHECKPOINT_SUBDIR, "3"))
+  os.remove(os.path.join(student_dir, "run.json"))
+  resumed = _run(config, "distill", student_dir, **distill)
+  assert resumed["resumed_from_step"] == 2
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(
+      run_params.restore(student_dir, shapes, config.data)),
+      jax.device_get(trained))
 
   # The step the run built holds optimizer state for the adapters alone.
   mesh = layout.make_mesh(config)

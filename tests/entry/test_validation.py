@@ -43,6 +43,9 @@ def _config(**changes):
     ({"parallel.backend": "xmap"}, r"config\.parallel\.backend='xmap'"),
     ({"student.train.optimizer": "lion"}, r"config\.student\.train\.optimizer='lion'"),
     ({"data.train_fraction": 0.0}, r"config\.data\.train_fraction=0\.0"),
+    ({"checkpoint.trainable_only": True},
+     r"checkpoint\.trainable_only=True is invalid: a teacher run with every "
+     r"leaf trained has nothing to leave out"),
     ({"distill.terms": (dict(name="kld", weight=1.0),)},
      r"config\.distill\.terms\[0\]\.name='kld' is invalid: allowed: \[.*'jsd'"),
 ])

@@ -22,12 +22,12 @@ import optax
 import pytest
 
 from kdjax import models
+from kdjax.core import trees
 from kdjax.data import text as text_lib
 from kdjax.distill import masks
 from kdjax.models import bert
 from kdjax.models import prompt as prompt_lib
 from kdjax.weights import params as params_lib
-from kdjax.weights import prompt as prompt_weights
 from kdjax.weights.importers import hf_bert
 from kdjax.models.partitioning import unbox
 
@@ -143,11 +143,11 @@ def test_mask_split_merge_and_typos():
   model = bert.BertClassifier(**TINY, num_classes=2, num_prompts=3)
   params = unbox(model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"])
   mask = masks.trainable_mask(params, ("prompt", "head"))
-  trainable, frozen = prompt_weights.split(params, mask)
+  trainable, frozen = trees.split(params, mask)
   assert set(trainable) == {"prompt", "head"} and set(frozen) == {"encoder"}
   assert params_lib.count(trainable) == 3 * 16 + 16 * 2 + 2
   assert params_lib.count(params, mask) == params_lib.count(trainable)
-  merged = prompt_weights.merge(trainable, frozen)
+  merged = trees.merge(trainable, frozen)
   assert jax.tree.structure(merged) == jax.tree.structure(params)
   with pytest.raises(ValueError, match="promt"):
     masks.trainable_mask(params, ("promt",))
