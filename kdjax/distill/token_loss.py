@@ -42,7 +42,7 @@ from jax import lax
 
 from kdjax.distill import losses, objectives
 from kdjax.distill.objectives import ModelOutputs
-from kdjax.models import partitioning
+from kdjax.models import partitioning, precision
 
 Array = jax.Array
 
@@ -50,12 +50,12 @@ Array = jax.Array
 def logits_from_hidden(hidden: Array, head: Array) -> Array:
   """hidden [..., D] @ head [D, V] -> float32 logits [..., V].
 
-  bfloat16 inputs are multiplied as they are and accumulated in float32
-  (exact products, so the same as upcasting first) without a float32 copy
-  of the head.
+  The head is multiplied in hidden's dtype (the compute dtype: a float32
+  student head is cast, a bfloat16 teacher head is used as it is, no
+  float32 copy) and accumulated in float32 (kdjax.models.precision).
   """
-  logits = jnp.einsum("...d,dv->...v", hidden, head,
-                      preferred_element_type=jnp.float32)
+  logits = precision.einsum_f32("...d,dv->...v", hidden,
+                                head.astype(hidden.dtype))
   # Sharded layout: the vocabulary stays split over 'model' (the log-sum-exp
   # reduces across its shards); the identity without rules in scope.
   names = ("batch",) + (None,) * (logits.ndim - 2) + ("act_vocab",)

@@ -55,26 +55,29 @@ class BertOutput:
 
 
 def mean_pool(hidden_states: jax.Array, mask: jax.Array) -> jax.Array:
-  """Average over valid positions (sentence-transformers' mean pooling)."""
-  weights = mask[..., None].astype(hidden_states.dtype)
+  """Average over valid positions (sentence-transformers' mean pooling), in
+  float32 whatever the compute dtype (a long sum)."""
+  weights = mask[..., None].astype(jnp.float32)
+  hidden_states = hidden_states.astype(jnp.float32)
   return jnp.sum(hidden_states * weights, axis=-2) / jnp.maximum(
       jnp.sum(weights, axis=-2), 1e-9)
 
 
-def _layer_norm(eps: float, name: str) -> nn.LayerNorm:
+def _layer_norm(eps: float, name: str, dtype: str) -> nn.LayerNorm:
   # The two-pass variance matches PyTorch; Flax's fast E[x^2]-E[x]^2 does not.
   return nn.LayerNorm(
-      epsilon=eps, use_fast_variance=False,
+      epsilon=eps, use_fast_variance=False, dtype=dtype,
       scale_init=partitioning.param(nn.initializers.ones, ("norm",)),
       bias_init=partitioning.param(nn.initializers.zeros, ("norm",)),
       name=name)
 
 
 def _dense(features: int, names: tuple[str | None, str | None],
-           name: str) -> nn.Dense:
-  """nn.Dense with its default initializers, kernel axes `names`."""
+           name: str, dtype: str) -> nn.Dense:
+  """nn.Dense with its default initializers, kernel axes `names`, computing
+  in `dtype` (float32 parameters)."""
   return nn.Dense(
-      features,
+      features, dtype=dtype,
       kernel_init=partitioning.param(nn.initializers.lecun_normal(), names),
       bias_init=partitioning.param(nn.initializers.zeros_init(), names[1:]),
       name=name)
@@ -104,6 +107,10 @@ class BertFields(nn.Module):
   # [num_layers] axis (logical name 'layers'). kdjax.models.stacking converts
   # to and from the layer_{i} layout that hf_bert imports.
   scan_layers: bool = False
+  # Compute dtype: matmul inputs and activations ('bfloat16' for mixed
+  # precision); parameters stay float32, softmax, LayerNorm statistics and
+  # pooling run in float32, a classifier's logits come out float32.
+  dtype: str = "float32"
 
   def encoder_fields(self) -> dict[str, Any]:
     return {f.name: getattr(self, f.name)
@@ -117,6 +124,7 @@ class BertSelfAttention(nn.Module):
   num_heads: int
   dropout_rate: float
   sow_attention: bool = False
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x, mask, *, train: bool):
@@ -125,22 +133,25 @@ class BertSelfAttention(nn.Module):
 
     def heads(name):
       # [hidden, heads * head_dim]: the flattened output axis is "heads".
-      y = _dense(self.hidden_size, ("embed", "heads"), name)(x)
+      y = _dense(self.hidden_size, ("embed", "heads"), name, self.dtype)(x)
       return y.reshape(batch, length, self.num_heads, head_dim).transpose(
           0, 2, 1, 3)
 
     q, k, v = heads("query"), heads("key"), heads("value")
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(
-        jnp.asarray(head_dim, x.dtype))
-    # finfo.min (not -inf), as in HF: a fully padded row stays finite.
-    bias = jnp.where(mask[:, None, None, :], 0.0, jnp.finfo(x.dtype).min)
-    weights = jax.nn.softmax(logits + bias.astype(x.dtype), axis=-1)
+        jnp.asarray(head_dim, q.dtype))
+    # Softmax in float32. finfo.min (not -inf), as in HF: a fully padded
+    # row stays finite.
+    bias = jnp.where(mask[:, None, None, :], 0.0, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits.astype(jnp.float32) + bias,
+                             axis=-1).astype(q.dtype)
     if self.sow_attention:
       self.sow("intermediates", "attention_weights", weights)
     weights = nn.Dropout(self.dropout_rate, deterministic=not train)(weights)
     y = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
     y = y.transpose(0, 2, 1, 3).reshape(batch, length, self.hidden_size)
-    return _dense(self.hidden_size, ("heads", "embed"), "output")(y)
+    return _dense(self.hidden_size, ("heads", "embed"), "output",
+                  self.dtype)(y)
 
 
 class BertLayer(nn.Module):
@@ -153,20 +164,22 @@ class BertLayer(nn.Module):
   dropout_rate: float
   attention_dropout_rate: float
   sow_attention: bool = False
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x, mask, *, train: bool):
     x = partitioning.constrain(x, partitioning.RESIDUAL)
     h = BertSelfAttention(self.hidden_size, self.num_heads,
                           self.attention_dropout_rate, self.sow_attention,
-                          name="attention")(x, mask, train=train)
+                          self.dtype, name="attention")(x, mask, train=train)
     h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
-    x = _layer_norm(self.layer_norm_eps, "attention_norm")(x + h)
-    h = _dense(self.intermediate_size, ("embed", "mlp"), "intermediate")(x)
-    h = _dense(self.hidden_size, ("mlp", "embed"), "output")(
+    x = _layer_norm(self.layer_norm_eps, "attention_norm", self.dtype)(x + h)
+    h = _dense(self.intermediate_size, ("embed", "mlp"), "intermediate",
+               self.dtype)(x)
+    h = _dense(self.hidden_size, ("mlp", "embed"), "output", self.dtype)(
         ACTIVATIONS[self.hidden_act](h))
     h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
-    x = _layer_norm(self.layer_norm_eps, "output_norm")(x + h)
+    x = _layer_norm(self.layer_norm_eps, "output_norm", self.dtype)(x + h)
     x = partitioning.constrain(x, partitioning.RESIDUAL)
     self.sow("intermediates", "hidden", x)
     return x
@@ -192,11 +205,12 @@ class BertEmbeddings(nn.Module):
   type_vocab_size: int
   layer_norm_eps: float
   dropout_rate: float
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids, prefix_embeds, *, train: bool):
     embed = lambda n, row_axis, name: nn.Embed(
-        n, self.hidden_size,
+        n, self.hidden_size, dtype=self.dtype,
         embedding_init=partitioning.param(nn.initializers.normal(0.02),
                                           (row_axis, "embed")),
         name=name)
@@ -213,7 +227,7 @@ class BertEmbeddings(nn.Module):
       prefix = prefix_embeds.astype(x.dtype) + token_type(
           jnp.zeros(prefix_embeds.shape[:2], jnp.int32))
       x = jnp.concatenate([prefix, x], axis=1)
-    x = _layer_norm(self.layer_norm_eps, "layer_norm")(x)
+    x = _layer_norm(self.layer_norm_eps, "layer_norm", self.dtype)(x)
     return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
 
 
@@ -245,7 +259,7 @@ class BertEncoder(BertFields):
     num_prompts = 0 if prefix_embeds is None else prefix_embeds.shape[-2]
     x = BertEmbeddings(self.vocab_size, self.hidden_size,
                        self.max_position_embeddings, self.type_vocab_size,
-                       self.layer_norm_eps, self.dropout_rate,
+                       self.layer_norm_eps, self.dropout_rate, self.dtype,
                        name="embeddings")(input_ids, token_type_ids,
                                           prefix_embeds, train=train)
     x = partitioning.constrain(x, partitioning.RESIDUAL)
@@ -254,7 +268,7 @@ class BertEncoder(BertFields):
           [jnp.ones((mask.shape[0], num_prompts), bool), mask], axis=1)
     fields = (self.hidden_size, self.num_heads, self.intermediate_size,
               self.hidden_act, self.layer_norm_eps, self.dropout_rate,
-              self.attention_dropout_rate, self.sow_attention)
+              self.attention_dropout_rate, self.sow_attention, self.dtype)
     if self.scan_layers:
       x, _ = nn.scan(
           _ScannedLayer, length=self.num_layers,
@@ -269,8 +283,8 @@ class BertEncoder(BertFields):
     pooled = None
     if self.add_pooler:  # [CLS] is the first real token, after the prompt.
       # Small and replicated: its axes are deliberately unnamed.
-      pooled = jnp.tanh(_dense(self.hidden_size, ("embed", None), "pooler")(
-          x[:, num_prompts]))
+      pooled = jnp.tanh(_dense(self.hidden_size, ("embed", None), "pooler",
+                               self.dtype)(x[:, num_prompts]))
     return BertOutput(x, mask, pooled, num_prompts)
 
 
@@ -353,7 +367,9 @@ class BertClassifier(BertFields):
       pooled = out.pooled
     self.sow("intermediates", "pooled", pooled)
     pooled = nn.Dropout(self.head_dropout_rate, deterministic=not train)(pooled)
-    return _dense(self.num_classes, ("embed", "classes"), "head")(pooled)
+    logits = _dense(self.num_classes, ("embed", "classes"), "head",
+                    self.dtype)(pooled)
+    return logits.astype(jnp.float32)
 
 
 def insert_instruction(tokens: jax.Array, attention_mask: jax.Array | None,

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kdjax.models import partitioning
+from kdjax.models import partitioning, precision
 
 _INIT = nn.initializers.normal(0.02)
 _ZEROS = nn.initializers.zeros_init()  # nn.Dense's default bias init.
@@ -43,8 +43,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   outputs = []
   for start in range(0, length, block_size):
     stop = min(start + block_size, length)
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, start:stop], k[:, :, :stop],
-                        preferred_element_type=jnp.float32)
+    scores = precision.einsum_f32("bhqd,bhkd->bhqk", q[:, :, start:stop],
+                                  k[:, :, :stop])
     query_pos = jnp.arange(start, stop)[:, None]
     allowed = jnp.arange(stop)[None, :] <= query_pos
     scores = jnp.where(allowed, scores, -jnp.inf)
@@ -52,8 +52,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     row_max = lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
     unnormalised = jnp.exp(scores - row_max)
     denominator = jnp.sum(unnormalised, axis=-1, keepdims=True)
-    out = jnp.einsum("bhqk,bhkd->bhqd", unnormalised.astype(v.dtype),
-                     v[:, :, :stop], preferred_element_type=jnp.float32)
+    out = precision.einsum_f32("bhqk,bhkd->bhqd", unnormalised.astype(v.dtype),
+                               v[:, :, :stop])
     outputs.append((out / denominator).astype(q.dtype))
   return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=2)
 
@@ -177,8 +177,9 @@ class GPT(nn.Module):
     x = partitioning.constrain(x, partitioning.RESIDUAL)
     if not logits:
       return x
-    # Tied output embedding.
-    return partitioning.constrain(embed.attend(x), partitioning.LOGITS)
+    # Tied output embedding; float32 logits for the losses.
+    return partitioning.constrain(embed.attend(x).astype(jnp.float32),
+                                  partitioning.LOGITS)
 
 
 def lm_head_kernel(params: Any) -> jax.Array:

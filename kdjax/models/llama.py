@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.models import partitioning as part
+from kdjax.models import precision
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
           "float16": jnp.float16}
@@ -226,15 +227,14 @@ class Attention(nn.Module):
       bias = bias[:, None, None]  # [B, 1, 1, L, S] against the scores.
 
     q = q.reshape(batch, length, kv, h // kv, dh)
-    scores = jnp.einsum("blkgd,bskd->bkgls", q, k,
-                        preferred_element_type=jnp.float32)
+    scores = precision.einsum_f32("blkgd,bskd->bkgls", q, k)
     scores = scores * (dh ** -0.5) + bias
     # Normalise after probabilities x values: one division on [.., L, Dh]
     # instead of on [.., L, S].
     probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     denom = jnp.sum(probs, axis=-1)  # [B, KV, G, L]
-    out = jnp.einsum("bkgls,bskd->blkgd", probs.astype(self.dtype), v,
-                     preferred_element_type=jnp.float32)
+    out = precision.einsum_f32("bkgls,bskd->blkgd", probs.astype(self.dtype),
+                               v)
     out = out / jnp.transpose(denom, (0, 3, 1, 2))[..., None]
     out = out.reshape(batch, length, h, dh).astype(self.dtype)
     return Projection((h, dh, width), ("heads", "head_dim", "embed"),
@@ -294,8 +294,8 @@ class _ScannedLayer(DecoderLayer):
 
 def project(hidden: jax.Array, kernel: jax.Array) -> jax.Array:
   """hidden [..., D] @ kernel [D, V] in hidden's dtype, float32 logits."""
-  return jnp.einsum("...d,dv->...v", hidden, kernel.astype(hidden.dtype),
-                    preferred_element_type=jnp.float32)
+  return precision.einsum_f32("...d,dv->...v", hidden,
+                              kernel.astype(hidden.dtype))
 
 
 class _Head(nn.Module):

@@ -10,7 +10,8 @@ class LSTMClassifier(nn.Module):
 
   The (bidirectional) LSTM runs over the real tokens only (`seq_lengths`), its
   per-token outputs are max-pooled over valid positions, then a ReLU dense
-  layer and the head.
+  layer and the head. `dtype` is the compute dtype (the cells' matmuls and
+  state; parameters stay float32; logits come out float32).
   """
   num_classes: int
   vocab_size: int
@@ -20,28 +21,33 @@ class LSTMClassifier(nn.Module):
   dense_features: int = 128
   dropout_rate: float = 0.0
   pad_id: int = 0
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
     mask = tokens != self.pad_id
     lengths = jnp.sum(mask, axis=-1).astype(jnp.int32)
-    x = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(tokens)
+    x = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype,
+                 name="embed")(tokens)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    forward = nn.RNN(nn.OptimizedLSTMCell(self.hidden_size), name="lstm_fwd")
+    cell = lambda: nn.OptimizedLSTMCell(self.hidden_size, dtype=self.dtype)
+    forward = nn.RNN(cell(), name="lstm_fwd")
     carry = _zero_carry_like(x, self.hidden_size)
     if self.bidirectional:
-      backward = nn.RNN(nn.OptimizedLSTMCell(self.hidden_size),
-                        name="lstm_bwd")
+      backward = nn.RNN(cell(), name="lstm_bwd")
       x = nn.Bidirectional(forward, backward)(
           x, seq_lengths=lengths, initial_carry=(carry, carry))
     else:
       x = forward(x, seq_lengths=lengths, initial_carry=carry)
     self.sow("intermediates", "sequence", x)
-    x = jnp.max(jnp.where(mask[..., None], x, -1e9), axis=1)
+    x = jnp.max(jnp.where(mask[..., None], x, jnp.asarray(-1e9, x.dtype)),
+                axis=1)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.relu(nn.Dense(self.dense_features, name="dense")(x))
+    x = nn.relu(nn.Dense(self.dense_features, dtype=self.dtype,
+                         name="dense")(x))
     self.sow("intermediates", "pooled", x)
-    return nn.Dense(self.num_classes, name="head")(x)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+    return logits.astype(jnp.float32)
 
 
 def _zero_carry_like(x: jax.Array, hidden_size: int):

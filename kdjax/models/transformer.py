@@ -13,10 +13,12 @@ _NORM = dict(scale_init=partitioning.param(nn.initializers.ones, ("norm",)),
              bias_init=partitioning.param(nn.initializers.zeros, ("norm",)))
 
 
-def _dense(features: int, names: tuple[str, str], name: str) -> nn.Dense:
-  """nn.Dense with its default initializers, kernel axes `names`."""
+def _dense(features: int, names: tuple[str, str], name: str,
+           dtype: str = "float32") -> nn.Dense:
+  """nn.Dense with its default initializers, kernel axes `names`, computing
+  in `dtype` (float32 parameters)."""
   return nn.Dense(
-      features,
+      features, dtype=dtype,
       kernel_init=partitioning.param(nn.initializers.lecun_normal(), names),
       bias_init=partitioning.param(nn.initializers.zeros_init(), names[1:]),
       name=name)
@@ -65,17 +67,18 @@ class EncoderBlock(nn.Module):
   mlp_dim: int
   dropout_rate: float = 0.0
   sow_attention: bool = False
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x, attention_mask, *, train: bool):
     x = partitioning.constrain(x, partitioning.RESIDUAL)
-    h = nn.LayerNorm(name="ln_attention", **_NORM)(x)
+    h = nn.LayerNorm(dtype=self.dtype, name="ln_attention", **_NORM)(x)
     # query/key/value kernels [embed, heads, head_dim], biases [heads,
     # head_dim]; out kernel [heads, head_dim, embed], bias [embed]. The
     # initializers are MultiHeadDotProductAttention's defaults.
     h = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dropout_rate=self.dropout_rate,
-        deterministic=not train,
+        deterministic=not train, dtype=self.dtype,
         kernel_init=_dense_general_param(nn.initializers.lecun_normal(),
                                          ("embed", "heads", "head_dim")),
         bias_init=_dense_general_param(nn.initializers.zeros_init(),
@@ -87,9 +90,10 @@ class EncoderBlock(nn.Module):
         name="attention")(
             h, h, mask=attention_mask, sow_weights=self.sow_attention)
     x = x + nn.Dropout(self.dropout_rate, deterministic=not train)(h)
-    h = nn.LayerNorm(name="ln_mlp", **_NORM)(x)
-    h = _dense(self.mlp_dim, ("embed", "mlp"), "mlp_in")(h)
-    h = _dense(x.shape[-1], ("mlp", "embed"), "mlp_out")(nn.gelu(h))
+    h = nn.LayerNorm(dtype=self.dtype, name="ln_mlp", **_NORM)(x)
+    h = _dense(self.mlp_dim, ("embed", "mlp"), "mlp_in", self.dtype)(h)
+    h = _dense(x.shape[-1], ("mlp", "embed"), "mlp_out", self.dtype)(
+        nn.gelu(h))
     x = x + nn.Dropout(self.dropout_rate, deterministic=not train)(h)
     x = partitioning.constrain(x, partitioning.RESIDUAL)
     self.sow("intermediates", "output", x)
@@ -102,6 +106,8 @@ class TransformerClassifier(nn.Module):
   Each block's output is sown into 'intermediates' at `block_{i}/output`; with
   sow_attention, its attention maps too, at `block_{i}/attention/attention_weights`
   ([batch, heads, query, key]), for attention-map distillation.
+  `dtype` is the compute dtype (parameters stay float32; logits come out
+  float32).
   """
   num_classes: int
   vocab_size: int
@@ -113,6 +119,7 @@ class TransformerClassifier(nn.Module):
   dropout_rate: float = 0.0
   pad_id: int = 0
   sow_attention: bool = False
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
@@ -127,21 +134,24 @@ class TransformerClassifier(nn.Module):
             nn.initializers.variance_scaling(1.0, "fan_in", "normal",
                                              out_axis=0),
             ("vocab", "embed")),
-        name="embed")(tokens)
+        dtype=self.dtype, name="embed")(tokens)
     positions = self.param(
         "positions",
         partitioning.param(nn.initializers.normal(0.02), ("length", "embed")),
         (self.max_length, self.width))
-    x = x + positions[None, :tokens.shape[1]]
+    x = x + positions[None, :tokens.shape[1]].astype(self.dtype)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = partitioning.constrain(x, partitioning.RESIDUAL)
     attention_mask = nn.make_attention_mask(mask, mask)
     for i in range(self.num_layers):
       x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout_rate,
-                       self.sow_attention, name=f"block_{i}")(
+                       self.sow_attention, self.dtype, name=f"block_{i}")(
                            x, attention_mask, train=train)
-    x = nn.LayerNorm(name="ln_final", **_NORM)(x)
-    weights = mask[..., None].astype(x.dtype)
-    pooled = jnp.sum(x * weights, axis=1) / jnp.maximum(
+    x = nn.LayerNorm(dtype=self.dtype, name="ln_final", **_NORM)(x)
+    # The mean over tokens in float32 (a long sum), the head in dtype.
+    weights = mask[..., None].astype(jnp.float32)
+    pooled = jnp.sum(x.astype(jnp.float32) * weights, axis=1) / jnp.maximum(
         jnp.sum(weights, axis=1), 1.0)
-    return _dense(self.num_classes, ("embed", "classes"), "head")(pooled)
+    logits = _dense(self.num_classes, ("embed", "classes"), "head",
+                    self.dtype)(pooled)
+    return logits.astype(jnp.float32)

@@ -283,10 +283,6 @@ def validate_precision(config: ml_collections.ConfigDict, role: str) -> None:
     fail(f"{role}.model.dtype", config[role].model.dtype,
          f"precision is a run setting: set config.{role}.precision.compute "
          "instead (a checkpoint loads under any precision)")
-  if wanted["compute"] != "float32" and not takes_compute_dtype(name):
-    fail(f"{role}.precision.compute", wanted["compute"],
-         f"the {name!r} model computes in float32 (a compute dtype: 'llama', "
-         "'gpt')")
   remat = config[role].get("train", {}).get("remat", "")
   if remat and not _has_field(name, "remat"):
     fail(f"{role}.train.remat", remat,
