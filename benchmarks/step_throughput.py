@@ -1,6 +1,7 @@
 """kdjax's fused distillation step vs PyTorch on the reference workload.
 
     python benchmarks/step_throughput.py [--repeats=3] [--steps=2]
+    python benchmarks/step_throughput.py --only=kdjax_fused,torch_eager
     python benchmarks/step_throughput.py --check   # kdjax == torch numerically
     python benchmarks/step_throughput.py --parts   # the step's halves alone
 
@@ -23,9 +24,19 @@ their repetitions interleave (the machine is shared; ratios come from one run):
                  attention, torch.optim.AdamW).
   torch.compile  the same, forward + loss under torch.compile (backward via
                  AOTAutograd), optimizer eager.
+Mixed precision (kdjax's precision policy, README "Precision"):
+  kdjax bf16 teacher  the fused step with the teacher held and run in
+                      bfloat16 (teacher.precision params=compute=bfloat16)
+  kdjax mixed bf16    and the student computing in bfloat16 over float32
+                      parameters (student.precision.compute=bfloat16)
+  torch eager/compile bf16  the teacher's weights in bfloat16, the student's
+                      forward and loss under torch.autocast(bfloat16),
+                      logits upcast to float32 for the loss, AdamW on float32
 Also printed: XLA's FLOP count of the fused step (compiled.cost_analysis()) as
-FLOP/s against this machine's float32 matmul rate (jnp.dot and torch.matmul of
-4096 x 4096). PyTorch is a benchmark-only dependency, never imported by kdjax.
+FLOP/s against this machine's float32 and bfloat16 matmul rates (jnp.dot and
+torch.matmul of 4096 x 4096), and the bfloat16 teacher's logits against the
+float32 teacher's on the same weights and batch (max and mean |error|).
+PyTorch is a benchmark-only dependency, never imported by kdjax.
 """
 
 from __future__ import annotations
@@ -47,10 +58,22 @@ VOCAB, SEQ, BATCH, TEMPERATURE, ALPHA, LR, WEIGHT_DECAY = (
 TEACHER = dict(width=512, num_layers=8, num_heads=8)
 STUDENT = dict(width=256, num_layers=4, num_heads=4)
 MATMUL_N = 4096
-WORKERS = ("kdjax_fused", "kdjax_unfused", "torch_eager", "torch_compile")
+WORKERS = ("kdjax_fused", "kdjax_unfused", "torch_eager", "torch_compile",
+           "kdjax_bf16_teacher", "kdjax_mixed", "torch_eager_bf16",
+           "torch_compile_bf16")
+DEFAULT_WORKERS = WORKERS[:4]
 LABELS = {"kdjax_fused": "kdjax fused step", "kdjax_unfused": "kdjax unfused "
           "(teacher logits via host)", "torch_eager": "PyTorch eager",
-          "torch_compile": "PyTorch torch.compile"}
+          "torch_compile": "PyTorch torch.compile",
+          "kdjax_bf16_teacher": "kdjax fused, bfloat16 teacher",
+          "kdjax_mixed": "kdjax fused, mixed bfloat16 (teacher + student "
+                         "compute)",
+          "torch_eager_bf16": "PyTorch eager, bfloat16 teacher + autocast",
+          "torch_compile_bf16": "PyTorch torch.compile, bfloat16 teacher + "
+                                "autocast"}
+# kind -> (teacher params/compute dtype, student compute dtype)
+PRECISIONS = {"kdjax_bf16_teacher": ("bfloat16", "float32"),
+              "kdjax_mixed": ("bfloat16", "bfloat16")}
 
 
 def _batch(batch=BATCH, seq=SEQ, seed=0):
@@ -64,15 +87,18 @@ def _batch(batch=BATCH, seq=SEQ, seed=0):
 # ----------------------------------------------------------------------------
 
 
-def _kdjax_parts():
+def _kdjax_parts(teacher_dtype: str = "float32",
+                 student_dtype: str = "float32"):
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from kdjax import models  # pylint: disable=g-import-not-at-top
   from kdjax.core import defaults  # pylint: disable=g-import-not-at-top
   from kdjax.distill import objectives, optim  # pylint: disable=g-import-not-at-top
   from kdjax.models.partitioning import unbox  # pylint: disable=g-import-not-at-top
-  teacher = models.get_model("gpt", vocab_size=VOCAB, max_length=SEQ, **TEACHER)
-  student = models.get_model("gpt", vocab_size=VOCAB, max_length=SEQ, **STUDENT)
+  teacher = models.get_model("gpt", vocab_size=VOCAB, max_length=SEQ,
+                             dtype=teacher_dtype, **TEACHER)
+  student = models.get_model("gpt", vocab_size=VOCAB, max_length=SEQ,
+                             dtype=student_dtype, **STUDENT)
   distill = defaults.get_config().distill
   distill.update(alpha=ALPHA, temperature=TEMPERATURE)
   objective = objectives.distillation(distill, num_teachers=1, total_steps=1)
@@ -82,20 +108,26 @@ def _kdjax_parts():
   tokens = jax.numpy.zeros((1, SEQ), jax.numpy.int32)
   init = jax.jit(lambda model, key: unbox(model.init(key, tokens)["params"]),
                  static_argnums=0)
-  return teacher, student, objective, tx, init(teacher, jax.random.key(0)), \
+  # The teacher is held in its compute dtype (teacher.precision.params).
+  t_params = jax.tree.map(lambda x: x.astype(teacher_dtype),
+                          init(teacher, jax.random.key(0)))
+  return teacher, student, objective, tx, t_params, \
       init(student, jax.random.key(1))
 
 
 class KdjaxWorker:
   """kdjax's real step (fused or with the teacher's logits through the host)."""
 
-  def __init__(self, fused: bool):
+  def __init__(self, fused: bool, teacher_dtype: str = "float32",
+               student_dtype: str = "float32"):
     import functools  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
     from kdjax.distill import parallel, step  # pylint: disable=g-import-not-at-top
     from kdjax.distill.objectives import ModelOutputs  # pylint: disable=g-import-not-at-top
     self.jax = jax
-    teacher, student, objective, tx, t_params, s_params = _kdjax_parts()
+    self.teacher_dtype = teacher_dtype
+    teacher, student, objective, tx, t_params, s_params = _kdjax_parts(
+        teacher_dtype, student_dtype)
     mesh = parallel.make_mesh(jax.devices()[:1])
     axis = parallel.DataAxis("shard_map")
     self.tokens, self.labels = _batch()
@@ -187,17 +219,44 @@ class KdjaxWorker:
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
   def matmul(self) -> dict:
-    """FLOP/s of one float32 MATMUL_N^2 jnp.dot (compiled on first call)."""
+    """FLOP/s of one MATMUL_N^2 jnp.dot in float32 and in bfloat16
+    (compiled on first call)."""
     jax, jnp = self.jax, self.jax.numpy
     if not hasattr(self, "_matmul"):
-      self._matmul = (jax.jit(jnp.dot),
-                      jax.random.normal(jax.random.key(0), (MATMUL_N,) * 2),
-                      jax.random.normal(jax.random.key(1), (MATMUL_N,) * 2))
-      self._matmul[0](*self._matmul[1:]).block_until_ready()
-    fn, a, b = self._matmul
-    start = time.perf_counter()
-    fn(a, b).block_until_ready()
-    return {"matmul_flops_per_s": 2 * MATMUL_N**3 / (time.perf_counter() - start)}
+      a, b = (jax.random.normal(jax.random.key(i), (MATMUL_N,) * 2)
+              for i in (0, 1))
+      self._matmul = {dtype: (a.astype(dtype), b.astype(dtype))
+                      for dtype in ("float32", "bfloat16")}
+      self._dot = jax.jit(jnp.dot)
+      for pair in self._matmul.values():
+        self._dot(*pair).block_until_ready()
+    out = {}
+    for dtype, (a, b) in self._matmul.items():
+      start = time.perf_counter()
+      self._dot(a, b).block_until_ready()
+      out[dtype] = 2 * MATMUL_N**3 / (time.perf_counter() - start)
+    return {"matmul_flops_per_s": out}
+
+  def quality(self) -> dict:
+    """This worker's teacher logits against the float32 teacher's, same
+    weights (rounded to bfloat16 or not) and batch."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from kdjax.distill import step  # pylint: disable=g-import-not-at-top
+    jax = self.jax
+    teacher, _, _, _, t_params, _ = _kdjax_parts()  # float32
+    mine = _kdjax_parts(self.teacher_dtype)[0]
+    forward = lambda model, params: np.asarray(jax.jit(
+        lambda p, x: step.make_apply_fn(model)(p, x, False, None).logits)(
+            params, self.tokens), np.float64)
+    reference = forward(teacher, t_params)
+    got = forward(mine, jax.tree.map(lambda x: x.astype(self.teacher_dtype),
+                                     t_params))
+    error = np.abs(got - reference)
+    return {"teacher_logits_max_error": float(error.max()),
+            "teacher_logits_mean_error": float(error.mean()),
+            "teacher_logits_std": float(reference.std()),
+            "teacher_argmax_agreement": float(np.mean(
+                got.argmax(-1) == reference.argmax(-1)))}
 
 
 # ----------------------------------------------------------------------------
@@ -262,6 +321,8 @@ def _torch_model_classes():
     return kd_loss(student(tokens), teacher_logits, labels)
 
   def kd_loss(logits, teacher_logits, labels):
+    # float32 losses under autocast too (as kdjax's).
+    logits, teacher_logits = logits.float(), teacher_logits.float()
     log_q = F.log_softmax(logits / TEMPERATURE, dim=-1)
     log_p = F.log_softmax(teacher_logits / TEMPERATURE, dim=-1)
     kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
@@ -275,7 +336,8 @@ def _torch_model_classes():
 class TorchWorker:
   """The identical model, loss and optimizer in plain PyTorch."""
 
-  def __init__(self, compiled: bool):
+  def __init__(self, compiled: bool, bfloat16: bool = False):
+    import contextlib  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
     self.torch = torch
     torch.manual_seed(0)
@@ -283,17 +345,24 @@ class TorchWorker:
     self.teacher = gpt(**TEACHER).eval()
     for p in self.teacher.parameters():
       p.requires_grad_(False)
+    if bfloat16:  # Held in bfloat16, as kdjax's teacher.precision.params.
+      self.teacher = self.teacher.to(torch.bfloat16)
     self.student = gpt(**STUDENT).train()
     self.opt = torch.optim.AdamW(self.student.parameters(), lr=LR,
                                  weight_decay=WEIGHT_DECAY)
     self.loss_fn = torch.compile(loss_fn) if compiled else loss_fn
+    self.autocast = (
+        (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bfloat16
+        else contextlib.nullcontext)
     tokens, labels = _batch()
     self.tokens = torch.from_numpy(tokens).long()
     self.labels = torch.from_numpy(labels).long()
 
   def _step(self):
     self.opt.zero_grad(set_to_none=True)
-    loss = self.loss_fn(self.teacher, self.student, self.tokens, self.labels)
+    with self.autocast():
+      loss = self.loss_fn(self.teacher, self.student, self.tokens,
+                          self.labels)
     loss.backward()
     self.opt.step()
     return loss
@@ -329,15 +398,20 @@ class TorchWorker:
             "torch_threads": self.torch.get_num_threads()}
 
   def matmul(self) -> dict:
-    """FLOP/s of one float32 MATMUL_N^2 torch.matmul."""
+    """FLOP/s of one MATMUL_N^2 torch.matmul in float32 and bfloat16."""
     torch = self.torch
     if not hasattr(self, "_matmul"):
-      self._matmul = (torch.randn(MATMUL_N, MATMUL_N),
-                      torch.randn(MATMUL_N, MATMUL_N))
-      torch.matmul(*self._matmul)
-    start = time.perf_counter()
-    torch.matmul(*self._matmul)
-    return {"matmul_flops_per_s": 2 * MATMUL_N**3 / (time.perf_counter() - start)}
+      a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+      self._matmul = {"float32": (a, b),
+                      "bfloat16": (a.bfloat16(), b.bfloat16())}
+      for pair in self._matmul.values():
+        torch.matmul(*pair)
+    out = {}
+    for dtype, pair in self._matmul.items():
+      start = time.perf_counter()
+      torch.matmul(*pair)
+      out[dtype] = 2 * MATMUL_N**3 / (time.perf_counter() - start)
+    return {"matmul_flops_per_s": out}
 
 
 def _time_parts(parts: dict, wait, np, repeats: int = 5) -> dict:
@@ -359,9 +433,11 @@ def worker_main(kind: str) -> None:
   'quit' -> JSON."""
   start = time.perf_counter()
   if kind.startswith("kdjax"):
-    worker = KdjaxWorker(fused=kind == "kdjax_fused")
+    worker = KdjaxWorker(kind != "kdjax_unfused",
+                         *PRECISIONS.get(kind, ("float32", "float32")))
   else:
-    worker = TorchWorker(compiled=kind == "torch_compile")
+    worker = TorchWorker(compiled=kind.startswith("torch_compile"),
+                         bfloat16=kind.endswith("_bf16"))
   first = worker.run(1)  # Compile / warm up.
   out = sys.stdout
   sys.stdout = sys.stderr  # Keep library prints off the protocol channel.
@@ -570,7 +646,8 @@ def main():
       info.update(workers[kind].ask("info"))
   times = {kind: [] for kind in kinds}
   cpu_times = {kind: [] for kind in kinds}
-  matmul = {"jnp.dot": [], "torch.matmul": []}
+  matmul = {(name, dtype): [] for name in ("jnp.dot", "torch.matmul")
+            for dtype in ("float32", "bfloat16")}
   for r in range(args.repeats):  # Interleaved: load changes hit all alike.
     for kind, worker in workers.items():
       result = worker.ask(f"run {args.steps}")
@@ -582,7 +659,11 @@ def main():
     for name, kind in (("jnp.dot", "kdjax_fused"),
                        ("torch.matmul", "torch_eager")):
       if kind in workers:
-        matmul[name].append(workers[kind].ask("matmul")["matmul_flops_per_s"])
+        rates = workers[kind].ask("matmul")["matmul_flops_per_s"]
+        for dtype, rate in rates.items():
+          matmul[(name, dtype)].append(rate)
+  quality = {kind: workers[kind].ask("quality") for kind in PRECISIONS
+             if kind in workers}
   for worker in workers.values():
     worker.close()
 
@@ -595,7 +676,8 @@ def main():
         f"XLA all cores; each framework in its own worker subprocess with "
         f"the same environment, repetitions interleaved")
   print(f"Workload: vocab {VOCAB}, seq {SEQ}, batch {BATCH} ({tokens} tokens/"
-        f"step), float32, AdamW; median of {args.repeats} x {args.steps} "
+        f"step), AdamW on float32 parameters; median of {args.repeats} x "
+        f"{args.steps} "
         f"steps after {args.warmup} warm-up step(s)")
   if "xla_flags" in info:
     print(f"jax {info['jax']}, XLA_FLAGS={info['xla_flags']!r}; "
@@ -613,26 +695,49 @@ def main():
     return (f"{ratios[len(ratios) // 2]:.2f}x "
             f"({ratios[0]:.2f}-{ratios[-1]:.2f})")
 
+  def same_precision(torch_kind: str, kind: str) -> str:
+    """The torch row a kind is compared with: float32 with float32,
+    bfloat16 (teacher + autocast) with kdjax's bfloat16 rows."""
+    low = kind in PRECISIONS or kind.endswith("_bf16")
+    return torch_kind + "_bf16" if low else torch_kind
+
   print("\n| path | s/step | tokens/s | vs torch eager | vs torch.compile "
-        "| CPU s/step |")
-  print("|---|---|---|---|---|---|")
+        "| vs kdjax float32 | CPU s/step |")
+  print("|---|---|---|---|---|---|---|")
   for kind in kinds:
     s = median[kind]
     print(f"| {LABELS[kind]} | {s:.3f} | {tokens / s:,.0f} | "
-          f"{speedup('torch_eager', kind)} | {speedup('torch_compile', kind)} "
-          f"| {cpu[kind]:.2f} |")
+          f"{speedup(same_precision('torch_eager', kind), kind)} | "
+          f"{speedup(same_precision('torch_compile', kind), kind)} | "
+          f"{speedup('kdjax_fused', kind)} | {cpu[kind]:.2f} |")
   print("(s/step, tokens/s, CPU: medians; speed-ups: median and range of the "
-        "per-repetition ratios)")
+        "per-repetition ratios; bfloat16 rows against PyTorch's bfloat16 "
+        "rows, float32 rows against float32)")
   if {"kdjax_fused", "kdjax_unfused"} <= set(median):
     print(f"\nfused / unfused speed: {speedup('kdjax_unfused', 'kdjax_fused')}")
   if "flops" in info:
-    rate = info["flops"] / median["kdjax_fused"]
     print(f"\nkdjax fused step: {info['flops'] / 1e9:.1f} GFLOP by XLA's cost "
-          f"analysis -> {rate / 1e9:.1f} GFLOP/s")
-    for name, flops_per_s in peak.items():
-      print(f"  float32 {MATMUL_N}^2 {name} (median, measured between the "
-            f"repetitions): {flops_per_s / 1e9:.1f} GFLOP/s -> step at "
-            f"{100 * rate / flops_per_s:.0f}% of it")
+          "analysis (the same model FLOPs in every precision)")
+    print(f"{MATMUL_N}^2 matmul rates (median, measured between the "
+          "repetitions): " + ", ".join(
+              f"{name} {dtype} {rate / 1e9:.1f} GFLOP/s"
+              for (name, dtype), rate in peak.items()))
+    print("| path | GFLOP/s | % of jnp.dot float32 | % of jnp.dot bfloat16 |")
+    print("|---|---|---|---|")
+    for kind in kinds:
+      if not kind.startswith("kdjax") or kind == "kdjax_unfused":
+        continue
+      rate = info["flops"] / median[kind]
+      shares = [f"{100 * rate / peak[('jnp.dot', d)]:.0f}%"
+                if ("jnp.dot", d) in peak else "-"
+                for d in ("float32", "bfloat16")]
+      print(f"| {LABELS[kind]} | {rate / 1e9:.1f} | {' | '.join(shares)} |")
+  for kind, q in quality.items():
+    print(f"\n{LABELS[kind]}: teacher logits vs the float32 teacher's (same "
+          f"weights, batch): max |error| {q['teacher_logits_max_error']:.4f}, "
+          f"mean {q['teacher_logits_mean_error']:.4f} (logit std "
+          f"{q['teacher_logits_std']:.3f}), argmax agreement "
+          f"{100 * q['teacher_argmax_agreement']:.2f}%")
 
 
 if __name__ == "__main__":
