@@ -26,7 +26,10 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # jax[tpu] brings libtpu (213 MB), which compiles for Cloud TPU topologies
     # without a TPU: tests/entry/test_aot.py checks the AOT memory/FLOPs report.
-    "test": ["pytest>=8", "hypothesis>=6.100", "jax[tpu]==0.10.2"],
+    # pytest-xdist: the suite runs in two worker processes (-n 2), each test
+    # file in one of them (--dist loadfile: module fixtures built once).
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
+             "jax[tpu]==0.10.2"],
     # gs:// workdirs: etils.epath via gcsfs; Orbax's GCS deletes import
     # google.cloud.storage. launch/tpu.py installs it on the workers.
     "gcs": ["gcsfs", "google-cloud-storage"],

@@ -63,35 +63,38 @@ def matmul_input_dtypes(jaxpr) -> list[tuple[str, ...]]:
 
 
 def _setup(name, compute):
-  """(model, float32 params, inputs, distillation loss of the params)."""
+  """(model, params' shapes, inputs, distillation loss(params, teacher
+  logits), the teacher logits' shape)."""
   fields, inputs = MODELS[name]
   model = specs.model_from_spec(dict(fields, name=name, dtype=compute))
+  # Shapes and dtypes are all the jaxpr needs: nothing is computed.
   params = partitioning.unbox(
-      jax.jit(model.init)(jax.random.key(0), inputs)["params"])
+      jax.eval_shape(model.init, jax.random.key(0), inputs)["params"])
   forward = lambda p: model.apply({"params": p}, inputs)
-  teacher_logits = jax.random.normal(
-      jax.random.key(1), jax.eval_shape(forward, params).shape)
+  teacher_logits = jax.ShapeDtypeStruct(
+      jax.eval_shape(forward, params).shape, jnp.float32)
 
-  def loss(p):
+  def loss(p, teacher_logits):
     return jnp.mean(losses.forward_kl(forward(p), teacher_logits,
                                       temperature=2.0))
-  return model, params, inputs, loss
+  return model, params, inputs, loss, teacher_logits
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_bfloat16_compute_reaches_every_matmul_and_the_loss_stays_float32(
     name):
   for compute in ("bfloat16", "float32"):
-    model, params, inputs, loss = _setup(name, compute)
+    model, params, inputs, loss, teacher_logits = _setup(name, compute)
     assert {str(x.dtype) for x in jax.tree.leaves(params)} == {"float32"}
     logits = jax.eval_shape(lambda p: model.apply({"params": p}, inputs),
                             params)
     assert logits.dtype == jnp.float32, (name, compute)
-    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))(params)
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))(params, teacher_logits)
     dtypes = matmul_input_dtypes(jaxpr.jaxpr)
     assert dtypes, name
     wanted = {(compute,) * len(d) for d in dtypes}
     assert set(dtypes) <= wanted, (name, compute, sorted(set(dtypes)))
-    value, grads = jax.eval_shape(jax.value_and_grad(loss), params)
+    value, grads = jax.eval_shape(jax.value_and_grad(loss), params,
+                                  teacher_logits)
     assert value.dtype == jnp.float32
     assert {str(g.dtype) for g in jax.tree.leaves(grads)} == {"float32"}

@@ -1,0 +1,122 @@
+"""Issue 19, item 2: what the bfloat16 policy costs in quality, on short real
+runs: the same distillation in float32 and under mixed precision.
+
+    python benchmarks/precision_quality.py --workdir=/tmp/kd_precision
+
+Mixed = the teacher held and run in bfloat16 (teacher.precision
+params=compute=bfloat16), the student computing in bfloat16 over float32
+parameters (student.precision.compute=bfloat16); float32 = both float32.
+Everything else (data order, seeds, steps) is the same.
+  fashion_mnist  configs/fashion_mnist.py:smoke's CNN teacher, trained once
+                 in float32 (300 steps), then its MLP student distilled for
+                 200 steps each way; held-out = the validation split
+  shakespeare    configs/shakespeare_smollm2.py: SmolLM2-135M (imported)
+                 distilled into the 6-layer Llama for --lm_steps steps of
+                 8 x 128 tokens each way; held-out = the validation plays
+Prints per task the held-out metric, agreement with (and KL to) the teacher
+as the run's own evaluation reports them, the last logged training loss and
+the wall time of each run, with the CPU model. Finished runs (run.json) are
+not rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import sharded_load_memory  # pylint: disable=wrong-import-position  (cpu_model)
+from kdjax import modes  # pylint: disable=wrong-import-position
+from kdjax.core import config as config_lib  # pylint: disable=wrong-import-position
+from kdjax.runtime.metrics_writer import read_metrics  # pylint: disable=wrong-import-position
+
+MIXED = {"teacher.precision.params": "bfloat16",
+         "teacher.precision.compute": "bfloat16",
+         "student.precision.params": "float32",
+         "student.precision.compute": "bfloat16"}
+
+
+def _run(config, workdir: str, **changes) -> tuple[dict, float]:
+  """(run.json, wall seconds); a finished run is read back."""
+  path = os.path.join(workdir, "run.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f), float("nan")
+  config = config_lib.set_fields(config.copy_and_resolve_references(),
+                                 changes)
+  start = time.perf_counter()
+  summary = modes.run(config, workdir)
+  return summary, time.perf_counter() - start
+
+
+def _last_loss(workdir: str) -> float:
+  rows = [r for r in read_metrics(workdir) if r["split"] == "train"]
+  return rows[-1]["loss"] if rows else float("nan")
+
+
+def fashion_mnist(args) -> list[tuple]:
+  config = importlib.import_module("configs.fashion_mnist").get_config("smoke")
+  config.data.data_dir = os.path.join(args.workdir, "tfds")
+  root = os.path.join(args.workdir, "fashion_mnist")
+  teacher_dir = os.path.join(root, "teacher")
+  _run(config, teacher_dir, mode="teacher")
+  rows = []
+  for name, changes in (("float32", {}), ("mixed bfloat16", MIXED)):
+    workdir = os.path.join(root, name.split()[0])
+    summary, seconds = _run(config, workdir, mode="distill",
+                            **{"teacher.checkpoint_dir": teacher_dir},
+                            **changes)
+    e = summary["eval"]
+    rows.append(("Fashion-MNIST MLP", name, "accuracy", e["accuracy"],
+                 e.get("agreement_with_teacher", float("nan")), e.get("kl_to_teacher",
+                                                          float("nan")),
+                 _last_loss(workdir), seconds))
+  return rows
+
+
+def shakespeare(args) -> list[tuple]:
+  config = importlib.import_module(
+      "configs.shakespeare_smollm2").get_config("hour")
+  config.data.data_dir = os.path.join(args.workdir, "tfds")
+  root = os.path.join(args.workdir, "shakespeare")
+  rows = []
+  for name, changes in (("float32", {}), ("mixed bfloat16", MIXED)):
+    workdir = os.path.join(root, name.split()[0])
+    summary, seconds = _run(config, workdir, mode="distill", **{
+        "student.train.num_steps": args.lm_steps,
+        "eval_every_steps": args.lm_steps,
+        "checkpoint.every_steps": args.lm_steps}, **changes)
+    e = summary["eval"]
+    rows.append(("Shakespeare 6-layer Llama", name, "perplexity",
+                 e["perplexity"], e.get("agreement_with_teacher", float("nan")),
+                 e.get("kl_to_teacher", float("nan")), _last_loss(workdir),
+                 seconds))
+  return rows
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--tasks", default="fashion_mnist,shakespeare")
+  parser.add_argument("--lm_steps", type=int, default=60)
+  args = parser.parse_args()
+  tasks = {"fashion_mnist": fashion_mnist, "shakespeare": shakespeare}
+  rows = []
+  for task in args.tasks.split(","):
+    rows += tasks[task](args)
+  print(f"\nCPU: {sharded_load_memory.cpu_model()}\n")
+  print("| task | precision | held-out metric | value | agreement with "
+        "teacher | KL to teacher | last train loss | wall min |")
+  print("|---|---|---|---|---|---|---|---|")
+  for task, name, metric, value, agree, kl, loss, seconds in rows:
+    print(f"| {task} | {name} | {metric} | {value:.4f} | {agree:.4f} | "
+          f"{kl:.4f} | {loss:.4f} | {seconds / 60:.1f} |")
+
+
+if __name__ == "__main__":
+  main()
