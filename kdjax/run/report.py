@@ -114,7 +114,9 @@ def write_report(config, workdir: str) -> dict[str, Any]:
         "num_trainable_params": run.get("num_trainable_params",
                                         params_lib.count(params)),
         "checkpoint_bytes": checkpoint.params_bytes(run_dir),
-        "inference_examples_per_second": speeds[arch], "arch": arch,
+        "inference_examples_per_second": speeds[arch],
+        "arch": json.dumps(specs.architecture(run.get("model", {})),
+                           sort_keys=True),
         "run_dir": storage.relpath(run_dir, workdir)})
 
   groups: dict[str, dict[str, Any]] = {}
@@ -134,8 +136,8 @@ def write_report(config, workdir: str) -> dict[str, Any]:
       g[f"{key}_mean"] = float(np.mean([m[key] for m in members]))
 
   # Compression and speed-up: of config.student.model (variants may differ).
-  default_arch = json.dumps(specs.model_spec(config, "student"),
-                            sort_keys=True)
+  default_arch = json.dumps(
+      specs.architecture(specs.model_spec(config, "student")), sort_keys=True)
   default = [s for s in students if s.pop("arch") == default_arch]
   student_params = default[0]["num_params"] if default else None
   speed = default[0]["inference_examples_per_second"] if default else None

@@ -77,6 +77,12 @@ def lora_settings(config: ml_collections.ConfigDict, role: str
       targets=targets or lora.default_targets(config[role].model.name))
 
 
+def architecture(spec: dict[str, Any]) -> dict[str, Any]:
+  """A model spec without its run settings (precision, remat): what two
+  runs of the same model share whatever precision each ran in."""
+  return {k: v for k, v in spec.items() if k not in RUN_SETTINGS}
+
+
 def model_spec(config: ml_collections.ConfigDict, role: str) -> dict[str, Any]:
   """What identifies a model in checkpoint meta: its name and every field
   (and 'lora', the adapters' settings, when it has them)."""

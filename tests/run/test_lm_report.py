@@ -171,7 +171,9 @@ def _evaluate(workdir, monkeypatch):
     assert spec.path == os.path.join(workdir, "teacher")
     return teachers_lib.Teacher(teacher_model, teacher_params, {})
 
-  def restore_params(run_dir, abstract):
+  def restore_params(run_dir, abstract, step=None, base=None):
+    # The newest step of a checkpoint that holds every leaf.
+    assert step is None and base is None
     assert jax.tree.map(np.shape, abstract) == jax.tree.map(
         np.shape, params[run_dir])
     return params[run_dir]

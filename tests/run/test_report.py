@@ -228,7 +228,9 @@ def _evaluate(workdir, monkeypatch):
         mlp.MLP(num_classes=NUM_CLASSES, hidden=(TEACHER_HIDDEN,)),
         teacher_params, {})
 
-  def restore_params(run_dir, abstract):
+  def restore_params(run_dir, abstract, step=None, base=None):
+    # The newest step of a checkpoint that holds every leaf.
+    assert step is None and base is None
     # The model built from the run's own run.json has these shapes.
     assert jax.tree.map(np.shape, abstract) == jax.tree.map(
         np.shape, params[run_dir])
