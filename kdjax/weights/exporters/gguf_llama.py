@@ -153,8 +153,9 @@ def tokenizer_metadata(source: hf_llama.TokenizerSource, vocab_size: int,
   added = {int(t["id"]): bool(t.get("special")) for t in
            spec.get("added_tokens", [])}
   tokens, types = [], []
+  size = source.size  # One call: each builds the whole vocabulary.
   for i in range(vocab_size):
-    token = source.tokenizer.id_to_token(i) if i < source.size else None
+    token = source.tokenizer.id_to_token(i) if i < size else None
     if token is None:
       tokens.append(f"[PAD{i}]")
       types.append(_UNUSED)
