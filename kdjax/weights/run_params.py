@@ -35,7 +35,8 @@ def frozen_base(run_dir: str, meta: dict[str, Any], shapes: Any,
                 data_config, step: int | None = None) -> Any:
   """The base a trained-only checkpoint lies over, as `shapes` asks."""
   _, base = prompt.base_params(meta, data_config)
-  base = jax.tree.map(lambda b, s: np.asarray(b, s.dtype), base, shapes)
+  # Checked as the run held it (float32), before the reader's dtype (e.g. a
+  # bfloat16 teacher) is applied.
   recorded = meta.get(checkpoint.FROZEN_SHA256)
   if recorded:
     trained = checkpoint.stored_param_paths(run_dir, step)
@@ -45,6 +46,7 @@ def frozen_base(run_dir: str, meta: dict[str, Any], shapes: Any,
           f"rebuilt from init_from={meta.get('init_from')!r} differs from the "
           "one they were trained on (its SHA-256 fingerprint changed): the "
           "pretrained weights at that path were replaced. Restore them.")
+  base = jax.tree.map(lambda b, s: np.asarray(b, s.dtype), base, shapes)
   return jax.tree.map(
       lambda b, s: (jax.device_put(b, s.sharding)
                     if getattr(s, "sharding", None) is not None else b),
