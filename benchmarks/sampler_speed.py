@@ -25,6 +25,17 @@ Tokens/s = batch x new tokens / wall seconds of the call (prefill included).
                              one after another
 Prints the table with the CPU model, and checks that kdjax's and
 transformers' greedy tokens agree on the first row.
+
+Why the batch-1 rates are what they are (printed after the table): decoding
+one token reads every weight once, so batch 1 is bound by memory bandwidth.
+Each runtime's batch-1 rate times the bytes of weights it reads per token
+(the whole model in its storage dtype: the tied embedding is read in full as
+the output head) gives the bandwidth it reaches, set beside this machine's
+read bandwidth as XLA reaches it (a jitted sum over 512 MiB, and one
+jitted matrix-vector product with a 256 MiB matrix). And where kdjax's
+bfloat16 greedy tokens first part from its float32 ones, with float32's
+top-1 minus top-2 logit at that position: a near tie that bfloat16 rounding
+flips, after which the two texts go their own ways.
 """
 
 from __future__ import annotations
@@ -35,10 +46,11 @@ import sys
 import time
 
 import numpy as np
+from jax.tree_util import tree_leaves as jax_leaves
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import sharded_load_memory  # pylint: disable=wrong-import-position  (cpu_model)
+import machine_info  # pylint: disable=wrong-import-position
 from kdjax.weights import pretrained  # pylint: disable=wrong-import-position
 from kdjax.weights.exporters import gguf_llama, hf_llama  # pylint: disable=wrong-import-position
 from kdjax.weights.importers import llama as llama_import  # pylint: disable=wrong-import-position
@@ -115,6 +127,44 @@ class LlamaCpp:
     return np.asarray(rows)
 
 
+def read_bandwidth(repeats: int = 5) -> dict[str, float]:
+  """Bytes/s XLA reaches reading memory on this machine: a sum over a
+  512 MiB float32 vector, and a [1, 8192] x [8192, 8192] float32 product."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  vector = jnp.ones((2**27,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  summed = _median_time(lambda: total(vector).block_until_ready(), repeats)
+  del vector
+  matrix = jnp.ones((8192, 8192), jnp.float32)
+  row = jnp.ones((1, 8192), jnp.float32)
+  product = jax.jit(jnp.dot)
+  gemv = _median_time(lambda: product(row, matrix).block_until_ready(),
+                      repeats)
+  return {"XLA sum over 512 MiB": 2**29 / summed,
+          "XLA [1, 8192] x [8192, 8192] float32": 2**28 / gemv}
+
+
+def bfloat16_divergence(fields, params, prompt_row, f32_tokens,
+                        bf16_tokens) -> str:
+  """Where bfloat16 greedy decoding first differs from float32, and how
+  close float32's top two logits were there."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from kdjax.models import llama  # pylint: disable=g-import-not-at-top
+  differ = np.flatnonzero(np.asarray(f32_tokens) != np.asarray(bf16_tokens))
+  if not differ.size:
+    return "bfloat16 greedy tokens equal float32's on row 0"
+  first = int(differ[0])
+  tokens = np.concatenate([prompt_row, np.asarray(f32_tokens[:first])])[None]
+  model = llama.Llama(**dict(fields, max_length=tokens.shape[1]))
+  logits = np.asarray(jax.jit(model.apply)({"params": params}, tokens))[0, -1]
+  top2 = np.sort(logits)[-2:]
+  return (f"bfloat16 greedy tokens first differ from float32's at new token "
+          f"{first} (of {len(f32_tokens)}; row 0); float32's top-1 logit "
+          f"leads its top-2 there by {top2[1] - top2[0]:.4f} (logit std "
+          f"{logits.std():.2f})")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True, help="Where the exports go.")
@@ -181,8 +231,9 @@ def main() -> None:
             flush=True)
       if batch == batches[0]:
         agreement[name] = np.asarray(run(prompt[:1], args.new_tokens))[0]
+  bandwidth = read_bandwidth()
   reference = agreement.get("transformers")
-  print(f"\nCPU: {sharded_load_memory.cpu_model()}; threads {args.threads}; "
+  print(f"\nCPU: {machine_info.describe()}; threads {args.threads}; "
         f"SmolLM2-135M-Instruct, prompt {args.prompt_length} tokens, "
         f"{args.new_tokens} new tokens, greedy; median of {args.repeats} "
         "calls after a warm-up\n")
@@ -197,6 +248,26 @@ def main() -> None:
       same = f"{np.mean(reference[:n] == agreement[name][:n]) * 100:.0f}%"
     print(f"| {run.name} | {cells} | {same} |")
 
+  weights = sum(np.asarray(x).size for x in jax_leaves(params))
+  stored = {"kdjax_float32": 4, "kdjax_bfloat16": 4, "transformers": 4,
+            "llama_cpp_f32": 4, "llama_cpp_f16": 2}
+  print(f"\nBatch 1 is bound by reading the weights: {weights / 1e6:.1f}M "
+        "parameters per decoding step. This machine's read bandwidth as XLA reaches "
+        "it: " + ", ".join(f"{name} {rate / 1e9:.1f} GB/s"
+                           for name, rate in bandwidth.items()))
+  print(f"| runtime | bytes of weights per step | batch {batches[0]} "
+        "tokens/s | weights read GB/s |\n|---|---|---|---|")
+  for name, run in runtimes.items():
+    per_token = weights * stored[name]
+    rate = rates[(name, batches[0])] / batches[0]
+    print(f"| {run.name} | {per_token / 1e6:.0f} MB | "
+          f"{rates[(name, batches[0])]:.1f} | {rate * per_token / 1e9:.1f} |")
+  if {"kdjax_float32", "kdjax_bfloat16"} <= set(agreement):
+    print("\n" + bfloat16_divergence(fields, params, prompt_row,
+                                      agreement["kdjax_float32"],
+                                      agreement["kdjax_bfloat16"]))
+
 
 if __name__ == "__main__":
   main()
+

@@ -4,6 +4,7 @@
     python benchmarks/step_throughput.py --only=kdjax_fused,torch_eager
     python benchmarks/step_throughput.py --check   # kdjax == torch numerically
     python benchmarks/step_throughput.py --parts   # the step's halves alone
+    python benchmarks/step_throughput.py --profile # op by op, both frameworks
 
 The reference workload (performance issue): GPT decoder (pre-LN, learned
 positions, tied embeddings, GELU MLP 4x), vocabulary 8192, sequence 256, batch
@@ -50,6 +51,8 @@ import subprocess
 import sys
 import time
 
+import machine_info  # pylint: disable=g-bad-import-order  (benchmarks/)
+
 # Run from a checkout: import this repo's kdjax even without `pip install -e`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -58,6 +61,7 @@ VOCAB, SEQ, BATCH, TEMPERATURE, ALPHA, LR, WEIGHT_DECAY = (
 TEACHER = dict(width=512, num_layers=8, num_heads=8)
 STUDENT = dict(width=256, num_layers=4, num_heads=4)
 MATMUL_N = 4096
+SLOW_BF16 = 20e9  # FLOP/s; see TorchWorker.matmul.
 WORKERS = ("kdjax_fused", "kdjax_unfused", "torch_eager", "torch_compile",
            "kdjax_bf16_teacher", "kdjax_mixed", "torch_eager_bf16",
            "torch_compile_bf16")
@@ -208,6 +212,46 @@ class KdjaxWorker:
             s_params, teacher_logits, self.tokens, self.labels)},
                        lambda out: jax.block_until_ready(out), np)
 
+  def profile(self) -> dict:
+    """Per-op seconds of one traced fused step (jax.profiler's Perfetto
+    trace of the CPU thunks), grouped by what the op does; also the sum of
+    all op durations against the wall time they cover (their union): XLA:CPU
+    runs independent ops at the same time on the same cores."""
+    import collections  # pylint: disable=g-import-not-at-top
+    import gzip  # pylint: disable=g-import-not-at-top
+    import re  # pylint: disable=g-import-not-at-top
+    import tempfile  # pylint: disable=g-import-not-at-top
+    jax = self.jax
+    hlo = self.cost_fn.lower(self.state, self.shard(self._host_batch()),
+                             self.frozen).compile().as_text()
+    ops = {}  # instruction name -> (shape, op_name metadata)
+    for line in hlo.splitlines():
+      m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) [\w-]+\(", line)
+      if m:
+        meta = re.search(r'op_name="([^"]+)"', line)
+        ops[m.group(1)] = (m.group(2), meta.group(1) if meta else "")
+    self.run(1)
+    with tempfile.TemporaryDirectory() as trace_dir:
+      jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+      wall = self.run(1)["seconds_per_step"]
+      jax.profiler.stop_trace()
+      path = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"),
+                       recursive=True)[0]
+      with gzip.open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                   if e.get("ph") == "X" and e["name"] in ops)
+    groups = collections.Counter()
+    for start, stop, name in spans:
+      groups[_op_group(name, *ops[name])] += (stop - start) / 1e6
+    union, reach = 0.0, float("-inf")
+    for start, stop, _ in spans:
+      union += max(0.0, stop - max(start, reach)) / 1e6
+      reach = max(reach, stop)
+    return {"wall": wall, "ops_sum": sum(groups.values()),
+            "ops_union": union, "groups": dict(groups)}
+
   def info(self) -> dict:
     """XLA's FLOP count of the compiled step."""
     jax = self.jax
@@ -257,6 +301,23 @@ class KdjaxWorker:
             "teacher_logits_std": float(reference.std()),
             "teacher_argmax_agreement": float(np.mean(
                 got.argmax(-1) == reference.argmax(-1)))}
+
+
+def _op_group(name: str, shape: str, op_name: str) -> str:
+  """A coarse label for one XLA op of the fused step, from its HLO."""
+  backward = "transpose(jvp" in op_name
+  if name.startswith(("ynn_fusion", "xnn_fusion", "dot", "onednn")) and (
+      "dot_general" in op_name):
+    where = ("vocabulary projection" if "embed.attend" in op_name else
+             "attention products" if "bhqk" in op_name else "layer matmuls")
+    return f"matmul: {where}, {'backward' if backward else 'forward'}"
+  if "copy" in name or "transpose" in name:
+    return "copies and transposes"
+  if f",{VOCAB}]" in shape or f"[{BATCH},{SEQ}]" in shape:
+    return "loss and logits elementwise ([tokens, vocab])"
+  if "optax" in op_name or "adam" in op_name.lower():
+    return "optimizer update"
+  return "other elementwise (norms, GELU, softmax, ...)"
 
 
 # ----------------------------------------------------------------------------
@@ -393,24 +454,47 @@ class TorchWorker:
     return _time_parts({"teacher_forward": teacher_forward,
                         "student_step": student_step}, lambda out: out, np)
 
+  def profile(self) -> dict:
+    """Self CPU seconds of one profiled step by PyTorch op (top 12), the
+    counterpart of KdjaxWorker.profile."""
+    from torch.profiler import ProfilerActivity, profile  # pylint: disable=g-import-not-at-top
+    self.run(1)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+      wall = self.run(1)["seconds_per_step"]
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    return {"wall": wall,
+            "ops_sum": sum(e.self_cpu_time_total for e in rows) / 1e6,
+            "groups": {e.key: e.self_cpu_time_total / 1e6
+                       for e in rows[:12]}}
+
   def info(self) -> dict:
     return {"torch": self.torch.__version__,
             "torch_threads": self.torch.get_num_threads()}
 
   def matmul(self) -> dict:
-    """FLOP/s of one MATMUL_N^2 torch.matmul in float32 and bfloat16."""
+    """FLOP/s of one MATMUL_N^2 torch.matmul in float32 and bfloat16.
+
+    On a CPU without AVX-512 BF16 (e.g. AMD Zen 3) PyTorch's bfloat16 matmul
+    falls back to a ~1 GFLOP/s path: a 4096^2 product would take minutes,
+    so bfloat16 is measured at 1024^2 when a first 1024^2 product runs
+    under SLOW_BF16 FLOP/s."""
     torch = self.torch
     if not hasattr(self, "_matmul"):
       a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
       self._matmul = {"float32": (a, b),
                       "bfloat16": (a.bfloat16(), b.bfloat16())}
+      small = self._matmul["bfloat16"][0][:1024, :1024].contiguous()
+      start = time.perf_counter()
+      torch.matmul(small, small)
+      if 2 * 1024**3 / (time.perf_counter() - start) < SLOW_BF16:
+        self._matmul["bfloat16"] = (small, small)
       for pair in self._matmul.values():
         torch.matmul(*pair)
     out = {}
     for dtype, pair in self._matmul.items():
       start = time.perf_counter()
       torch.matmul(*pair)
-      out[dtype] = 2 * MATMUL_N**3 / (time.perf_counter() - start)
+      out[dtype] = 2 * pair[0].shape[0]**3 / (time.perf_counter() - start)
     return {"matmul_flops_per_s": out}
 
 
@@ -547,16 +631,7 @@ def worker_env(allocator: str) -> tuple[dict[str, str], str]:
 
 
 def _machine() -> str:
-  model = "unknown CPU"
-  try:
-    with open("/proc/cpuinfo") as f:
-      model = next(l.split(":", 1)[1].strip() for l in f
-                   if l.startswith("model name"))
-    with open("/proc/meminfo") as f:
-      ram = int(f.readline().split()[1]) / 2**20
-  except (OSError, StopIteration):
-    ram = float("nan")
-  return f"{os.cpu_count()} cores, {model}, {ram:.0f} GiB RAM, {platform.platform()}"
+  return f"{machine_info.describe()}, {platform.platform()}"
 
 
 class Worker:
@@ -603,6 +678,31 @@ def print_parts(env: dict[str, str], allocator: str) -> None:
           f"{results['torch_eager'][part]:.3f} s |")
 
 
+def print_profile(env: dict[str, str], allocator: str) -> None:
+  """Where each framework spends one step, op by op (issue 19, item 3)."""
+  results = {}
+  for kind in ("kdjax_fused", "torch_eager"):
+    worker = Worker(kind, env)
+    results[kind] = worker.ask("profile")
+    worker.close()
+  print(f"\nMachine: {_machine()}\nAllocator: {allocator}; load average at "
+        f"the end {os.getloadavg()[0]:.1f}")
+  xla = results["kdjax_fused"]
+  print(f"\nkdjax fused step, one traced step: {xla['wall']:.3f} s wall; "
+        f"XLA ops {xla['ops_sum']:.3f} s summed, covering "
+        f"{xla['ops_union']:.3f} s of wall time (the rest: ops running at "
+        "the same time)")
+  print("| XLA ops | seconds (summed) | share |\n|---|---|---|")
+  for group, seconds in sorted(xla["groups"].items(), key=lambda g: -g[1]):
+    print(f"| {group} | {seconds:.3f} | {100 * seconds / xla['ops_sum']:.0f}% |")
+  torch_ = results["torch_eager"]
+  print(f"\nPyTorch eager, one profiled step: {torch_['wall']:.3f} s wall; "
+        f"self CPU time of its ops {torch_['ops_sum']:.3f} s")
+  print("| PyTorch op (top 12 by self CPU) | seconds | share |\n|---|---|---|")
+  for op, seconds in torch_["groups"].items():
+    print(f"| {op} | {seconds:.3f} | {100 * seconds / torch_['ops_sum']:.0f}% |")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--repeats", type=int, default=3)
@@ -617,6 +717,9 @@ def main():
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   parser.add_argument("--check", action="store_true",
                       help="only check that kdjax and torch losses agree")
+  parser.add_argument("--profile", action="store_true",
+                      help="only profile one step op by op, kdjax (XLA "
+                      "trace) vs torch eager (torch.profiler)")
   parser.add_argument("--parts", action="store_true",
                       help="only time the teacher forward and the student "
                       "half alone, kdjax vs torch eager")
@@ -633,6 +736,8 @@ def main():
   env, allocator = worker_env(args.allocator)
   if args.parts:
     return print_parts(env, allocator)
+  if args.profile:
+    return print_profile(env, allocator)
   workers = {}
   for kind in kinds:  # Started one at a time: compiles do not overlap.
     workers[kind] = Worker(kind, env)
