@@ -176,10 +176,8 @@ def check_checkpoint_model(expected_spec: dict[str, Any], path: str,
          "--workdir=<dir> and pass that dir")
   # Precision is the run's, not the checkpoint's (RUN_SETTINGS); a field
   # added to a model since the checkpoint was written reads as its default.
-  expected = {k: v for k, v in _with_defaults(expected_spec).items()
-              if k not in RUN_SETTINGS}
-  found = {k: v for k, v in _with_defaults(meta["model"]).items()
-           if k not in RUN_SETTINGS}
+  expected = architecture(_with_defaults(expected_spec))
+  found = architecture(_with_defaults(meta["model"]))
   if found != expected:
     diff = {k: (found.get(k), expected.get(k))
             for k in set(found) | set(expected) if found.get(k) != expected.get(k)}
