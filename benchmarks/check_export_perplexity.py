@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import sharded_load_memory  # pylint: disable=wrong-import-position  (cpu_model)
+import machine_info  # pylint: disable=wrong-import-position
 from kdjax.core import defaults  # pylint: disable=wrong-import-position
 from kdjax.data import lm, prompts  # pylint: disable=wrong-import-position
 from kdjax.run import layout  # pylint: disable=wrong-import-position
@@ -134,7 +134,7 @@ def main() -> None:
                      time.perf_counter() - start))
 
   tokens = int(windows["mask"].sum())
-  print(f"\nCPU: {sharded_load_memory.cpu_model()}; student of "
+  print(f"\nCPU: {machine_info.describe()}; student of "
         f"{args.run_dir}; {len(inputs)} held-out windows of "
         f"{args.seq_length} tokens ({tokens} scored), Shakespeare test plays\n")
   print("| runtime (file) | perplexity | max abs logit diff vs kdjax "

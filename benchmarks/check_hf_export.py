@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-import sharded_load_memory  # pylint: disable=wrong-import-position  (its cpu_model)
+import machine_info  # pylint: disable=wrong-import-position
 from configs import on_policy_shakespeare  # pylint: disable=wrong-import-position
 from kdjax.data import text as text_lib  # pylint: disable=wrong-import-position
 from kdjax.data import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
@@ -254,7 +254,7 @@ def main() -> int:
           "'transformers<5' (developer machine only).")
     return 2
   torch.set_num_threads(os.cpu_count() or 1)
-  print(f"CPU: {sharded_load_memory.cpu_model()} ({os.cpu_count()} cores); "
+  print(f"CPU: {machine_info.describe()}; "
         f"jax {jax.__version__}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}")
   ok = True

@@ -51,6 +51,8 @@ import sys
 import tempfile
 import time
 
+import machine_info  # benchmarks/, next to this script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join("benchmarks", "step_throughput.py")
 FULL_ARGS = "--only=kdjax_fused,kdjax_unfused --repeats=3 --steps=2 --warmup=1"
@@ -111,15 +113,6 @@ print(json.dumps({"flops": cost["flops"], "instructions": sum(ops.values()),
 def git(*args: str) -> str:
   return subprocess.run(["git", "-C", REPO, *args], check=True, text=True,
                         capture_output=True).stdout.strip()
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f
-                  if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return "unknown CPU"
 
 
 def child_env(worktree: str, site_dir: str) -> dict[str, str]:
@@ -354,7 +347,7 @@ def main():
     print("  (the working tree has uncommitted changes under kdjax/ or the "
           "benchmark; they are not measured)")
   affinity = len(os.sched_getaffinity(0))
-  print(f"CPU: {cpu_model()}, {os.cpu_count()} cores ({affinity} usable); "
+  print(f"CPU: {machine_info.describe()} ({affinity} usable); "
         f"Python {sys.version.split()[0]}; XLA_FLAGS="
         f"{os.environ.get('XLA_FLAGS', '')!r}")
   print(f"step_throughput.py {' '.join(bench_args)} per run; {args.rounds} "

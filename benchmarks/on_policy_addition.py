@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import importlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-import sharded_load_memory  # pylint: disable=wrong-import-position  (its cpu_model)
+import machine_info  # pylint: disable=wrong-import-position
 from kdjax import modes  # pylint: disable=wrong-import-position
 from kdjax.data import prompts  # pylint: disable=wrong-import-position
 from kdjax.models import generate  # pylint: disable=wrong-import-position
@@ -192,7 +192,7 @@ def main() -> None:
       print(f"{method} seed {seed}: " + ", ".join(
           f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
 
-  summary = {"cpu": sharded_load_memory.cpu_model(), "teacher": dict(teacher_test,
+  summary = {"cpu": machine_info.describe(), "teacher": dict(teacher_test,
                                             wall_seconds=teacher_seconds),
              "steps": int(_config(args, "distill", 0).student.train.num_steps),
              "sft_steps": args.sft_steps,

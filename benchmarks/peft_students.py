@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
+import machine_info  # pylint: disable=wrong-import-position
 import text_distillation as td  # pylint: disable=wrong-import-position
 from kdjax.distill import masks, optim  # pylint: disable=wrong-import-position
 from kdjax.run import layout, metrics  # pylint: disable=wrong-import-position
@@ -209,11 +210,11 @@ def main(argv=None) -> None:
   text = table(rows, teacher)
   out = os.path.join(args.workdir, "peft")
   td._write_json(os.path.join(out, "results.json"),  # pylint: disable=protected-access
-                 {"arms": rows, "teacher": teacher, "cpu": td._cpu_model(),
+                 {"arms": rows, "teacher": teacher, "cpu": machine_info.describe(),
                   "minutes": (time.perf_counter() - start) / 60})
   with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(f"CPU: {td._cpu_model()}\n\n{text}\n")
-  print(f"CPU: {td._cpu_model()}\n{text}")
+    f.write(f"CPU: {machine_info.describe()}\n\n{text}\n")
+  print(f"CPU: {machine_info.describe()}\n{text}")
 
 
 if __name__ == "__main__":

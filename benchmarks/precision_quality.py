@@ -30,7 +30,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import sharded_load_memory  # pylint: disable=wrong-import-position  (cpu_model)
+import machine_info  # pylint: disable=wrong-import-position
 from kdjax import modes  # pylint: disable=wrong-import-position
 from kdjax.core import config as config_lib  # pylint: disable=wrong-import-position
 from kdjax.runtime.metrics_writer import read_metrics  # pylint: disable=wrong-import-position
@@ -110,7 +110,7 @@ def main() -> None:
   rows = []
   for task in args.tasks.split(","):
     rows += tasks[task](args)
-  print(f"\nCPU: {sharded_load_memory.cpu_model()}\n")
+  print(f"\nCPU: {machine_info.describe()}\n")
   print("| task | precision | held-out metric | value | last logged train "
         "loss | wall min |")
   print("|---|---|---|---|---|---|")

@@ -38,7 +38,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -49,6 +48,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
+import machine_info  # benchmarks/, next to this script
 from kdjax.core import defaults
 from kdjax.distill import mesh as mesh_lib
 from kdjax.models import llama as llama_model
@@ -67,17 +67,6 @@ def _status(key: str) -> int:
       if line.startswith(key + ":"):
         return int(line.split()[1]) * 1024
   return 0
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def child(args) -> dict:
@@ -162,7 +151,7 @@ def main():
   print(f"{args.init_from}: {model_mb:.1f} MiB of {args.dtype} parameters; "
         f"{args.devices} simulated CPU devices, sharded mesh data="
         f"{args.devices // (args.fsdp * args.model)} fsdp={args.fsdp} "
-        f"model={args.model}; CPU: {cpu_model()} ({os.cpu_count()} cores)")
+        f"model={args.model}; CPU: {machine_info.describe()}")
   print()
   print("| way | peak RSS (MiB) | RSS before load (MiB) | peak - before "
         "(MiB) | on devices (MiB) | load time (s) |")

@@ -661,13 +661,20 @@ class Worker:
     self.proc.wait()
 
 
-def print_parts(env: dict[str, str], allocator: str) -> None:
-  """Where the time goes, in both frameworks: the step's halves alone."""
+def _ask_kdjax_and_torch(env: dict[str, str], command: str) -> dict:
+  """One command to a fresh kdjax fused worker, then to a torch eager one
+  (one at a time: neither disturbs the other)."""
   results = {}
   for kind in ("kdjax_fused", "torch_eager"):
     worker = Worker(kind, env)
-    results[kind] = worker.ask("parts")
+    results[kind] = worker.ask(command)
     worker.close()
+  return results
+
+
+def print_parts(env: dict[str, str], allocator: str) -> None:
+  """Where the time goes, in both frameworks: the step's halves alone."""
+  results = _ask_kdjax_and_torch(env, "parts")
   print(f"\nAllocator: {allocator}; medians of 5 calls after a warm-up; "
         f"load average at the end {os.getloadavg()[0]:.1f}")
   print("| part | kdjax (XLA) | PyTorch eager |\n|---|---|---|")
@@ -680,11 +687,7 @@ def print_parts(env: dict[str, str], allocator: str) -> None:
 
 def print_profile(env: dict[str, str], allocator: str) -> None:
   """Where each framework spends one step, op by op (issue 19, item 3)."""
-  results = {}
-  for kind in ("kdjax_fused", "torch_eager"):
-    worker = Worker(kind, env)
-    results[kind] = worker.ask("profile")
-    worker.close()
+  results = _ask_kdjax_and_torch(env, "profile")
   print(f"\nMachine: {_machine()}\nAllocator: {allocator}; load average at "
         f"the end {os.getloadavg()[0]:.1f}")
   xla = results["kdjax_fused"]

@@ -52,8 +52,10 @@ import sys
 import time
 from typing import Any
 
+sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+import machine_info  # pylint: disable=wrong-import-position
 import ml_collections  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
@@ -567,7 +569,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
 def write_report(args, base) -> dict[str, Any]:
   evaluated = evaluate_all(args, base)
   summary = summarise(args, base, evaluated)
-  summary["cpu"] = _cpu_model()
+  summary["cpu"] = machine_info.describe()
   markdown = render_markdown(summary)
   _write_json(os.path.join(args.workdir, "results.json"), summary)
   with open(os.path.join(args.workdir, "results.md"), "w") as f:
@@ -586,17 +588,6 @@ def write_report(args, base) -> dict[str, Any]:
                "examples_per_second": t["examples_per_second"]})
   print(markdown, flush=True)
   return summary
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip() + f" x{os.cpu_count()}"
-  except OSError:
-    pass
-  return f"unknown x{os.cpu_count()}"
 
 
 # ----------------------------------------------------------------------------
