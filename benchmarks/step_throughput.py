@@ -47,6 +47,7 @@ import glob
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -214,22 +215,18 @@ class KdjaxWorker:
 
   def profile(self) -> dict:
     """Per-op seconds of one traced fused step (jax.profiler's Perfetto
-    trace of the CPU thunks), grouped by what the op does; also the sum of
-    all op durations against the wall time they cover (their union): XLA:CPU
-    runs independent ops at the same time on the same cores."""
-    import collections  # pylint: disable=g-import-not-at-top
+    trace of the CPU thunks), grouped by what the op does.
+
+    Two sums per group: the ops' own durations, and their share of the wall
+    clock (an interval where k ops run at once counts 1/k to each): XLA:CPU
+    runs independent ops at the same time on the same cores, so only the
+    second adds up to the step."""
     import gzip  # pylint: disable=g-import-not-at-top
-    import re  # pylint: disable=g-import-not-at-top
     import tempfile  # pylint: disable=g-import-not-at-top
     jax = self.jax
-    hlo = self.cost_fn.lower(self.state, self.shard(self._host_batch()),
-                             self.frozen).compile().as_text()
-    ops = {}  # instruction name -> (shape, op_name metadata)
-    for line in hlo.splitlines():
-      m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) [\w-]+\(", line)
-      if m:
-        meta = re.search(r'op_name="([^"]+)"', line)
-        ops[m.group(1)] = (m.group(2), meta.group(1) if meta else "")
+    ops = _hlo_ops(self.cost_fn.lower(
+        self.state, self.shard(self._host_batch()),
+        self.frozen).compile().as_text())
     self.run(1)
     with tempfile.TemporaryDirectory() as trace_dir:
       jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
@@ -242,15 +239,16 @@ class KdjaxWorker:
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
                    if e.get("ph") == "X" and e["name"] in ops)
-    groups = collections.Counter()
-    for start, stop, name in spans:
-      groups[_op_group(name, *ops[name])] += (stop - start) / 1e6
-    union, reach = 0.0, float("-inf")
-    for start, stop, _ in spans:
-      union += max(0.0, stop - max(start, reach)) / 1e6
-      reach = max(reach, stop)
-    return {"wall": wall, "ops_sum": sum(groups.values()),
-            "ops_union": union, "groups": dict(groups)}
+    labels = [_op_group(name, *ops[name]) for _, _, name in spans]
+    summed, shares = {}, _wall_shares(spans)
+    for (start, stop, _), label in zip(spans, labels):
+      summed[label] = summed.get(label, 0.0) + (stop - start) / 1e6
+    wall_share = {}
+    for label, share in zip(labels, shares):
+      wall_share[label] = wall_share.get(label, 0.0) + share
+    return {"wall": wall, "ops_sum": sum(summed.values()),
+            "ops_union": sum(shares), "groups": summed,
+            "wall_share": wall_share}
 
   def info(self) -> dict:
     """XLA's FLOP count of the compiled step."""
@@ -303,14 +301,59 @@ class KdjaxWorker:
                 got.argmax(-1) == reference.argmax(-1)))}
 
 
+def _hlo_ops(hlo: str) -> dict[str, tuple[str, str]]:
+  """Instruction name -> (result shape, op_name) from optimized HLO text.
+
+  A fusion is named after its root, so a fusion that holds dots (a matmul
+  with a fused softmax or bias; YNNPACK also chains several matmuls into one
+  fusion) takes the op_name of its last dot, the one nearest its root."""
+  import re  # pylint: disable=g-import-not-at-top
+  dot_names, computation = {}, None
+  for line in hlo.splitlines():
+    header = re.match(r"%?([\w.\-]+) \(.*\) -> .* \{$", line)
+    if header:
+      computation = header.group(1)
+    elif computation and re.search(r" dot\(", line):
+      meta = re.search(r'op_name="([^"]+)"', line)
+      dot_names[computation] = meta.group(1) if meta else ""
+  ops = {}
+  for line in hlo.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) [\w-]+\(", line)
+    if m:
+      meta = re.search(r'op_name="([^"]+)"', line)
+      calls = re.search(r"calls=%?([\w.\-]+)", line)
+      op_name = meta.group(1) if meta else ""
+      if calls and calls.group(1) in dot_names:
+        op_name = dot_names[calls.group(1)]
+      ops[m.group(1)] = (m.group(2), op_name)
+  return ops
+
+
+def _wall_shares(spans: list[tuple[float, float, str]]) -> list[float]:
+  """Seconds of wall clock per span (microsecond times), an interval shared
+  by k running spans counting 1/k to each; they sum to the spans' union."""
+  edges = sorted([(start, 1, i) for i, (start, _, _) in enumerate(spans)] +
+                 [(stop, -1, i) for i, (_, stop, _) in enumerate(spans)])
+  shares, running, last = [0.0] * len(spans), set(), None
+  for time_us, change, i in edges:
+    if running:
+      for j in running:
+        shares[j] += (time_us - last) / 1e6 / len(running)
+    (running.add if change > 0 else running.discard)(i)
+    last = time_us
+  return shares
+
+
 def _op_group(name: str, shape: str, op_name: str) -> str:
   """A coarse label for one XLA op of the fused step, from its HLO."""
   backward = "transpose(jvp" in op_name
-  if name.startswith(("ynn_fusion", "xnn_fusion", "dot", "onednn")) and (
-      "dot_general" in op_name):
+  if "dot_general" in op_name:
     where = ("vocabulary projection" if "embed.attend" in op_name else
-             "attention products" if "bhqk" in op_name else "layer matmuls")
+             "attention products (with the fused softmax)"
+             if "bhqk" in op_name or "bhqd" in op_name else "layer matmuls")
     return f"matmul: {where}, {'backward' if backward else 'forward'}"
+  if re.search(r"/block_\d+/(slice|concatenate)", op_name):
+    return "attention: q/k/v block slices and concatenation (copies)"
   if "copy" in name or "transpose" in name:
     return "copies and transposes"
   if f",{VOCAB}]" in shape or f"[{BATCH},{SEQ}]" in shape:
@@ -695,9 +738,11 @@ def print_profile(env: dict[str, str], allocator: str) -> None:
         f"XLA ops {xla['ops_sum']:.3f} s summed, covering "
         f"{xla['ops_union']:.3f} s of wall time (the rest: ops running at "
         "the same time)")
-  print("| XLA ops | seconds (summed) | share |\n|---|---|---|")
-  for group, seconds in sorted(xla["groups"].items(), key=lambda g: -g[1]):
-    print(f"| {group} | {seconds:.3f} | {100 * seconds / xla['ops_sum']:.0f}% |")
+  print("| XLA ops | seconds (summed) | wall-clock share (s) | of the step "
+        "|\n|---|---|---|---|")
+  for group, share in sorted(xla["wall_share"].items(), key=lambda g: -g[1]):
+    print(f"| {group} | {xla['groups'][group]:.3f} | {share:.3f} | "
+          f"{100 * share / xla['wall']:.0f}% |")
   torch_ = results["torch_eager"]
   print(f"\nPyTorch eager, one profiled step: {torch_['wall']:.3f} s wall; "
         f"self CPU time of its ops {torch_['ops_sum']:.3f} s")
@@ -757,8 +802,12 @@ def main():
   matmul = {(name, dtype): [] for name in ("jnp.dot", "torch.matmul")
             for dtype in ("float32", "bfloat16")}
   for r in range(args.repeats):  # Interleaved: load changes hit all alike.
-    for kind, worker in workers.items():
-      result = worker.ask(f"run {args.steps}")
+    # The order rotates each repetition: with a fixed order a contender's
+    # median moved with its slot by up to 4% (kdjax unfused 2.544 vs 2.649
+    # s/step in two runs on a quiet machine), so no contender keeps one.
+    order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]
+    for kind in order:
+      result = workers[kind].ask(f"run {args.steps}")
       times[kind].append(result["seconds_per_step"])
       cpu_times[kind].append(result["cpu_seconds_per_step"])
       print(f"repeat {r}: {kind} {result['seconds_per_step']:.3f} s/step "
