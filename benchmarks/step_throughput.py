@@ -348,7 +348,7 @@ def _op_group(name: str, shape: str, op_name: str) -> str:
   """A coarse label for one XLA op of the fused step, from its HLO."""
   backward = "transpose(jvp" in op_name
   if "dot_general" in op_name:
-    where = ("vocabulary projection" if "embed.attend" in op_name else
+    where = ("vocabulary projection" if "tied_head" in op_name else
              "attention products (with the fused softmax)"
              if "bhqk" in op_name or "bhqd" in op_name else "layer matmuls")
     return f"matmul: {where}, {'backward' if backward else 'forward'}"

@@ -122,12 +122,13 @@ def chunked_objective(objective, student_hidden: Array, student_head: Array,
   # one all-reduce of the head gradient per chunk. Cast once, outside, so the
   # one all-reduce happens after the loop. The carry's zeros vary like
   # everything, so the loop body keeps its type.
-  axes = _varying_axes(hidden_chunks, data_chunks, student_head,
+  axes = partitioning.varying_axes(hidden_chunks, data_chunks, student_head,
                        teacher_heads, step, global_count)
-  student_head = _cast_varying(student_head, axes)
-  teacher_heads = [w if w is None else _cast_varying(w, axes)
+  student_head = partitioning.cast_varying(student_head, axes)
+  teacher_heads = [w if w is None else partitioning.cast_varying(w, axes)
                    for w in teacher_heads]
-  global_count = _cast_varying(jnp.asarray(global_count, jnp.float32), axes)
+  global_count = partitioning.cast_varying(
+      jnp.asarray(global_count, jnp.float32), axes)
   loss, sums = _chunked_loss(objective, axes, hidden_chunks, student_head,
                              teacher_heads, data_chunks, step, global_count)
   return loss, lax.stop_gradient(sums)
@@ -171,7 +172,7 @@ def _chunked_loss(objective, axes, *args):
            data_chunks, step, global_count):
     first = jax.tree.map(lambda x: x[0], (hidden_chunks, data_chunks))
     zeros = jax.tree.map(
-        lambda s: _cast_varying(jnp.zeros(s.shape, s.dtype), axes),
+        lambda s: partitioning.cast_varying(jnp.zeros(s.shape, s.dtype), axes),
         jax.eval_shape(chunk_loss, first[0], student_head, teacher_heads,
                        first[1], step, global_count)[1])
     add = functools.partial(jax.tree.map, jnp.add)
@@ -188,7 +189,7 @@ def _chunked_loss(objective, axes, *args):
       return add(carry, (sums, d_head.astype(jnp.float32))), d_hidden
 
     if with_grads:
-      zeros = (zeros, _cast_varying(
+      zeros = (zeros, partitioning.cast_varying(
           jnp.zeros(student_head.shape, jnp.float32), axes))
     carry, d_hidden = lax.scan(body, zeros, (hidden_chunks, data_chunks))
     return carry, d_hidden
@@ -303,19 +304,6 @@ def _token_sums(objective, hidden, head, teacher_hiddens, teacher_heads,
             else jnp.argmax(teachers[0].logits, -1))
     sums["agreement"] = _masked_sum(predictions == top1, mask)
   return sums
-
-
-def _varying_axes(*trees) -> frozenset[str]:
-  """The manual (shard_map) mesh axes any leaf varies over; empty outside."""
-  axes = frozenset()
-  for leaf in jax.tree.leaves(trees):
-    axes |= jax.typeof(leaf).manual_axis_type.varying
-  return axes
-
-
-def _cast_varying(x: Array, axes: frozenset[str]) -> Array:
-  missing = axes - jax.typeof(x).manual_axis_type.varying
-  return lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
 
 
 def _masked_sum(values: Array, mask: Array) -> Array:

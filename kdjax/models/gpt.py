@@ -12,6 +12,10 @@ Written for speed on CPU (where the reference workload is measured):
     teacher block forward, 3% per step (benchmarks/README.md);
   * causal attention over query blocks: query block i only multiplies the key
     blocks 0..i, so fully masked blocks are never computed;
+  * the tied output head's backward computes d(embedding)^T = h^T g and
+    transposes that [width, vocab] result, instead of XLA copying the
+    [tokens, vocab] logits gradient into [vocab, tokens] (134 MB on the
+    reference workload) for g^T h (`tied_logits`);
   * softmax normalised AFTER the probabilities-times-values product (one
     divide over [B, H, L, Dh] instead of [B, H, L, L]), with the row maximum
     under stop_gradient (softmax is shift invariant, so the gradient is exact
@@ -60,6 +64,37 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                                v[:, :, :stop])
     outputs.append((out / denominator).astype(q.dtype))
   return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=2)
+
+
+def tied_logits(hidden: jax.Array, embedding: jax.Array) -> jax.Array:
+  """hidden [B, L, D] @ embedding [V, D]^T: the tied output head's logits."""
+  # Under shard_map the embedding is the same on every device and hidden is
+  # not; the custom VJP must see both alike (autodiff then sums d embedding).
+  return _tied_logits(hidden, partitioning.cast_varying(
+      embedding, partitioning.varying_axes(hidden)))
+
+
+@jax.custom_vjp
+def _tied_logits(hidden, embedding):
+  with jax.named_scope("tied_head"):
+    return jnp.einsum("bld,vd->blv", hidden, embedding)
+
+
+def _tied_logits_forward(hidden, embedding):
+  return _tied_logits(hidden, embedding), (hidden, embedding)
+
+
+def _tied_logits_backward(residuals, grad):
+  hidden, embedding = residuals
+  with jax.named_scope("tied_head"):
+    grad_hidden = jnp.einsum("blv,vd->bld", grad, embedding)
+    # [D, V] read along the logits gradient's rows, then a small transpose
+    # (XLA folds the same transpose away when autodiff writes g^T h).
+    grad_embedding = jnp.einsum("bld,blv->dv", hidden, grad).T
+  return grad_hidden, grad_embedding
+
+
+_tied_logits.defvjp(_tied_logits_forward, _tied_logits_backward)
 
 
 class DecoderBlock(nn.Module):
@@ -183,7 +218,8 @@ class GPT(nn.Module):
     if not logits:
       return x
     # Tied output embedding; float32 logits for the losses.
-    return partitioning.constrain(embed.attend(x).astype(jnp.float32),
+    logits = tied_logits(x, embed.embedding.astype(self.dtype))
+    return partitioning.constrain(logits.astype(jnp.float32),
                                   partitioning.LOGITS)
 
 

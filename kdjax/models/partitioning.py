@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
+from jax import lax
 
 PARAM_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp",
               "norm", "classes", "length", "layers")
@@ -59,3 +60,19 @@ def unbox(tree):
 def logical_names(boxed_tree) -> dict:
   """The logical PartitionSpec of every parameter (P() where none is named)."""
   return nn.get_partition_spec(boxed_tree)
+
+
+def varying_axes(*trees) -> frozenset[str]:
+  """The manual (shard_map) mesh axes any leaf varies over; empty outside."""
+  axes = frozenset()
+  for leaf in jax.tree.leaves(trees):
+    axes |= jax.typeof(leaf).manual_axis_type.varying
+  return axes
+
+
+def cast_varying(x: jax.Array, axes: frozenset[str]) -> jax.Array:
+  """x marked as varying over `axes` too, so that a custom_vjp taking it
+  beside per-device data returns a cotangent of x's own type (autodiff
+  sums it over those axes, as it would for a plain op)."""
+  missing = axes - jax.typeof(x).manual_axis_type.varying
+  return lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x

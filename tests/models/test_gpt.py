@@ -121,6 +121,23 @@ def test_blocked_attention_matches_reference_values_and_gradients(block_size):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
 
 
+def test_tied_head_gradients_match_float64_reference():
+  """tied_logits' hand-written backward: d hidden = g E, d E = g^T h."""
+  rng = np.random.default_rng(5)
+  hidden, embedding, grad = (rng.normal(size=s)
+                             for s in ((2, 3, 4), (7, 4), (2, 3, 7)))
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  logits, pullback = jax.vjp(gpt.tied_logits, f32(hidden), f32(embedding))
+  np.testing.assert_allclose(logits, hidden @ embedding.T, rtol=1e-5,
+                             atol=1e-5)
+  grad_hidden, grad_embedding = pullback(f32(grad))
+  np.testing.assert_allclose(grad_hidden, grad @ embedding, rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(
+      grad_embedding, np.einsum("blv,bld->vd", grad, hidden), rtol=1e-5,
+      atol=1e-5)
+
+
 def test_bfloat16_compute_is_close_to_float32():
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, 37, (2, 12)))
   f32 = models.get_model("gpt", **SIZES)
