@@ -57,6 +57,7 @@ import machine_info  # pylint: disable=g-bad-import-order  (benchmarks/)
 # Run from a checkout: import this repo's kdjax even without `pip install -e`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+PROFILE_STEPS = 3  # --profile: steps traced, so one disturbed step counts 1/3.
 VOCAB, SEQ, BATCH, TEMPERATURE, ALPHA, LR, WEIGHT_DECAY = (
     8192, 256, 16, 2.0, 0.5, 1e-3, 0.01)
 TEACHER = dict(width=512, num_layers=8, num_heads=8)
@@ -214,8 +215,9 @@ class KdjaxWorker:
                        lambda out: jax.block_until_ready(out), np)
 
   def profile(self) -> dict:
-    """Per-op seconds of one traced fused step (jax.profiler's Perfetto
-    trace of the CPU thunks), grouped by what the op does.
+    """Per-op seconds per fused step, over PROFILE_STEPS traced steps
+    (jax.profiler's Perfetto trace of the CPU thunks), grouped by what the
+    op does.
 
     Two sums per group: the ops' own durations, and their share of the wall
     clock (an interval where k ops run at once counts 1/k to each): XLA:CPU
@@ -230,7 +232,7 @@ class KdjaxWorker:
     self.run(1)
     with tempfile.TemporaryDirectory() as trace_dir:
       jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-      wall = self.run(1)["seconds_per_step"]
+      wall = self.run(PROFILE_STEPS)["seconds_per_step"]
       jax.profiler.stop_trace()
       path = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"),
                        recursive=True)[0]
@@ -242,12 +244,13 @@ class KdjaxWorker:
     labels = [_op_group(name, *ops[name]) for _, _, name in spans]
     summed, shares = {}, _wall_shares(spans)
     for (start, stop, _), label in zip(spans, labels):
-      summed[label] = summed.get(label, 0.0) + (stop - start) / 1e6
+      summed[label] = (summed.get(label, 0.0) +
+                       (stop - start) / 1e6 / PROFILE_STEPS)
     wall_share = {}
     for label, share in zip(labels, shares):
-      wall_share[label] = wall_share.get(label, 0.0) + share
+      wall_share[label] = wall_share.get(label, 0.0) + share / PROFILE_STEPS
     return {"wall": wall, "ops_sum": sum(summed.values()),
-            "ops_union": sum(shares), "groups": summed,
+            "ops_union": sum(shares) / PROFILE_STEPS, "groups": summed,
             "wall_share": wall_share}
 
   def info(self) -> dict:
@@ -498,16 +501,17 @@ class TorchWorker:
                         "student_step": student_step}, lambda out: out, np)
 
   def profile(self) -> dict:
-    """Self CPU seconds of one profiled step by PyTorch op (top 12), the
-    counterpart of KdjaxWorker.profile."""
+    """Self CPU seconds per step by PyTorch op (top 12) over PROFILE_STEPS
+    profiled steps, the counterpart of KdjaxWorker.profile."""
     from torch.profiler import ProfilerActivity, profile  # pylint: disable=g-import-not-at-top
     self.run(1)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-      wall = self.run(1)["seconds_per_step"]
+      wall = self.run(PROFILE_STEPS)["seconds_per_step"]
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    per_step = lambda us: us / 1e6 / PROFILE_STEPS
     return {"wall": wall,
-            "ops_sum": sum(e.self_cpu_time_total for e in rows) / 1e6,
-            "groups": {e.key: e.self_cpu_time_total / 1e6
+            "ops_sum": per_step(sum(e.self_cpu_time_total for e in rows)),
+            "groups": {e.key: per_step(e.self_cpu_time_total)
                        for e in rows[:12]}}
 
   def info(self) -> dict:
@@ -734,7 +738,8 @@ def print_profile(env: dict[str, str], allocator: str) -> None:
   print(f"\nMachine: {_machine()}\nAllocator: {allocator}; load average at "
         f"the end {os.getloadavg()[0]:.1f}")
   xla = results["kdjax_fused"]
-  print(f"\nkdjax fused step, one traced step: {xla['wall']:.3f} s wall; "
+  print(f"\nkdjax fused step, {PROFILE_STEPS} traced steps: "
+        f"{xla['wall']:.3f} s wall per step; "
         f"XLA ops {xla['ops_sum']:.3f} s summed, covering "
         f"{xla['ops_union']:.3f} s of wall time (the rest: ops running at "
         "the same time)")
@@ -744,7 +749,8 @@ def print_profile(env: dict[str, str], allocator: str) -> None:
     print(f"| {group} | {xla['groups'][group]:.3f} | {share:.3f} | "
           f"{100 * share / xla['wall']:.0f}% |")
   torch_ = results["torch_eager"]
-  print(f"\nPyTorch eager, one profiled step: {torch_['wall']:.3f} s wall; "
+  print(f"\nPyTorch eager, {PROFILE_STEPS} profiled steps: "
+        f"{torch_['wall']:.3f} s wall per step; "
         f"self CPU time of its ops {torch_['ops_sum']:.3f} s")
   print("| PyTorch op (top 12 by self CPU) | seconds | share |\n|---|---|---|")
   for op, seconds in torch_["groups"].items():
