@@ -123,7 +123,7 @@ def chunked_objective(objective, student_hidden: Array, student_head: Array,
   # one all-reduce happens after the loop. The carry's zeros vary like
   # everything, so the loop body keeps its type.
   axes = partitioning.varying_axes(hidden_chunks, data_chunks, student_head,
-                       teacher_heads, step, global_count)
+                                   teacher_heads, step, global_count)
   student_head = partitioning.cast_varying(student_head, axes)
   teacher_heads = [w if w is None else partitioning.cast_varying(w, axes)
                    for w in teacher_heads]

@@ -17,6 +17,10 @@ Parameter axes:
   length    learned position rows, prompt rows
 Activation axes:
   batch, act_length, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab
+
+Also `varying_axes` / `cast_varying`: inside shard_map, a custom VJP (the GPT
+tied head, the chunked token loss) must see a replicated weight typed like
+the per-device data it meets.
 """
 
 from __future__ import annotations
