@@ -209,12 +209,13 @@ def main(argv=None) -> None:
           f"({rows[-1]['wall_minutes']:.1f} min)", flush=True)
   text = table(rows, teacher)
   out = os.path.join(args.workdir, "peft")
+  cpu = machine_info.describe()
   td._write_json(os.path.join(out, "results.json"),  # pylint: disable=protected-access
-                 {"arms": rows, "teacher": teacher, "cpu": machine_info.describe(),
+                 {"arms": rows, "teacher": teacher, "cpu": cpu,
                   "minutes": (time.perf_counter() - start) / 60})
   with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(f"CPU: {machine_info.describe()}\n\n{text}\n")
-  print(f"CPU: {machine_info.describe()}\n{text}")
+    f.write(f"CPU: {cpu}\n\n{text}\n")
+  print(f"CPU: {cpu}\n{text}")
 
 
 if __name__ == "__main__":

@@ -310,7 +310,6 @@ def _hlo_ops(hlo: str) -> dict[str, tuple[str, str]]:
   A fusion is named after its root, so a fusion that holds dots (a matmul
   with a fused softmax or bias; YNNPACK also chains several matmuls into one
   fusion) takes the op_name of its last dot, the one nearest its root."""
-  import re  # pylint: disable=g-import-not-at-top
   dot_names, computation = {}, None
   for line in hlo.splitlines():
     header = re.match(r"%?([\w.\-]+) \(.*\) -> .* \{$", line)
@@ -733,7 +732,7 @@ def print_parts(env: dict[str, str], allocator: str) -> None:
 
 
 def print_profile(env: dict[str, str], allocator: str) -> None:
-  """Where each framework spends one step, op by op (issue 19, item 3)."""
+  """Where each framework spends a step, op by op (issue 19, item 3)."""
   results = _ask_kdjax_and_torch(env, "profile")
   print(f"\nMachine: {_machine()}\nAllocator: {allocator}; load average at "
         f"the end {os.getloadavg()[0]:.1f}")
