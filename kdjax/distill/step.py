@@ -182,7 +182,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
                                    state.step, aux_params)
     w = micro["mask"]
     loss = jnp.sum(per_example * w) / global_count
-    predictions = losses.argmax(student.logits)  # Shares the loss's max.
+    predictions = losses.argmax(student.logits)  # Shares the loss's max pass.
     metrics = {"loss": jnp.sum(per_example * w),
                "correct": jnp.sum((predictions == micro["labels"]) * w),
                "count": jnp.sum(w)}

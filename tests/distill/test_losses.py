@@ -631,12 +631,24 @@ def test_invalid_options_raise(call):
     call(s, t)
 
 
-def test_argmax_is_jnp_argmax_including_ties_and_masked_entries():
-  # Integer-valued logits make ties common; -inf entries are masked vocab.
-  rng = np.random.default_rng(0)
-  x = rng.integers(-3, 3, (3, 5, 7)).astype(np.float32)
+@pytest.mark.parametrize("vocab", [7, 128, 512, 640])
+def test_argmax_is_jnp_argmax_including_ties_and_masked_entries(vocab):
+  # Integer-valued logits make ties common (across argmax's 128-entry blocks
+  # too, from 256 on); -inf entries are masked vocab.
+  rng = np.random.default_rng(vocab)
+  x = rng.integers(-3, 3, (3, 5, vocab)).astype(np.float32)
   x[rng.random(x.shape) < 0.2] = -np.inf
   x[0, 0] = -np.inf
-  x[0, 0, 4] = 1.0
+  x[0, 0, vocab - 1] = 1.0  # A lone maximum in the last block.
+  x[0, 1] = -np.inf  # All masked: index 0, as jnp.argmax.
+  x[1, 2, :] = 0.0
+  x[1, 2, vocab // 2] = 0.5  # A lone maximum mid-row.
   np.testing.assert_array_equal(losses.argmax(jnp.asarray(x)),
                                 jnp.argmax(jnp.asarray(x), axis=-1))
+
+
+@pytest.mark.parametrize("vocab", [7, 512])
+def test_argmax_of_a_nan_row_matches_no_label(vocab):
+  x = np.zeros((2, vocab), np.float32)
+  x[1, 3] = np.nan
+  np.testing.assert_array_equal(losses.argmax(jnp.asarray(x)), [0, vocab])
