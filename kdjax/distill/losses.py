@@ -282,14 +282,15 @@ def forward_kl(student_logits: Array, teacher_logits: Array, *,
   """
   # With log p = t - lse_p and log q = s - lse_q (t, s the max-shifted logits
   # over T) and sum_i p_i = 1: KL = sum_i p_i (t_i - s_i) - lse_p + lse_q, so
-  # no [..., vocab] log-softmax of either side is built.
+  # no [..., vocab] log-softmax of either side is built. p_i = exp(t_i) /
+  # exp(lse_p) reuses the exp(t) that lse_p sums (XLA computes it once), and
+  # the 1 / exp(lse_p) is applied per row, after the sum.
   teacher, lse_p, _ = _shift(teacher_logits, temperature)
   student, lse_q, _ = _shift(student_logits, temperature)
-  log_p = teacher - lse_p[..., None]
-  support = log_p > _NEG_INF  # Double where, as in _kl_from_log_probs.
-  p = jnp.exp(jnp.where(support, log_p, 0.0))
+  support = teacher > _NEG_INF  # Double where, as in _kl_from_log_probs.
   diff = jnp.where(support, teacher, 0.0) - jnp.where(support, student, 0.0)
-  kl = jnp.sum(jnp.where(support, p * diff, 0.0), axis=-1) - lse_p + lse_q
+  weighted = jnp.sum(jnp.where(support, jnp.exp(teacher) * diff, 0.0), axis=-1)
+  kl = weighted * jnp.exp(-lse_p) - lse_p + lse_q
   return _maybe_scale(kl, temperature, scale_by_temperature_squared)
 
 
