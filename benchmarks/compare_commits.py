@@ -30,8 +30,8 @@ trace order changed). Equal programs mean a timing difference is noise.
 
 `--new HEAD` measures HEAD as committed (uncommitted edits are not included).
 Defaults: step_throughput `--only=kdjax_fused,kdjax_unfused --repeats=3
---steps=2 --warmup=1`, 4 rounds (about 12 min on a quiet 2-core machine);
-`--quick`: `--only=kdjax_fused --repeats=2 --steps=1 --warmup=1` (about 4 min
+--steps=2 --warmup=3`, 4 rounds (about 12 min on a quiet 2-core machine);
+`--quick`: `--only=kdjax_fused --repeats=2 --steps=1 --warmup=3` (about 5 min
 quiet, 7-8 min at load average 5 on 2 cores). PyTorch rows can be added with --bench-args (torch is the same code on
 both sides, so their ratio shows the noise).
 """
@@ -55,8 +55,8 @@ import machine_info  # benchmarks/, next to this script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join("benchmarks", "step_throughput.py")
-FULL_ARGS = "--only=kdjax_fused,kdjax_unfused --repeats=3 --steps=2 --warmup=1"
-QUICK_ARGS = "--only=kdjax_fused --repeats=2 --steps=1 --warmup=1"
+FULL_ARGS = "--only=kdjax_fused,kdjax_unfused --repeats=3 --steps=2 --warmup=3"
+QUICK_ARGS = "--only=kdjax_fused --repeats=2 --steps=1 --warmup=3"
 MARK = "[compare_commits]"
 
 # Put first on each child's PYTHONPATH (there is no other sitecustomize in
@@ -76,7 +76,7 @@ atexit.register(_report)
 '''
 
 REPEAT = re.compile(r"^repeat (\d+): (\S+) ([\d.]+) s/step \(([\d.]+) CPU s\), "
-                    r"loss (\S+)$", re.M)
+                    r"loss ([^;\s]+)(?:;.*)?$", re.M)
 READY = re.compile(r"^(\S+): ready in (\d+) s, first loss (\S+)$", re.M)
 TOKENS = re.compile(r"\((\d+) tokens/step\)")
 DOT = re.compile(r"float32 \d+\^2 (jnp\.dot|torch\.matmul) \(median.*?: "

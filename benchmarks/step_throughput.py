@@ -48,6 +48,7 @@ import json
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -180,13 +181,14 @@ class KdjaxWorker:
             "labels": self.labels}
 
   def run(self, steps: int) -> dict:
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu, faults = time.perf_counter(), time.process_time(), _faults()
     for _ in range(steps):
       self.state, metrics = self.run_step(self.state, self._host_batch(),
                                           self.frozen)
     metrics = self.jax.device_get(metrics)
     return {"seconds_per_step": (time.perf_counter() - start) / steps,
             "cpu_seconds_per_step": (time.process_time() - cpu) / steps,
+            "minor_faults_per_step": (_faults() - faults) / steps,
             "loss": float(metrics["loss"] / metrics["count"])}
 
   def parts(self) -> dict:
@@ -346,6 +348,11 @@ def _wall_shares(spans: list[tuple[float, float, str]]) -> list[float]:
   return shares
 
 
+def _faults() -> int:
+  """Minor page faults of this process so far (fresh pages it touched)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _op_group(name: str, shape: str, op_name: str) -> str:
   """A coarse label for one XLA op of the fused step, from its HLO."""
   backward = "transpose(jvp" in op_name
@@ -476,12 +483,13 @@ class TorchWorker:
     return loss
 
   def run(self, steps: int) -> dict:
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu, faults = time.perf_counter(), time.process_time(), _faults()
     for _ in range(steps):
       loss = self._step()
     loss = float(loss)
     return {"seconds_per_step": (time.perf_counter() - start) / steps,
             "cpu_seconds_per_step": (time.process_time() - cpu) / steps,
+            "minor_faults_per_step": (_faults() - faults) / steps,
             "loss": loss}
 
   def parts(self) -> dict:
@@ -763,10 +771,10 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--steps", type=int, default=2,
                       help="timed steps per repetition (after warm-up)")
-  # 3: kdjax's fused step still takes fresh pages for a few steps after
-  # compiling (168k minor faults per step right after one warm-up step, ~0
-  # from the third: allocator pools growing to the step's peak), and that
-  # time is start-up, not the step's.
+  # 3: kdjax's fused step still takes fresh memory pages for a few steps
+  # after compiling (168k minor faults per step right after one warm-up
+  # step, ~0 from the third; the repeat lines print them), and that time is
+  # start-up, not the step's.
   parser.add_argument("--warmup", type=int, default=3,
                       help="untimed steps after compiling, per worker")
   parser.add_argument("--allocator", choices=("jemalloc", "glibc", "inherit"),
@@ -804,10 +812,6 @@ def main():
           f"{workers[kind].ready['loss']:.4f}", flush=True)
     if args.warmup:
       workers[kind].ask(f"run {args.warmup}")
-  info = {}
-  for kind in ("kdjax_fused", "torch_eager"):
-    if kind in workers:
-      info.update(workers[kind].ask("info"))
   times = {kind: [] for kind in kinds}
   cpu_times = {kind: [] for kind in kinds}
   matmul = {(name, dtype): [] for name in ("jnp.dot", "torch.matmul")
@@ -823,7 +827,17 @@ def main():
       cpu_times[kind].append(result["cpu_seconds_per_step"])
       print(f"repeat {r}: {kind} {result['seconds_per_step']:.3f} s/step "
             f"({result['cpu_seconds_per_step']:.2f} CPU s), loss "
-            f"{result['loss']:.4f}", flush=True)
+            f"{result['loss']:.4f}; "
+            f"{result['minor_faults_per_step']:.0f} minor page faults/step",
+            flush=True)
+  # Compiling the cost analysis and the matmuls reshapes a worker's memory:
+  # run between repetitions, they made kdjax's next repetition fault in
+  # ~340k fresh pages per step. So they come after all timed steps.
+  info = {}
+  for kind in ("kdjax_fused", "torch_eager"):
+    if kind in workers:
+      info.update(workers[kind].ask("info"))
+  for _ in range(args.repeats):
     for name, kind in (("jnp.dot", "kdjax_fused"),
                        ("torch.matmul", "torch_eager")):
       if kind in workers:
@@ -886,8 +900,8 @@ def main():
   if "flops" in info:
     print(f"\nkdjax fused step: {info['flops'] / 1e9:.1f} GFLOP by XLA's cost "
           "analysis (the same model FLOPs in every precision)")
-    print(f"{MATMUL_N}^2 matmul rates (median, measured between the "
-          "repetitions): " + ", ".join(
+    print(f"{MATMUL_N}^2 matmul rates (median of {args.repeats}, measured "
+          "after the timed steps): " + ", ".join(
               f"{name} {dtype} {rate / 1e9:.1f} GFLOP/s"
               for (name, dtype), rate in peak.items()))
     print("| path | GFLOP/s | % of jnp.dot float32 | % of jnp.dot bfloat16 |")

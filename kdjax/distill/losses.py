@@ -89,8 +89,9 @@ def argmax(logits: Array) -> Array:
 
   Why not jnp.argmax: on XLA:CPU its variadic (value, index) reduction is
   slow, and a "min index where x == max" reduction over [tokens, vocab] makes
-  XLA write that whole int32 index array out before reducing it (~25 ms per
-  [4096, 8192] call). With a vocabulary of whole blocks this takes the
+  XLA write that whole int32 index array out before reducing it
+  (benchmarks/loss_throughput.py lists the arrays a loss writes). With a
+  vocabulary of whole blocks this takes the
   per-block maxima (the same ones `_row_max` gives the losses, so XLA reads
   the logits once for both), picks the first block holding the row maximum,
   and searches only that block: tensors of [tokens, vocab / block] and
