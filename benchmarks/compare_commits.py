@@ -30,9 +30,11 @@ trace order changed). Equal programs mean a timing difference is noise.
 
 `--new HEAD` measures HEAD as committed (uncommitted edits are not included).
 Defaults: step_throughput `--only=kdjax_fused,kdjax_unfused --repeats=3
---steps=2 --warmup=3`, 4 rounds (about 12 min on a quiet 2-core machine);
-`--quick`: `--only=kdjax_fused --repeats=2 --steps=1 --warmup=3` (about 5 min
-quiet, 7-8 min at load average 5 on 2 cores). PyTorch rows can be added with --bench-args (torch is the same code on
+--steps=2 --warmup=3`, 4 rounds; `--quick`: `--only=kdjax_fused --repeats=2
+--steps=1 --warmup=3`. With `--warmup=1` these took about 12 and 4 min on a
+quiet 2-core machine (7-8 min quick at load average 5); each extra warm-up
+step adds about 2.7 s per run. 3 warm-up steps: step_throughput's own
+default, see its --warmup comment. PyTorch rows can be added with --bench-args (torch is the same code on
 both sides, so their ratio shows the noise).
 """
 
