@@ -1,4 +1,5 @@
-"""Test setup: 8 simulated CPU devices, set before jax is imported anywhere.
+"""Test setup: 8 simulated CPU devices and one XLA compilation cache per run,
+set before jax is imported anywhere.
 
 Config files load by path, as kdjax.main loads them (no configs/ on
 sys.path): `from conftest import config_module, load_config`.
@@ -26,9 +27,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # programs. A cache dir set by the caller is used as is.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _xla_cache = tempfile.mkdtemp(prefix="kdjax-tests-xla-cache-")
-  _cache_owner = os.getpid()  # Not a forked child that exits normally.
-  atexit.register(lambda: os.getpid() == _cache_owner and shutil.rmtree(
-      _xla_cache, ignore_errors=True))
+  _cache_owner = os.getpid()
+
+  @atexit.register
+  def _remove_xla_cache():
+    if os.getpid() == _cache_owner:  # Not a forked child exiting normally.
+      shutil.rmtree(_xla_cache, ignore_errors=True)
+
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
