@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
     "numpy>=1.26",
     "scikit-learn>=1.4",  # digits dataset and the report's precision/recall/F1
+    "scipy>=1.11",  # the report's paired statistics (kdjax/run/paired_stats.py)
     "matplotlib>=3.8",  # report plots
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     "importlib_resources",  # tensorflow-datasets imports it without declaring it
@@ -28,8 +29,9 @@ EXTRAS_REQUIRE = {
     # without a TPU: tests/entry/test_aot.py checks the AOT memory/FLOPs report.
     # pytest-xdist: the suite runs in two worker processes (-n 2), each test
     # file in one of them (--dist loadfile: module fixtures built once).
+    # fsspec: tests/gcs_fake.py serves gs:// paths from a local folder.
     "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
-             "jax[tpu]==0.10.2"],
+             "jax[tpu]==0.10.2", "fsspec"],
     # gs:// workdirs: etils.epath via gcsfs; Orbax's GCS deletes import
     # google.cloud.storage. launch/tpu.py installs it on the workers.
     "gcs": ["gcsfs", "google-cloud-storage"],

@@ -9,7 +9,8 @@ parameters (student.precision.compute=bfloat16); float32 = both float32.
 Everything else (data order, seeds, steps) is the same.
   fashion_mnist  configs/fashion_mnist.py:smoke's CNN teacher, trained once
                  in float32 (300 steps), then its MLP student distilled for
-                 200 steps each way; held-out = the validation split
+                 200 steps each way; held-out = the test split (the
+                 builder has train and test only)
   shakespeare    configs/shakespeare_smollm2.py: SmolLM2-135M (imported)
                  distilled into the 6-layer Llama for --lm_steps steps of
                  8 x 128 tokens each way; held-out = the validation plays

@@ -21,7 +21,8 @@ the comparison across seeds.
 
 Presets (`--config=configs/on_policy_addition.py:<preset>`):
   default  as above.
-  smoke    tiny models and a few steps (tests/e2e/test_on_policy.py).
+  smoke    tiny models and a few steps (tests/e2e/test_on_policy_train.py,
+           tests/distill/test_on_policy.py).
 """
 
 import ml_collections

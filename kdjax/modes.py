@@ -1,5 +1,5 @@
-"""Mode dispatch: teacher, scratch, distill, evaluate, cache_teacher, or the
-whole pipeline.
+"""Mode dispatch: teacher, scratch, distill, evaluate, cache_teacher,
+generate_text, aot_check, export, or the whole pipeline.
 
 The pipeline lays its runs out under one workdir, which is also what the
 report reads:

@@ -7,15 +7,20 @@
 # Installs what the job needs (Debian's Fashion-MNIST package and jemalloc when
 # apt is available, kdjax itself with pip), then runs `python -m kdjax.main`
 # under jemalloc when it is installed: glibc malloc page-faults large
-# temporaries back in every step (see shared DESIGN notes); without jemalloc the
-# run is the same, only slower.
+# temporaries back in every step (benchmarks/README.md, "Allocator"); without
+# jemalloc the run is the same, only slower.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then
+# Each package only when it is missing (a machine may have one and not the other).
+PACKAGES=()
+[ -d /usr/share/datasets/fashion-mnist ] || PACKAGES+=(dataset-fashion-mnist)
+ls /usr/lib/*/libjemalloc.so.2 /usr/lib/libjemalloc.so.2 >/dev/null 2>&1 \
+  || PACKAGES+=(libjemalloc2)
+if [ "${#PACKAGES[@]}" -gt 0 ] && command -v apt-get >/dev/null; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq dataset-fashion-mnist libjemalloc2 \
+  $SUDO apt-get install -y -qq "${PACKAGES[@]}" \
     || echo "apt-get failed: point --config.data.source_dir at the idx files" >&2
 fi
 python -m pip install -q -e .

@@ -56,7 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # teacher | scratch | distill | evaluate | pipeline (all of them in order)
   # | cache_teacher | generate_text | aot_check (compile for
-  # config.aot.topology; see below).
+  # config.aot.topology; see below) | export (WORKDIR's student written out;
+  # config.export).
   config.mode = "pipeline"
   config.seed = 0  # Student init, dropout and data order (single-run modes).
   config.variant = ""  # Pipeline variant name of this run (set by the pipeline).
@@ -166,8 +167,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # mode=export (kdjax/run/export.py): WORKDIR's student, written out.
   config.export = ml_collections.ConfigDict(dict(
-      # hf (transformers directory) | gguf (llama.cpp) | stablehlo (any
-      # student: a jax.export function with its weights, for kdjax.serve).
+      # hf (transformers directory) | gguf (llama.cpp) | peft (LoRA
+      # adapters + their base) | stablehlo (any student: a jax.export
+      # function with its weights, for kdjax.serve).
       format="hf",
       dir="",  # '' = WORKDIR/export/<format>.
       step=0,  # 0 = the newest checkpoint.

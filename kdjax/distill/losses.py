@@ -218,8 +218,8 @@ def sampled_reverse_kl(student_logits: Array, teacher_logits: Array,
   log-ratio as a detached per-token cost, as tinker's on-policy
   distillation), which is the gradient of KL(q || p) in expectation over y:
   the score-function term E_q[grad log q] is zero. No temperature: the
-  estimate is of the distributions the samples came from (the samples'
-  own temperature is the sampler's business). Only meaningful on tokens the
+  samples must come from q itself (on-policy validation asks for sampling
+  temperature 1 and no top-k/top-p). Only meaningful on tokens the
   student sampled; on other text it is a biased estimate.
 
   `advantage` (same shape as `sampled`, detached) replaces r as the weight

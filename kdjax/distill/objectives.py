@@ -108,9 +108,11 @@ def make_schedule(start: float, end: float | None, kind: str,
   steps = max(int(total_steps), 1)
   if kind == "linear":
     return optax.linear_schedule(start, end, steps)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=start, peak_value=start, warmup_steps=0, decay_steps=steps,
-      end_value=end)
+  # optax's cosine schedules scale their start value, so a ramp up from 0
+  # (a term switched on gradually) would stay at 0: run a unit cosine from 1
+  # to 0 and map it onto [end, start].
+  unit = optax.cosine_decay_schedule(1.0, steps)
+  return lambda count: end + (start - end) * unit(count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,21 +181,27 @@ class Objective:
     """
     temperature = self.temperature(step)
     cached = teachers[0].topk if self.uses_teacher else None
+    sampled = labels  # What sampled_reverse_kl grades: always these tokens.
     if self.uses_teacher and self.hard_labels == "teacher":
       labels = (cached.top1 if cached is not None else
                 jnp.argmax(self._ensemble_logits(teachers, 1.0), axis=-1))
     total = jnp.zeros(student.logits.shape[:-1], jnp.float32)
     values: dict[str, jax.Array] = {}
     for term in self.terms:
+      term_labels, advantage = self._term_inputs(term, labels, sampled,
+                                                 advantages)
       if cached is not None and term.name != TASK_TERM:
         value = term.from_topk(student.logits, cached, temperature)
       elif term.name == TASK_TERM or self.combine == "ensemble":
         teacher_logits = (self._ensemble_logits(teachers, temperature)
                           if self.uses_teacher else None)
-        value = term(student.logits, teacher_logits, labels, temperature,
-                     advantages if term.name == SAMPLED_TERM else None)
+        value = term(student.logits, teacher_logits, term_labels,
+                     temperature, advantage)
       else:  # 'sum': one divergence per teacher, weighted.
-        value = sum(c * term(student.logits, t.logits, labels, temperature)
+        # The coefficients sum to 1, so a sampled term's advantage weighs
+        # the student's score function once in all.
+        value = sum(c * term(student.logits, t.logits, term_labels,
+                             temperature, advantage)
                     for c, t in zip(self._coefficients(), teachers))
       values[term.label or term.name] = value
       total = total + term.weight(step) * value
@@ -205,6 +213,14 @@ class Objective:
       values[f"feature_{i}_{feature.loss}"] = value
       total = total + feature.weight(step) * value
     return total, values
+
+  @staticmethod
+  def _term_inputs(term: Term, labels, sampled, advantages):
+    """(labels, advantage) for one term: a sampled term grades the tokens
+    the student sampled, whatever the hard labels are."""
+    if term.name == SAMPLED_TERM:
+      return sampled, advantages
+    return labels, None
 
   def _coefficients(self) -> tuple[float, ...]:
     total = sum(self.teacher_weights)
@@ -335,6 +351,17 @@ def validate_distill(distill) -> None:
                              or not 0.0 <= float(spec[DISCOUNT]) <= 1.0):
       fail(f"distill.terms[{i}].{DISCOUNT}", spec[DISCOUNT],
            f"in [0, 1], and only for '{SAMPLED_TERM}'")
+    k = spec.get("k")
+    if (spec["name"] == "topk_kl" and not distill.get("teacher_cache", "")
+        and (isinstance(k, bool) or not isinstance(k, int) or k < 1)):
+      fail(f"distill.terms[{i}].k", k, "topk_kl keeps the teacher's top k "
+           "tokens: an int >= 1 (with a teacher cache, the cache's k)")
+    if (spec["name"] == "mse" and distill.extra_teachers
+        and distill.combine == "ensemble"):
+      fail(f"distill.terms[{i}].name", spec["name"],
+           "matches raw logits, which an ensemble of teachers (mixed as "
+           "probabilities) does not have: set distill.combine='sum' (one "
+           "mse per teacher, weighted)")
   if distill.temperature_schedule not in SCHEDULES:
     fail("distill.temperature_schedule", distill.temperature_schedule,
          f"allowed: {SCHEDULES}")

@@ -37,9 +37,10 @@ from kdjax.core.config import fail
 from kdjax.distill import losses, objectives
 
 # '' = config.distill's own terms (a 'ce' among them trains off-policy steps
-# only).
-ON_POLICY_LOSSES = ("",) + tuple(sorted(set(losses.OBJECTIVES)
-                                        | {objectives.SAMPLED_TERM}))
+# only). topk_kl is not offered: it needs a k, which the on-policy settings
+# do not carry (a 'topk_kl' term in distill.terms with loss='' works).
+ON_POLICY_LOSSES = ("",) + tuple(sorted(
+    (set(losses.OBJECTIVES) - {"topk_kl"}) | {objectives.SAMPLED_TERM}))
 STUDENT, TEACHER, DATA = "student", "teacher", "data"
 
 
@@ -83,6 +84,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail(f"{field}.loss", c.loss,
          "estimates KL on the student's own samples only: set "
          "distill.on_policy.lmbda=1 and seq_kd=False")
+  if c.loss == objectives.SAMPLED_TERM and (
+      float(c.temperature) != 1.0 or int(c.top_k) or float(c.top_p) != 1.0):
+    fail(f"{field}.loss", c.loss,
+         "estimates KL(q || p) from tokens drawn from q itself: sample with "
+         "distill.on_policy.temperature=1, top_k=0, top_p=1 (got "
+         f"{c.temperature}, {c.top_k}, {c.top_p})")
   if not 0.0 <= float(c.discount) <= 1.0:
     fail(f"{field}.discount", c.discount, "in [0, 1] (0 = each token's own "
          "cost, as tinker)")

@@ -67,7 +67,10 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
 
 def tied_logits(hidden: jax.Array, embedding: jax.Array) -> jax.Array:
-  """hidden [B, L, D] @ embedding [V, D]^T: the tied output head's logits."""
+  """hidden [B, L, D] @ embedding [V, D]^T: the tied output head's logits,
+  accumulated and returned in float32 whatever the compute dtype (as
+  kdjax.models.precision.einsum_f32: bfloat16 logits would be off by ~0.1
+  at logit scale 7, in every loss and metric read from them)."""
   # Under shard_map the embedding is the same on every device and hidden is
   # not; the custom VJP must see both alike (autodiff then sums d embedding).
   return _tied_logits(hidden, partitioning.cast_varying(
@@ -77,7 +80,8 @@ def tied_logits(hidden: jax.Array, embedding: jax.Array) -> jax.Array:
 @jax.custom_vjp
 def _tied_logits(hidden, embedding):
   with jax.named_scope("tied_head"):
-    return jnp.einsum("bld,vd->blv", hidden, embedding)
+    return jnp.einsum("bld,vd->blv", hidden, embedding,
+                      preferred_element_type=jnp.float32)
 
 
 def _tied_logits_forward(hidden, embedding):
@@ -86,6 +90,8 @@ def _tied_logits_forward(hidden, embedding):
 
 def _tied_logits_backward(residuals, grad):
   hidden, embedding = residuals
+  # In the compute dtype, like the forward's inputs (precision.einsum_f32).
+  grad = grad.astype(jnp.result_type(hidden, embedding))
   with jax.named_scope("tied_head"):
     grad_hidden = jnp.einsum("blv,vd->bld", grad, embedding)
     # [D, V] read along the logits gradient's rows, then a small transpose
@@ -219,8 +225,7 @@ class GPT(nn.Module):
       return x
     # Tied output embedding; float32 logits for the losses.
     logits = tied_logits(x, embed.embedding.astype(self.dtype))
-    return partitioning.constrain(logits.astype(jnp.float32),
-                                  partitioning.LOGITS)
+    return partitioning.constrain(logits, partitioning.LOGITS)
 
 
 def lm_head_kernel(params: Any) -> jax.Array:

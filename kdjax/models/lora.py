@@ -292,13 +292,6 @@ def _is_adapter(path: tuple[str, ...]) -> bool:
   return path[-1] in ADAPTERS
 
 
-def adapter_mask(params: Any) -> Any:
-  """A tree like `params`: True on adapter leaves, False elsewhere."""
-  flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict(
-      {k: _is_adapter(k) for k in flat})
-
-
 def split(params: Any) -> tuple[dict, dict]:
   """(adapters, base): each holds only its own leaves ({} if none)."""
   flat = traverse_util.flatten_dict(params)

@@ -67,25 +67,40 @@ def test_weighted_sum_of_any_terms(logits):
   assert "jsd(beta=0.2)" in objective.description
 
 
-@pytest.mark.parametrize("kind,mid", [("linear", 0.5), ("cosine", 0.5)])
-def test_weight_and_temperature_schedules(logits, kind, mid):
+def _progress64(kind, step_, total):
+  """The fraction of the way from start to end, float64."""
+  frac = min(step_ / total, 1.0)
+  return frac if kind == "linear" else 0.5 * (1 - np.cos(np.pi * frac))
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_weight_and_temperature_schedules(logits, kind):
   s, t, y = logits
   distill = _distill(terms=(dict(name="kl", weight=1.0, weight_end=0.0,
                                  schedule=kind),),
                      temperature=1.0, temperature_end=3.0,
                      temperature_schedule=kind)
   objective = objectives.distillation(distill, num_teachers=1, total_steps=100)
-  for step_, w, temp in ((0, 1.0, 1.0), (50, 1 - mid, 1 + 2 * mid),
-                         (100, 0.0, 3.0)):
+  for step_ in (0, 25, 50, 100, 120):  # 25: cosine and linear differ there.
+    f = _progress64(kind, step_, 100)
+    w, temp = 1.0 - f, 1.0 + 2.0 * f
     loss, _ = objective(ModelOutputs(s), [ModelOutputs(t)], y,
                         jnp.int32(step_))
     expected = w * temp**2 * _np_kl(_np_log_softmax(t / temp),
                                     _np_log_softmax(s / temp))
     np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
-  # Cosine is not linear in between.
-  if kind == "cosine":
-    sched = objectives.make_schedule(1.0, 0.0, "cosine", 100)
-    assert float(sched(25)) == pytest.approx(0.5 * (1 + np.cos(np.pi / 4)))
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("start,end", [(0.0, 1.0), (1.0, 0.0), (1.0, 4.0),
+                                       (2.0, 0.5)])
+def test_schedules_run_from_start_to_end(kind, start, end):
+  """Every step against float64, ramps up from 0 included (a term switched
+  on gradually must not stay at 0)."""
+  sched = objectives.make_schedule(start, end, kind, 40)
+  for step_ in range(0, 46, 3):
+    expected = start + (end - start) * _progress64(kind, step_, 40)
+    assert float(sched(step_)) == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
 def test_two_teacher_ensemble_is_a_mixture_in_probability_space(logits):
@@ -167,6 +182,48 @@ def test_feature_cosine_is_zero_for_parallel_features():
   value = term({"a": (x,)}, {"b": (2.5 * x,)}, None, batch_ndim=2)
   assert value.shape == (3, 4)
   np.testing.assert_allclose(value, 0.0, atol=1e-6)
+
+
+def test_feature_cosine_against_float64():
+  """1 - cos per position, averaged per example: 2 for opposite features,
+  1 for orthogonal ones, float64 numpy for random ones."""
+  term = features.FeatureTerm("a", "b", "cosine", optax.constant_schedule(1.0))
+  x = np.random.default_rng(4).normal(size=(3, 5, 6)).astype(np.float32)
+  np.testing.assert_allclose(term({"a": (x,)}, {"b": (-x,)}, None), 2.0,
+                             rtol=1e-6)
+  e0, e1 = np.eye(6, dtype=np.float32)[:2]
+  np.testing.assert_allclose(
+      term({"a": (np.tile(e0, (3, 5, 1)),)}, {"b": (np.tile(e1, (3, 5, 1)),)},
+           None), 1.0, rtol=1e-6)
+  y = np.random.default_rng(5).normal(size=(3, 5, 6)).astype(np.float32)
+  x64, y64 = x.astype(np.float64), y.astype(np.float64)
+  cos = (x64 * y64).sum(-1) / (np.linalg.norm(x64, axis=-1)
+                               * np.linalg.norm(y64, axis=-1))
+  np.testing.assert_allclose(term({"a": (x,)}, {"b": (y,)}, None),
+                             (1 - cos).mean(-1), rtol=1e-5)
+
+
+def _attention_maps(rng, heads):
+  logits = rng.normal(size=(2, heads, 4, 4)) * 2
+  return np.exp(_np_log_softmax(logits))
+
+
+@pytest.mark.parametrize("student_heads", [3, 1])
+def test_attention_kl_is_teacher_to_student_against_float64(student_heads):
+  """KL(teacher row || student row), averaged over heads and queries; with
+  different head counts, the heads are averaged first."""
+  rng = np.random.default_rng(6)
+  teacher, student = _attention_maps(rng, 3), _attention_maps(rng,
+                                                              student_heads)
+  t, s = teacher, student
+  if student_heads != 3:
+    t, s = t.mean(1, keepdims=True), s.mean(1, keepdims=True)
+  kl = (t * (np.log(t) - np.log(s))).sum(-1)  # [B, H, Q]
+  value = features.attention_kl(jnp.asarray(student, jnp.float32),
+                                jnp.asarray(teacher, jnp.float32))
+  np.testing.assert_allclose(value, kl.mean((1, 2)), rtol=1e-4)
+  reverse = (s * (np.log(s) - np.log(t))).sum(-1).mean((1, 2))
+  assert np.abs(reverse - kl.mean((1, 2))).max() > 1e-2  # Direction shows.
 
 
 def test_attention_map_distillation_between_transformers():

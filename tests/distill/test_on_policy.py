@@ -81,6 +81,7 @@ def test_no_cross_entropy_on_the_students_own_samples():
     ("max_new_tokens", 0, "max_new_tokens"),
     ("max_new_tokens", 9, "max_completion_length"),
     ("discount", 1.5, "discount"), ("discount", 0.5, "future costs"),
+    ("loss", "topk_kl", "loss"),  # Needs a k the on-policy settings lack.
 ])
 def test_bad_settings_are_refused_by_name(field, value, match, tmp_path):
   config = load_config("on_policy_addition", "smoke")
@@ -88,6 +89,23 @@ def test_bad_settings_are_refused_by_name(field, value, match, tmp_path):
   config.mode = "distill"
   config.distill.on_policy[field] = value
   with pytest.raises(ConfigError, match=match):
+    validation.validate_prompts(config)
+
+
+@pytest.mark.parametrize("sampler", [dict(temperature=0.9), dict(top_k=5),
+                                     dict(top_p=0.9)])
+def test_sampled_reverse_kl_needs_samples_from_the_student_itself(
+    sampler, tmp_path):
+  """Tokens drawn at another temperature, or from a truncated q, make the
+  one-sample estimate biased for KL(q || p)."""
+  config = load_config("on_policy_addition", "smoke")
+  config.data.data_dir = str(tmp_path)
+  config.mode = "distill"
+  config.distill.on_policy.update(lmbda=1.0, loss="sampled_reverse_kl",
+                                  temperature=1.0, top_k=0, top_p=1.0)
+  validation.validate_prompts(config)  # Sampling from q itself: fine.
+  config.distill.on_policy.update(sampler)
+  with pytest.raises(ConfigError, match="drawn from q itself"):
     validation.validate_prompts(config)
 
 

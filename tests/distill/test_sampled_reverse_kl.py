@@ -76,6 +76,65 @@ def test_is_a_term_that_reads_the_sampled_tokens():
   assert set(terms) == {"sampled_reverse_kl"}
 
 
+def test_teacher_hard_labels_do_not_replace_the_sampled_tokens():
+  """hard_labels='teacher' changes what 'ce' reads, never which tokens the
+  sampled term grades."""
+  distill = defaults.get_config().distill
+  distill.terms = ({"name": "sampled_reverse_kl", "weight": 1.0},
+                   {"name": "ce", "weight": 0.5})
+  distill.hard_labels = "teacher"
+  objectives.validate_distill(distill)
+  objective = objectives.distillation(distill, num_teachers=1, total_steps=1)
+  rng = np.random.default_rng(4)
+  s, t = rng.normal(size=(2, 3, 7)) * 2, rng.normal(size=(2, 3, 7)) * 2
+  top = t.argmax(-1)
+  y = (top + 1 + rng.integers(0, 6, top.shape)) % 7  # Never the argmax.
+  _, terms = objective(objectives.ModelOutputs(jnp.asarray(s)),
+                       [objectives.ModelOutputs(jnp.asarray(t))],
+                       jnp.asarray(y), jnp.int32(0))
+  pick = lambda a, idx: np.take_along_axis(a, idx[..., None], -1)[..., 0]
+  log_q, log_p = _log_softmax64(s), _log_softmax64(t)
+  np.testing.assert_allclose(terms["sampled_reverse_kl"],
+                             pick(log_q, y) - pick(log_p, y), rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(terms["ce"], -pick(log_q, top), rtol=1e-5)
+
+
+def test_summed_teachers_weigh_the_score_by_the_advantage_once():
+  """combine='sum': the value is the weighted sum of each teacher's
+  log-ratio, and the gradient is advantage * grad log q(y) (the weights sum
+  to 1), float64 by hand."""
+  distill = defaults.get_config().distill
+  distill.terms = ({"name": "sampled_reverse_kl", "weight": 1.0,
+                    "discount": 0.5},)
+  distill.combine, distill.teacher_weight = "sum", 1.0
+  distill.extra_teachers = (dict(checkpoint_dir="x", model={}, weight=3.0),)
+  objectives.validate_distill(distill)
+  objective = objectives.distillation(distill, num_teachers=2, total_steps=1)
+  rng = np.random.default_rng(5)
+  s = rng.normal(size=(2, 3, 6)).astype(np.float32)
+  t1, t2 = (rng.normal(size=(2, 3, 6)).astype(np.float32) for _ in range(2))
+  y = rng.integers(0, 6, (2, 3))
+  advantages = rng.normal(size=(2, 3)).astype(np.float32) * 3
+
+  def total(x):
+    value, _ = objective(objectives.ModelOutputs(x),
+                         [objectives.ModelOutputs(jnp.asarray(t1)),
+                          objectives.ModelOutputs(jnp.asarray(t2))],
+                         jnp.asarray(y), jnp.int32(0),
+                         advantages=jnp.asarray(advantages))
+    return jnp.sum(value), value
+
+  (_, value), grad = jax.value_and_grad(total, has_aux=True)(jnp.asarray(s))
+  pick = lambda a: np.take_along_axis(a, y[..., None], -1)[..., 0]
+  log_q = _log_softmax64(s)
+  ratios = [pick(log_q) - pick(_log_softmax64(t)) for t in (t1, t2)]
+  np.testing.assert_allclose(value, 0.25 * ratios[0] + 0.75 * ratios[1],
+                             rtol=1e-5, atol=1e-5)
+  expected = advantages[..., None] * (np.eye(6)[y] - np.exp(log_q))
+  np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-5)
+
+
 def _returns64(costs, mask, discount):
   out = np.zeros_like(costs, np.float64)
   later = np.zeros(costs.shape[:-1])

@@ -18,7 +18,7 @@ import pytest
 
 from kdjax.core import defaults
 from kdjax import models
-from kdjax.distill import losses, objectives, parallel, step
+from kdjax.distill import features, losses, objectives, parallel, step
 from kdjax.models.partitioning import unbox
 
 NUM_CLASSES = 5
@@ -158,6 +158,59 @@ def test_gradient_equals_hand_written_full_batch_gradient(
       optax.tree.norm(expected_grads)), rtol=1e-5)
   np.testing.assert_allclose(float(metrics["loss"]) / GLOBAL_BATCH,
                              expected_loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_devices", [1, 8])
+def test_feature_projection_trains_with_the_student(num_devices):
+  """A feature term across widths (student hidden 8 -> teacher hidden 32):
+  the learned projection (TrainState.aux_params) moves by minus the gradient
+  of the full-batch loss written by hand, like the student's parameters."""
+  teacher, student, teacher_params, student_params = _init()
+  batch = _batches()[0]
+  distill = defaults.get_config().distill
+  distill.update(alpha=0.7, temperature=2.0, features=(dict(
+      student="hidden_0", teacher="hidden_0", loss="mse", weight=0.5),))
+  objective = objectives.distillation(distill, num_teachers=1, total_steps=10)
+
+  def sown(model, params):
+    logits, state = model.apply({"params": params}, batch["inputs"],
+                                mutable=["intermediates"])
+    return logits, state["intermediates"]["hidden_0"][0]
+
+  t_logits, t_hidden = sown(teacher, teacher_params)
+  _, s_hidden = sown(student, student_params)
+  name = features.projection_name(0)
+  projection = features.init_projections(
+      objective.feature_terms, {"hidden_0": (s_hidden,)},
+      [{"hidden_0": (t_hidden,)}], jax.random.key(3))
+  assert projection[name]["kernel"].shape == (8, 32)
+
+  def mean_loss(params, proj):
+    s_logits, hidden = sown(student, params)
+    mapped = hidden @ proj[name]["kernel"] + proj[name]["bias"]
+    return jnp.mean(0.7 * losses.forward_kl(s_logits, t_logits,
+                                            temperature=2.0)
+                    + 0.3 * losses.softmax_cross_entropy(s_logits,
+                                                         batch["labels"])
+                    + 0.5 * jnp.mean(jnp.square(mapped - t_hidden), -1))
+  expected = jax.tree.map(np.asarray, jax.grad(mean_loss, argnums=(0, 1))(
+      student_params, projection))
+  before = jax.tree.map(np.array, (student_params, projection))
+
+  tx = optax.sgd(1.0)
+  mesh = parallel.make_mesh(jax.devices()[:num_devices])
+  per_device = functools.partial(
+      step.train_step, student_apply=step.make_apply_fn(student),
+      teacher_applies=(step.make_apply_fn(teacher),), objective=objective,
+      tx=tx, axis=parallel.DataAxis("shard_map"))
+  run = parallel.map_over_devices(per_device, mesh, "shard_map")
+  state = parallel.replicate(step.create_train_state(
+      student_params, tx, jax.random.key(0), aux_params=projection), mesh)
+  state, _ = run(state, batch, parallel.replicate((teacher_params,), mesh))
+  moved = jax.tree.map(lambda b, a: b - np.asarray(a), before,
+                       (state.params, state.aux_params))
+  _assert_same_params(moved, expected, rtol=1e-4, atol=1e-6)
+  assert float(np.abs(moved[1][name]["kernel"]).max()) > 1e-3
 
 
 def _per_device_step(tx):

@@ -48,6 +48,14 @@ def _config(**changes):
      r"leaf trained has nothing to leave out"),
     ({"distill.terms": (dict(name="kld", weight=1.0),)},
      r"config\.distill\.terms\[0\]\.name='kld' is invalid: allowed: \[.*'jsd'"),
+    ({"distill.terms": (dict(name="topk_kl", weight=1.0),)},
+     r"config\.distill\.terms\[0\]\.k=None is invalid: topk_kl keeps"),
+    ({"distill.terms": (dict(name="topk_kl", weight=1.0, k=0),)},
+     r"config\.distill\.terms\[0\]\.k=0 is invalid"),
+    ({"distill.terms": (dict(name="mse", weight=1.0),),
+      "distill.extra_teachers": (dict(checkpoint_dir="t2", model={},
+                                      weight=1.0),)},
+     r"terms\[0\]\.name='mse' is invalid: matches raw logits.*combine='sum'"),
 ])
 def test_bad_fields_are_named(changes, message, tmp_path):
   with pytest.raises(config_lib.ConfigError, match=message):
