@@ -17,8 +17,23 @@ MODEL = llama.Llama(vocab_size=53, width=32, num_layers=2, num_heads=4,
 
 @pytest.fixture(scope="module")
 def params():
-  return unbox(jax.jit(lambda key: MODEL.init(
+  """Weights 12x the init: at init scale greedy decoding repeats one token
+  whatever it attends to, so a cache read from the wrong slots or the wrong
+  row would go unnoticed (tests/models/test_generate_padded.py does the
+  same)."""
+  params = unbox(jax.jit(lambda key: MODEL.init(
       key, jnp.zeros((1, 4), jnp.int32)))(jax.random.key(0))["params"])
+  return jax.tree.map(lambda x: x * 12 if x.ndim >= 2 else x, params)
+
+
+def _assert_not_one_repeated_token(generated):
+  for row in np.asarray(generated):
+    assert len(np.unique(row)) > 3, f"degenerate greedy output {row}"
+
+
+@jax.jit
+def _forward(params, tokens):
+  return MODEL.apply({"params": params}, tokens)
 
 
 def _greedy_without_cache(params, prompt, n):
@@ -26,25 +41,49 @@ def _greedy_without_cache(params, prompt, n):
   batch, length = prompt.shape
   tokens = np.zeros((batch, length + n), np.int32)
   tokens[:, :length] = prompt
-  forward = jax.jit(lambda t: MODEL.apply({"params": params}, t))
   for t in range(length, length + n):
-    logits = np.asarray(forward(jnp.asarray(tokens)))
+    logits = np.asarray(_forward(params, jnp.asarray(tokens)))
     tokens[:, t] = np.argmax(logits[:, t - 1], -1)
   return tokens[:, length:]
 
 
+def _logits_through_cache(params, prompt, fed):
+  """Logits [B, P + n, V] of the prompt prefilled into the KV cache in one
+  call, then of the tokens `fed` [B, n] fed back one at a time."""
+  model = MODEL.clone(max_length=prompt.shape[1] + fed.shape[1])
+  decode = jax.jit(lambda cache, t: model.apply(
+      {"params": params, "cache": cache}, t, decode=True, mutable=["cache"]))
+  logits, state = decode(llama.init_cache(model, prompt.shape[0]), prompt)
+  chunks = [logits]
+  for t in range(fed.shape[1]):
+    logits, state = decode(state["cache"], fed[:, t:t + 1])
+    chunks.append(logits)
+  return np.concatenate(chunks, axis=1)
+
+
 def test_greedy_with_cache_equals_full_forwards(params):
   prompt = np.random.default_rng(0).integers(0, 53, (3, 5))
-  cached = gen.generate(MODEL, params, prompt, max_new_tokens=8)
-  np.testing.assert_array_equal(cached, _greedy_without_cache(params, prompt, 8))
+  cached = gen.generate(MODEL, params, prompt, max_new_tokens=10)
+  np.testing.assert_array_equal(cached,
+                                _greedy_without_cache(params, prompt, 10))
+  _assert_not_one_repeated_token(cached)
+  # Not only the argmax: every logit read through the cache is the full
+  # forward's.
+  through_cache = _logits_through_cache(params, prompt, cached)
+  full = np.asarray(_forward(params, np.concatenate([prompt, cached], 1)))
+  assert through_cache.shape == full.shape == (3, 15, 53)
+  np.testing.assert_allclose(through_cache, full,
+                             atol=1e-5 * np.abs(full).max(), rtol=0)
 
 
 def test_batch_rows_are_independent(params):
   prompt = np.random.default_rng(1).integers(0, 53, (2, 4))
-  both = gen.generate(MODEL, params, prompt, max_new_tokens=6)
+  both = gen.generate(MODEL, params, prompt, max_new_tokens=10)
+  _assert_not_one_repeated_token(both)
+  assert not np.array_equal(both[0], both[1])  # Different prompts, outputs.
   for i in range(2):
-    alone = gen.generate(MODEL, params, prompt[i:i + 1], max_new_tokens=6)
-    np.testing.assert_array_equal(both[i:i + 1], alone)
+    alone = gen.generate(MODEL, params, prompt[i:i + 1], max_new_tokens=10)
+    np.testing.assert_array_equal(both[i:i + 1], alone, err_msg=f"row {i}")
 
 
 def test_rows_stop_at_eos(params):

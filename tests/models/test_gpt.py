@@ -4,13 +4,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from kdjax.core import defaults
 from kdjax import models
-from kdjax.distill import objectives, optim, parallel, step
+from kdjax.distill import objectives, parallel, step
 from kdjax.models import gpt
 from kdjax.models.partitioning import unbox
 
@@ -161,32 +161,66 @@ def test_errors_name_the_field():
 
 
 def test_distillation_step_on_token_labels():
-  """Teacher and student GPTs through the fused step on 8 devices."""
+  """Teacher and student GPTs through the fused step on 8 devices, one row
+  each: with SGD the update is minus lr times the gradient of the full-batch
+  mean of alpha * T^2 KL + (1 - alpha) * CE over all tokens, written here
+  from log_softmax; the reported sums are the hand-written terms."""
   teacher = models.get_model("gpt", **dict(SIZES, width=24, num_heads=3))
   student = models.get_model("gpt", **SIZES)
   tokens = np.random.default_rng(5).integers(0, 37, (8, 13)).astype(np.int32)
   batch = {"inputs": tokens[:, :-1], "labels": tokens[:, 1:]}
+  alpha, temperature, lr = 0.5, 2.0, 0.5
+  init = lambda m, s: unbox(m.init(jax.random.key(s), tokens[:1, :-1])["params"])
+  # A teacher moved away from its (near-uniform) init, so KL has signal.
+  teacher_params = jax.tree.map(lambda p: 3.0 * p, init(teacher, 1))
+  student_params = init(student, 0)
+
+  def hand_written(params):
+    """Full-batch mean loss and its KL and CE, per token, independent of
+    kdjax.distill."""
+    log_p = jax.nn.log_softmax(
+        teacher.apply({"params": teacher_params}, batch["inputs"]) /
+        temperature)
+    s = student.apply({"params": params}, batch["inputs"])
+    log_q = jax.nn.log_softmax(s / temperature)
+    kl = temperature**2 * jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1)
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(s),
+                              batch["labels"][..., None], -1)[..., 0]
+    return jnp.mean(alpha * kl + (1 - alpha) * ce), (jnp.mean(kl),
+                                                     jnp.mean(ce))
+  (want_loss, (want_kl, want_ce)), want_grads = jax.jit(
+      jax.value_and_grad(hand_written, has_aux=True))(student_params)
+  assert float(want_kl) > 0.05  # The teacher differs from the student.
+
   distill = defaults.get_config().distill
-  distill.update(alpha=0.5, temperature=2.0)
-  tx = optim.make_optimizer(ml_collections.ConfigDict(dict(
-      optimizer="adamw", learning_rate=1e-3, weight_decay=0.01,
-      warmup_steps=0, schedule="constant")), 10)
+  distill.update(alpha=alpha, temperature=temperature)
+  tx = optax.sgd(lr)
   mesh = parallel.make_mesh()
+  assert mesh.devices.size == 8
   run = parallel.map_over_devices(functools.partial(
       step.train_step, student_apply=step.make_apply_fn(student),
       teacher_applies=(step.make_apply_fn(teacher),),
       objective=objectives.distillation(distill, num_teachers=1,
                                         total_steps=10),
       tx=tx, axis=parallel.DataAxis("shard_map")), mesh, "shard_map")
-  init = lambda m, s: unbox(m.init(jax.random.key(s), tokens[:1, :-1])["params"])
+  before = jax.tree.map(np.array, student_params)
   state = parallel.replicate(step.create_train_state(
-      init(student, 0), tx, jax.random.key(0)), mesh)
-  frozen = parallel.replicate((init(teacher, 1),), mesh)
-  state, metrics = run(state, batch, frozen)
-  assert int(metrics["count"]) == tokens[:, 1:].size
-  loss = float(metrics["loss"] / metrics["count"])
-  # Near-uniform models at init: CE ~ log(vocab), KL ~ 0.
-  assert 0.5 * np.log(37) - 0.1 < loss < 0.5 * np.log(37) + 0.5
+      student_params, tx, jax.random.key(0)), mesh)
+  state, metrics = run(state, batch, parallel.replicate((teacher_params,),
+                                                        mesh))
+  grads = jax.tree.map(lambda b, a: (b - np.asarray(a)) / lr, before,
+                       state.params)
+  # atol: float32 rounding of params ~1 (LayerNorm scales) minus an update.
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(
+      g, w, rtol=1e-4, atol=1e-6), grads, want_grads)
+  # No leaf's gradient is lost in that tolerance (the smallest, a LayerNorm
+  # scale's, is ~1.6e-4 at init).
+  assert min(float(np.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-4
+  count = tokens[:, 1:].size
+  assert int(metrics["count"]) == count
+  for name, want in (("loss", want_loss), ("kl", want_kl), ("ce", want_ce)):
+    np.testing.assert_allclose(float(metrics[name]) / count, float(want),
+                               rtol=1e-5, err_msg=name)
 
 
 def test_hidden_states_times_lm_head_are_the_logits():

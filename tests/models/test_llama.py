@@ -254,12 +254,21 @@ def _greedy_with_cache(model, params, prompt, steps):
 def test_kv_cache_decoding_equals_full_forward(num_kv_heads, prefill):
   model = llama.Llama(**tiny_fields(num_kv_heads=num_kv_heads))
   prompt = jnp.asarray(tokens_for(TINY, length=prefill, seed=prefill))
-  params = _init(model, prompt)
+  # Weights 24x the init (std 0.02): at init scale attention barely moves
+  # the logits and greedy decoding repeats one token, so attending to the
+  # wrong cache slots, or to another row's cache, would pass unnoticed.
+  params = jax.tree.map(lambda x: x * 24 if x.ndim >= 2 else x,
+                        _init(model, prompt))
   steps = 16 - prefill - 1  # Fill the cache to max_length = 16 exactly.
   tokens, logits, cache = _greedy_with_cache(model, params, prompt, steps)
   assert tokens.shape == (2, 15) and logits.shape == (2, 15 + 1 - 1, 53)
+  generated = np.asarray(tokens[:, prefill:])
+  for row in generated:
+    assert len(np.unique(row)) > 3, f"degenerate greedy output {row}"
+  assert not np.array_equal(generated[0], generated[1])
   full = _forward(model, params, tokens)
-  np.testing.assert_allclose(logits, full, atol=2e-5, rtol=0)
+  np.testing.assert_allclose(logits, full, atol=1e-5 * np.abs(full).max(),
+                             rtol=0)
   assert int(cache["layers_1"]["attention"]["cache_index"]) == 15
   assert cache["layers_0"]["attention"]["cached_key"].shape == (2, 16,
                                                                num_kv_heads, 6)
@@ -551,12 +560,12 @@ def test_gguf_tokenizer(tmp_path):
 
 # --- The real SmolLM2-135M-Instruct (4-bit GGUF). --------------------------
 
-# Measured here: perplexity 36.18 on the passage below (the first 256 tokens
-# of Timon of Athens, Act III, markdown stripped; float32 on CPU). The bound
-# is that x 1.15. With llama.cpp's Q/K row permutation left in, the same
-# passage gives 278.6; transformers' own load of this GGUF gives logits
-# within 2e-4 of ours (benchmarks/check_llama_import.py).
-SMOLLM2_PPL_BOUND = 41.6
+# The passage: the first 256 tokens of Timon of Athens, Act III, markdown
+# stripped. Its perplexity, logits and next-token log-probabilities are
+# checked against transformers' own load of the same GGUF (stored in
+# tests/fixtures/transformers_smollm2.json), not against a bound copied from
+# a run: a bound loose enough for run-to-run noise also passes a wrong RoPE
+# base.
 PPL_TOKENS = 256
 PPL_PLAY = "tragedies/timon-of-athens.md"
 
@@ -628,18 +637,6 @@ def _next_token_log_probs(ids, logits):
   return logits[np.arange(len(ids) - 1), ids[1:]] - log_z
 
 
-@smollm2
-def test_smollm2_perplexity(smollm2_model, timon):
-  """Held-out Shakespeare: the imported 4-bit teacher stays under a bound."""
-  load_seconds = smollm2_model[-1]
-  ids, logits, forward_seconds = timon
-  ppl = float(np.exp(-np.mean(_next_token_log_probs(ids, logits))))
-  print(f"SmolLM2 perplexity {ppl:.3f} on {PPL_TOKENS} tokens of {PPL_PLAY}; "
-        f"load {load_seconds:.1f} s, forward (with compile) "
-        f"{forward_seconds:.1f} s")
-  assert ppl < SMOLLM2_PPL_BOUND
-
-
 TRANSFORMERS_SMOLLM2 = os.path.join(
     os.path.dirname(os.path.dirname(__file__)), "fixtures", "transformers_smollm2.json")
 # Measured: 6.2e-5 at most here (logits), 1.8e-4 on the 2 x 32 tokens of
@@ -649,10 +646,10 @@ SMOLLM2_LOGIT_ATOL = 5e-4
 
 
 @smollm2
-def test_smollm2_matches_transformers(timon):
+def test_smollm2_matches_transformers(smollm2_model, timon):
   """The import against transformers' own load of the same GGUF (its own
   dequantisation and Q/K un-permutation): stored ids, logits, next-token
-  log-probabilities, argmax and perplexity of the passage."""
+  log-probabilities, argmax and perplexity of the held-out passage."""
   with open(TRANSFORMERS_SMOLLM2) as f:
     ref = json.load(f)
   digest = hashlib.sha256()
@@ -673,8 +670,11 @@ def test_smollm2_matches_transformers(timon):
   # Their argmax is ours up to a near-tie.
   at_theirs = logits[np.arange(len(ids)), ref["argmax"]]
   np.testing.assert_array_less(logits.max(-1) - at_theirs, SMOLLM2_LOGIT_ATOL)
-  assert float(np.exp(-np.mean(log_probs))) == pytest.approx(
-      ref["perplexity"], rel=1e-4)
+  ppl = float(np.exp(-np.mean(log_probs)))
+  print(f"SmolLM2 perplexity {ppl:.3f} (transformers {ref['perplexity']}) on "
+        f"{PPL_TOKENS} tokens of {PPL_PLAY}; load {smollm2_model[-1]:.1f} s, "
+        f"forward (with compile) {timon[-1]:.1f} s")
+  assert ppl == pytest.approx(ref["perplexity"], rel=1e-4)
 
 
 @pytest.mark.parametrize("policy", sorted(llama.REMAT_POLICIES))
