@@ -284,7 +284,8 @@ def _token_batches():
   return batches
 
 
-def _token_run(devices, backend="shard_map", grad_accum_steps=1):
+def _token_run(devices, backend="shard_map", grad_accum_steps=1,
+               batches=None):
   teacher, student = TokenTagger(), TokenTagger()
   x = jnp.zeros((1, 9), jnp.int32)
   tp = jax.tree.map(lambda p: 2 * p, unbox(teacher.init(jax.random.key(5), x)["params"]))
@@ -307,7 +308,7 @@ def _token_run(devices, backend="shard_map", grad_accum_steps=1):
       step.create_train_state(sp, tx, jax.random.key(0)), mesh)
   frozen = parallel.replicate((tp,), mesh)
   all_metrics = []
-  for batch in _token_batches():
+  for batch in _token_batches() if batches is None else batches:
     state, metrics = run(state, batch, frozen)
     all_metrics.append(jax.device_get(metrics))
   return state, all_metrics, (student, sp_host, teacher, tp, objective)
@@ -346,3 +347,29 @@ def test_token_level_first_step_equals_masked_mean_by_hand(token_reference):
   assert metrics[0]["count"] == mask.sum()
   np.testing.assert_allclose(metrics[0]["loss"] / metrics[0]["count"],
                              np.sum(per_token * mask) / mask.sum(), rtol=1e-5)
+
+
+def test_token_level_gradient_is_the_masked_mean_by_hand():
+  """SGD(0.5), one step: the parameters move by -0.5 x the gradient of the
+  masked mean over real tokens; padded tokens contribute nothing."""
+  batch = _token_batches()[0]
+  state, _, (student, sp, teacher, tp, objective) = _token_run(
+      jax.devices()[:1], batches=[batch])
+  mask = batch["mask"]
+  assert 0 < mask.mean() < 1  # Some padding to leave out.
+  t = teacher.apply({"params": tp}, batch["inputs"], mutable=["intermediates"])
+
+  def masked_mean(params):
+    s = student.apply({"params": params}, batch["inputs"],
+                      mutable=["intermediates"])
+    per_token, _ = objective(
+        ModelOutputs(s[0], s[1]["intermediates"]),
+        [ModelOutputs(t[0], t[1]["intermediates"])], batch["labels"],
+        jnp.int32(0))
+    return jnp.sum(per_token * mask) / mask.sum()
+
+  expected = jax.grad(masked_mean)(sp)
+  jax.tree.map(lambda before, after, g: np.testing.assert_allclose(
+      (before - np.asarray(after)) / 0.5, g, rtol=1e-4, atol=1e-6),
+               sp, state.params, expected)
+  assert max(float(np.abs(g).max()) for g in jax.tree.leaves(expected)) > 1e-3
