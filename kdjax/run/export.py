@@ -33,7 +33,7 @@ from kdjax.data import builders, pipeline, prompts
 from kdjax.data import text as text_data
 from kdjax.models import lora
 from kdjax.run import tasks
-from kdjax.runtime import storage
+from kdjax.runtime import checkpoint, storage
 from kdjax.weights import params as params_lib
 from kdjax.weights import run_params
 from kdjax.weights import specs
@@ -118,19 +118,23 @@ def export(config, workdir: str) -> dict[str, Any]:
   """Writes the run's student as config.export says; returns a summary."""
   export_cfg = config.export
   model = specs.build_model(config, "student")
-  step = int(export_cfg.step) or None
+  step = int(export_cfg.step) or checkpoint.latest_step(workdir)
   params = run_params.restore(
       workdir, params_lib.abstract(model, config.data), config.data, step=step)
   summary = _run_summary(workdir)
+  # run.json's eval is the final step's: it describes an earlier step's
+  # weights not at all.
+  eval_metrics = (summary.get("eval", {})
+                  if summary.get("steps") == step else {})
   teacher = (config.teacher.get("init_from", "")
              or config.teacher.get("checkpoint_dir", ""))
   fmt = {"hf": f"hf:{export_cfg.dtype}",
          "gguf": f"gguf:{export_cfg.gguf_type}",
          "stablehlo": "stablehlo", "peft": "peft"}[export_cfg.format]
   made_by = manifest.build_manifest(
-      source_run=workdir, step=int(summary.get("steps", step or 0)),
+      source_run=workdir, step=int(step or 0),
       teacher=teacher, objective=summary.get("objective", ""),
-      eval_metrics=summary.get("eval", {}), fmt=fmt)
+      eval_metrics=eval_metrics, fmt=fmt)
   fields = specs.model_kwargs(config, "student")
   target = export_cfg.dir or os.path.join(workdir, "export",
                                           export_cfg.format)

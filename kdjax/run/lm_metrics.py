@@ -34,6 +34,9 @@ def _batch_sums(student_logits, teacher_logits, labels, mask):
   sums = {"nll": jnp.sum(nll * mask), "count": jnp.sum(mask),
           "correct": jnp.sum((prediction == labels) * mask)}
   if teacher_logits is not None:
+    # A teacher vocabulary padded past the student's (same tokenizer) is
+    # cut to the student's ids, as in training (run/train.py).
+    teacher_logits = teacher_logits[..., :student_logits.shape[-1]]
     log_p = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), -1)
     kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1)
     sums["kl"] = jnp.sum(kl * mask)

@@ -177,6 +177,8 @@ def render_markdown(report: dict[str, Any]) -> str:
       + (f"{report['students'][0]['num_params']:,} params; compression "
          f"{report['compression_ratio']:.1f}x, inference speed-up "
          f"{report['speedup']:.1f}x on {report['device']}."
+         if report["compression_ratio"] is not None else
+         "no run of this architecture (the runs below are of others)."
          if report["students"] else "no student runs found."), "",
       "## Summary (mean over seeds)", "",
       "| model | objective | seeds | accuracy (mean ± std) | macro F1 | "

@@ -83,21 +83,26 @@ def generate_text(config, workdir: str) -> dict:
   start_time = time.time()
   parts = []
   for start in range(0, num, batch):
-    part = os.path.join(parts_dir, f"{start:08d}.npy")
+    stop = min(start + batch, num)
+    # Named by its rows: a restart with another batch size or count
+    # generates its own parts instead of reusing ones that overlap.
+    part = os.path.join(parts_dir, f"{start:08d}-{stop:08d}.npy")
     if not os.path.exists(part):
       rng = jax.random.fold_in(jax.random.key(int(config.seed)), start)
-      new = generate.generate(model, params, prompts[start:start + batch],
+      new = generate.generate(model, params, prompts[start:stop],
                               max_new_tokens=new_tokens, sampling=sampling,
                               rng=rng)
-      windows = np.concatenate([prompts[start:start + batch], new], axis=1)
+      windows = np.concatenate([prompts[start:stop], new], axis=1)
       with storage.atomic_path(part) as tmp, open(tmp, "wb") as f:
         np.save(f, windows.astype(np.int32))
-      done = min(start + batch, num)
       elapsed = time.time() - start_time
-      logging.info("generate_text: %d/%d sequences, %.1f new tokens/s", done,
-                   num, (done - start) * new_tokens / max(elapsed, 1e-9)
-                   if start == 0 else done * new_tokens / max(elapsed, 1e-9))
+      logging.info("generate_text: %d/%d sequences, %.1f new tokens/s", stop,
+                   num, (stop - start) * new_tokens / max(elapsed, 1e-9)
+                   if start == 0 else stop * new_tokens / max(elapsed, 1e-9))
     parts.append(np.load(part))
+    if len(parts[-1]) != stop - start:
+      raise ValueError(f"{part} holds {len(parts[-1])} windows, not "
+                       f"{stop - start}: delete {parts_dir} and run again.")
   windows = np.concatenate(parts)
   tokenizer = tokenizer_lib.load(config.data.tokenizer_path)
   samples = "\n\n----\n\n".join(

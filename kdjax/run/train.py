@@ -364,13 +364,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   writer = MetricsWriter(workdir, total_steps=total_steps,
                          start_step=start_step, name=f"[{mode}]")
 
-  def check_pending(current_step: int) -> dict[str, float]:
-    """Sums pending metrics on the host and stops the run on NaN/Inf."""
+  def check_pending(current_step: int, consume: bool = True
+                    ) -> dict[str, float]:
+    """Sums pending metrics on the host and stops the run on NaN/Inf.
+
+    consume=False (a save between log lines) keeps them, as host values,
+    for the next log line, which then covers every step since the last.
+    """
     nonlocal pending
     if not pending:
       return {}
     host = jax.device_get(pending)
-    pending = []
+    pending = [] if consume else list(host)
     totals = {k: float(np.sum([m[k] for m in host])) for k in host[0]}
     if not np.isfinite(totals["loss"]) or not np.isfinite(totals["grad_norm"]):
       raise NonFiniteLossError(
@@ -427,7 +432,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         evaluated[done] = task.evaluate(model, state.params, mesh)
         writer.write(done, "eval", evaluated[done])
       if saving:
-        check_pending(done)
+        check_pending(done, consume=False)  # Nothing non-finite is saved.
         ckpt.save(done, state, data_iter, meta)
         last_good_step = done
       if preempted and done < total_steps:

@@ -12,6 +12,7 @@ file on every flush).
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import jax
@@ -29,6 +30,19 @@ def _format_duration(seconds: float) -> str:
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  """Keeps the records of steps <= `step`: a run resumed from that step
+  writes the later ones again (once, not twice)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = [line for line in lines if json.loads(line)["step"] <= step]
+  if len(kept) != len(lines):
+    with open(path, "w") as f:
+      f.writelines(kept)
 
 
 class MetricsWriter:
@@ -49,6 +63,8 @@ class MetricsWriter:
       # A resumed run appends to the metrics.jsonl it wrote before.
       self._staged = storage.StagedDir(
           workdir, fetch=(METRICS_FILE, f"{ROLLOUTS_TAG}.jsonl"))
+      for name in (METRICS_FILE, f"{ROLLOUTS_TAG}.jsonl"):
+        _drop_records_after(self._staged.path(name), start_step)
       self._jsonl = open(self._staged.path(METRICS_FILE), "a")
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(self._staged.path(TENSORBOARD_DIR))

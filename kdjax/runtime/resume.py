@@ -24,7 +24,7 @@ from kdjax.runtime import checkpoint
 SAFE_TO_CHANGE = (
     "log_every_steps", "eval_every_steps", "checkpoint", "parallel",
     "distributed", "aot", "pipeline", "data.data_dir", "data.source_dir",
-    "data.cache_in_memory",
+    "data.cache_in_memory", "export", "report",
 )
 
 # Sections a training mode never reads.
@@ -52,10 +52,13 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: json.loads(json.dumps(node))}  # Tuples -> lists.
 
 
+def _covered(field: str, names) -> bool:
+  return any(field == n or field.startswith(n + ".") for n in names)
+
+
 def _skipped(field: str, mode: str) -> bool:
-  covered = lambda names: any(field == n or field.startswith(n + ".")
-                              for n in names)
-  return covered(SAFE_TO_CHANGE) or covered(UNUSED_BY_MODE.get(mode, ()))
+  return (_covered(field, SAFE_TO_CHANGE)
+          or _covered(field, UNUSED_BY_MODE.get(mode, ())))
 
 
 def describe_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -75,6 +78,9 @@ def check_same_run(found_meta: dict[str, Any], run_meta: dict[str, Any],
                    workdir: str) -> None:
   """Raises CheckpointMismatchError naming every field that differs."""
   found, expected = found_meta.get("config"), run_meta["config"]
+  if found is not None:  # Recorded before a section became safe to change.
+    found = {k: v for k, v in found.items()
+             if not _covered(k, SAFE_TO_CHANGE)}
   if found is None:  # Written before kdjax recorded the whole config.
     found = {k: found_meta.get(k) for k in LEGACY_KEYS}
     expected = {k: json.loads(json.dumps(run_meta.get(k))) for k in LEGACY_KEYS}

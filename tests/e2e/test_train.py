@@ -189,3 +189,40 @@ def test_teacher_checkpoint_files_unchanged_by_distillation(
   with open(os.path.join(student_dir, "run.json")) as f:
     assert json.load(f)["role"] == "distill"
   assert _file_hashes(digits_teacher) == before
+
+
+def test_logged_means_cover_every_step_and_exports_name_their_step(
+    digits_config, tmp_path):
+  """A save between two log lines does not drop its steps from the next
+  line's mean; an export of an earlier checkpoint says that step and does
+  not borrow the final step's eval metrics."""
+  from kdjax.runtime import metrics_writer  # pylint: disable=g-import-not-at-top
+  digits_config.mode = "scratch"
+  digits_config.student.train.num_steps = 6
+  digits_config.checkpoint.update(every_steps=2, keep=3)
+  digits_config.eval_every_steps = 1000
+
+  def train_losses(log_every, workdir):
+    digits_config.log_every_steps = log_every
+    summary = modes.run(digits_config, workdir)
+    rows = metrics_writer.read_metrics(workdir)
+    return summary, {r["step"]: r["loss"] for r in rows
+                     if r["split"] == "train"}
+
+  _, each = train_losses(1, str(tmp_path / "each"))
+  summary, every_third = train_losses(3, str(tmp_path / "third"))
+  assert sorted(each) == list(range(1, 7)) and sorted(every_third) == [3, 6]
+  for step_ in (3, 6):  # Equal batches: the mean of the three steps.
+    assert every_third[step_] == pytest.approx(
+        np.mean([each[s] for s in range(step_ - 2, step_ + 1)]), rel=1e-5)
+
+  workdir = str(tmp_path / "third")
+  export_config = digits_config.copy_and_resolve_references()
+  export_config.mode = "export"
+  for step_, expected_step in ((4, 4), (0, 6)):
+    export_config.export.update(format="stablehlo", step=step_,
+                                dir=str(tmp_path / f"export_{step_}"))
+    made_by = modes.run(export_config, workdir)["manifest"]
+    assert made_by["step"] == expected_step
+    assert made_by["eval_metrics"] == (summary["eval"] if expected_step == 6
+                                       else {})

@@ -9,6 +9,7 @@ the report itself uses, is deliberately not one of them.
 
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -232,6 +233,25 @@ def test_token_metrics_match_reference():
     assert alone[key] == pytest.approx(expected[key], rel=2e-6), key
 
 
+def test_a_padded_teacher_vocabulary_is_cut_to_the_students_ids():
+  """A teacher with 3 padding ids past the student's 5 (the same tokenizer):
+  KL and agreement over the student's ids, as training sees them; the
+  padding ids' logits (large here) would otherwise win every argmax."""
+  rng = np.random.default_rng(1)
+  student = rng.normal(size=(2, 3, 5)) * 2.0
+  teacher = np.concatenate([student + rng.normal(size=student.shape),
+                            np.full((2, 3, 3), 9.0)], -1)
+  labels = rng.integers(0, 5, (2, 3)).astype(np.int32)
+  mask = np.ones((2, 3), np.float32)
+  sums = lm_metrics._batch_sums(  # pylint: disable=protected-access
+      student.astype(np.float32), teacher.astype(np.float32), labels, mask)
+  log_q, log_p = _log_softmax(student), _log_softmax(teacher[..., :5])
+  kl = np.sum(np.exp(log_p) * (log_p - log_q), -1).sum()
+  agree = np.sum(student.argmax(-1) == teacher[..., :5].argmax(-1))
+  assert float(sums["kl"]) == pytest.approx(kl, rel=1e-5)
+  assert int(sums["agreement"]) == agree > 0
+
+
 def test_generation_speed_is_nan_for_models_without_a_kv_cache():
   """Only Llama generates through a KV cache (kdjax.models.generate)."""
   gpt = models.get_model("gpt", vocab_size=11, width=8, num_layers=1,
@@ -239,3 +259,16 @@ def test_generation_speed_is_nan_for_models_without_a_kv_cache():
   arrays = {"inputs": np.zeros((4, 8), np.int32)}
   assert math.isnan(lm_metrics.generation_speed(
       gpt, {}, arrays, batch=2, prompt_length=4, new_tokens=2))
+
+
+def test_throughput_counts_the_examples_actually_timed(monkeypatch):
+  """10 inputs, batch 256: each timed call runs 10 examples. A clock that
+  advances 1 s per reading makes every call last 1 s."""
+  clock = iter(range(1000))
+  monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+  model = models.get_model("mlp", num_classes=3, hidden=(4,))
+  inputs = np.zeros((10, 6), np.float32)
+  params = model.init(jax.random.key(0), inputs[:1])["params"]
+  rate = metrics.inference_examples_per_second(
+      metrics.cached_apply_fn(model), params, inputs, batch_size=256)
+  assert rate == 10.0

@@ -420,3 +420,12 @@ def test_render_markdown_without_students():
   text = report.render_markdown(empty)
   assert "no student runs found." in text
   assert len([l for l in text.splitlines() if l.startswith("| ")]) == 4
+
+
+def test_render_markdown_with_students_of_other_architectures_only():
+  """E.g. mode=evaluate after config.student.model changed: no ratio to
+  print, the runs still listed."""
+  others = dict(_hand_made_report(), compression_ratio=None, speedup=None)
+  text = report.render_markdown(others)
+  assert "no run of this architecture" in text
+  assert "| full_data/scratch/seed_0 |" in text

@@ -158,7 +158,8 @@ def test_greedy_windows_prompts_then_the_teachers_tokens(
   np.testing.assert_array_equal(windows, expected)
   assert fakes["generate"] == 3
   parts = sorted(os.listdir(os.path.join(workdir, seqkd.SUBDIR, "parts")))
-  assert parts == ["00000000.npy", "00000004.npy", "00000008.npy"]
+  assert parts == ["00000000-00000004.npy", "00000004-00000008.npy",
+                   "00000008-00000010.npy"]
   np.testing.assert_array_equal(
       np.load(os.path.join(workdir, seqkd.SUBDIR, "parts", parts[2])),
       windows[8:])
@@ -223,15 +224,31 @@ def test_restart_keeps_finished_work(tokenizer_path, fakes, tmp_path):
   # kept as they are (marked here), only the missing one is generated.
   parts = os.path.join(workdir, seqkd.SUBDIR, "parts")
   os.remove(seqkd.windows_path(workdir))
-  os.remove(os.path.join(parts, "00000008.npy"))
+  os.remove(os.path.join(parts, "00000008-00000010.npy"))
   marked = np.full((4, SEQ + 1), 7, np.int32)
-  np.save(os.path.join(parts, "00000004.npy"), marked)
+  np.save(os.path.join(parts, "00000004-00000008.npy"), marked)
   seqkd.generate_text(config, workdir)
   assert fakes["generate"] == 4
   resumed = _written(workdir)
   np.testing.assert_array_equal(resumed[4:8], marked)
   np.testing.assert_array_equal(np.delete(resumed, np.s_[4:8], 0),
                                 np.delete(full, np.s_[4:8], 0))
+
+
+def test_restart_with_another_batch_size_writes_each_window_once(
+    tokenizer_path, fakes, tmp_path):
+  """Lowering batch_size after an interrupted run (e.g. out of memory):
+  parts of the old size are not reused as if they were of the new one."""
+  workdir = str(tmp_path)
+  seqkd.generate_text(_config(tokenizer_path), workdir)
+  full = _written(workdir)
+  os.remove(seqkd.windows_path(workdir))
+  parts = os.path.join(workdir, seqkd.SUBDIR, "parts")
+  os.remove(os.path.join(parts, sorted(os.listdir(parts))[-1]))
+  seqkd.generate_text(_config(tokenizer_path, batch_size=2), workdir)
+  again = _written(workdir)
+  assert again.shape == full.shape == (10, SEQ + 1)
+  np.testing.assert_array_equal(again, full)  # Greedy: the same text.
 
 
 @pytest.mark.parametrize("prompt_length", [0, SEQ + 1])
