@@ -6,9 +6,10 @@ concatenated in the data source's (fixed) order into one token stream, cut
 into consecutive, non-overlapping windows of seq_length + 1 tokens:
 inputs = window[:-1], labels = window[1:], mask = 1 where the label is a real
 token. The final window is padded (with eos_id, mask 0) on every split, so
-every token of the stream is a label exactly once per epoch, training
-included (at most one partly padded sequence per split; the loss normalises
-by the mask). Tokens are never predicted across a window boundary.
+no text is dropped (at most one partly padded sequence per split; the loss
+normalises by the mask). Tokens are never predicted across a window
+boundary: a window's first token is only an input, so every token but
+those (1 in seq_length + 1) is a label exactly once per epoch.
 
 The token stream of a split is computed once and cached as
 `<tfds dataset dir>/lm_tokens/<split>-<fingerprint>.npy` (+ a .json of

@@ -272,11 +272,6 @@ PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 CHAR_SPECIAL_TOKENS = (PAD, EOS, UNK)  # Ids 0, 1, 2; characters from 3.
 
 
-def alphabet_of(examples: Sequence[PromptCompletion]) -> str:
-  """The sorted characters of every prompt and completion."""
-  return "".join(sorted({c for e in examples for c in e.prompt + e.completion}))
-
-
 def write_char_tokenizer(directory: str, alphabet: str) -> str:
   """Writes <directory>/tokenizer.json: one token per character; returns it.
 
@@ -534,7 +529,8 @@ def exact_match(tokenizer, generated: np.ndarray, references: Sequence[str],
 def tokenizer_path(data_config) -> str:
   """The tokenizer of a prompts config: data.tokenizer_path, or for the
   synthetic tasks (when empty) a character tokenizer written once under
-  data_dir/<task>_chars."""
+  data_dir/<task>_chars_<alphabet hash> (another alphabet, another file:
+  its new characters would otherwise all read as '<unk>')."""
   path = str(data_config.get("tokenizer_path", ""))
   if path or data_config.name not in SYNTHETIC_TASKS:
     if not path:
@@ -543,12 +539,13 @@ def tokenizer_path(data_config) -> str:
           f"{data_config.name!r} needs one (tokenizer.json, an HF directory "
           "or a .gguf)")
     return path
+  alphabet = task_alphabet(data_config.name, **_alphabet_option(data_config))
+  digest = hashlib.sha256(alphabet.encode("utf-8")).hexdigest()[:12]
   directory = os.path.join(_data_dir(data_config),
-                           f"{data_config.name}_chars")
+                           f"{data_config.name}_chars_{digest}")
   target = os.path.join(directory, "tokenizer.json")
   if not os.path.exists(target):
-    write_char_tokenizer(directory, task_alphabet(
-        data_config.name, **_alphabet_option(data_config)))
+    write_char_tokenizer(directory, alphabet)
   return target
 
 

@@ -263,8 +263,15 @@ def get_text_source(data_config, split: str):
     builder = text_directory_builder(data_config.get("source_dir", ""),
                                      data_dir)
   elif name == "shakespeare":
-    builder = Shakespeare(source_dir=data_config.get("source_dir") or None,
-                          data_dir=data_dir, file_format="array_record")
+    source_dir = data_config.get("source_dir") or None
+    # Plays of the user's own directory: a config per directory state, so
+    # another (or an edited) directory is prepared afresh, not served from
+    # the first one prepared in data_dir.
+    config = (tfds.core.BuilderConfig(
+        name=directory_fingerprint(source_dir),
+        description=os.path.abspath(source_dir)) if source_dir else None)
+    builder = Shakespeare(source_dir=source_dir, data_dir=data_dir,
+                          file_format="array_record", config=config)
   else:
     return pipeline.get_source(data_config, split)
   _prepare(builder)

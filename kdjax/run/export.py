@@ -114,6 +114,19 @@ def _run_summary(workdir: str) -> dict[str, Any]:
   return storage.read_json(os.path.join(workdir, RUN_FILE), default={}) or {}
 
 
+def _teacher_of(run_meta: dict[str, Any] | None, workdir: str) -> str:
+  """The teacher the run was distilled from, as the run resolved it ('' for
+  a run without one): imported weights, or the teacher run's directory
+  (checkpoint_dir '' meant WORKDIR/teacher)."""
+  if not run_meta or run_meta.get("role") != "distill":
+    return ""
+  recorded = run_meta.get("config", {})
+  if recorded.get("teacher.pretrained"):
+    return str(recorded.get("teacher.init_from", ""))
+  return str(recorded.get("teacher.checkpoint_dir", "")
+             or os.path.join(workdir, "teacher"))
+
+
 def export(config, workdir: str) -> dict[str, Any]:
   """Writes the run's student as config.export says; returns a summary."""
   export_cfg = config.export
@@ -126,8 +139,7 @@ def export(config, workdir: str) -> dict[str, Any]:
   # weights not at all.
   eval_metrics = (summary.get("eval", {})
                   if summary.get("steps") == step else {})
-  teacher = (config.teacher.get("init_from", "")
-             or config.teacher.get("checkpoint_dir", ""))
+  teacher = _teacher_of(checkpoint.read_meta(workdir, step), workdir)
   fmt = {"hf": f"hf:{export_cfg.dtype}",
          "gguf": f"gguf:{export_cfg.gguf_type}",
          "stablehlo": "stablehlo", "peft": "peft"}[export_cfg.format]

@@ -35,6 +35,7 @@ within heads). Each process reads only its addressable shards.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Sequence
 
 import jax
@@ -60,12 +61,25 @@ def llama_path(init_from: str) -> str:
   return init_from.partition(":")[2] or llama.smollm2_gguf_path()
 
 
-@functools.lru_cache(maxsize=2)
 def _load_llama(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-  """(fields, numpy params); cached: a pipeline imports the same file often.
+  """(fields, numpy params); cached per state of the files (a pipeline
+  imports the same file often; a file rewritten in place is read again)."""
+  return _load_llama_cached(path, _files_state(path))
 
-  The cached arrays are read-only, so no caller can change the cache.
-  """
+
+def _files_state(path: str) -> tuple[tuple[str, int, int], ...]:
+  """(name, size, mtime) of the checkpoint's weight files."""
+  names = ([path] if os.path.isfile(path) else sorted(
+      os.path.join(path, n) for n in os.listdir(path)
+      if n.endswith((".safetensors", ".json")))) if os.path.exists(path) else []
+  return tuple((n, os.stat(n).st_size, os.stat(n).st_mtime_ns) for n in names)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_llama_cached(path: str, files_state) -> tuple[dict[str, Any],
+                                                         dict[str, Any]]:
+  """The cached arrays are read-only, so no caller can change the cache."""
+  del files_state  # Only the cache key.
   fields, params = (llama.load_gguf(path) if path.endswith(".gguf")
                     else llama.load_hf(path))
   for leaf in jax.tree.leaves(params):

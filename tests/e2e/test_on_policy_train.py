@@ -142,8 +142,11 @@ def test_mode_export_writes_what_kdjax_reimports(lmbda_zero_run, tmp_path):
   from kdjax.weights import pretrained  # pylint: disable=g-import-not-at-top
   from kdjax.weights.exporters import hf_llama, manifest  # pylint: disable=g-import-not-at-top
   config, run_dir, summary = lmbda_zero_run
+  teacher_dir = config.teacher.checkpoint_dir
   config = config.copy_and_resolve_references()
   config.mode = "export"
+  # The manifest names the teacher the run read, not the export config's.
+  config.teacher.checkpoint_dir = ""
   config.export.update(format="hf", dir=str(tmp_path / "hf"))
   result = modes.run(config, run_dir)
   assert result["path"] == str(tmp_path / "hf")
@@ -154,6 +157,7 @@ def test_mode_export_writes_what_kdjax_reimports(lmbda_zero_run, tmp_path):
                                         model_fields=fields)
   _assert_equal(imported, _params(config, run_dir))
   made_by = manifest.read_manifest(result["path"])
+  assert made_by["teacher"] == teacher_dir
   assert made_by["objective"] == summary["objective"]
   assert made_by["eval_metrics"]["exact_match"] == summary["eval"][
       "exact_match"]

@@ -224,5 +224,6 @@ def test_logged_means_cover_every_step_and_exports_name_their_step(
                                 dir=str(tmp_path / f"export_{step_}"))
     made_by = modes.run(export_config, workdir)["manifest"]
     assert made_by["step"] == expected_step
+    assert made_by["teacher"] == ""  # A scratch run has none.
     assert made_by["eval_metrics"] == (summary["eval"] if expected_step == 6
                                        else {})

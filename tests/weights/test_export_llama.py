@@ -524,6 +524,21 @@ def test_gguf_f16(tokenizers, tmp_path):
                              atol=3e-3 * np.abs(want).max())
 
 
+def test_gguf_rope_without_blend_reimports(tokenizers, tmp_path):
+  """'llama3' scaling at original_max_length 4096 leaves no frequency in
+  the blend (divisors 1,1,1,1,8,8,8,8): the GGUF still imports."""
+  fields = dict(VARIANT, scan_layers=False, rope_original_max_length=4096)
+  params = random_params(fields, seed=14)
+  path = str(tmp_path / "student.gguf")
+  gguf_llama.export_gguf(path, params, fields,
+                         tokenizer_path=tokenizers["variant"])
+  np.testing.assert_array_equal(gguf_llama.rope_factors(fields),
+                                [1.0] * 4 + [8.0] * 4)
+  loaded = pretrained.load_pretrained(abstract(fields), "llama:" + path,
+                                      model_fields=imported_fields(fields))
+  assert_same_tree(loaded, params)
+
+
 @pytest.mark.parametrize("kind", ["base", "variant"])
 def test_gguf_q8_0(kind, tokenizers, tmp_path):
   fields = MODELS[kind]
@@ -583,6 +598,60 @@ def test_hf_export_from_a_gguf_tokenizer(tokenizers, tmp_path):
   rebuilt = tokenizer_lib.load(directory)
   for text in TEXTS:
     assert rebuilt.encode(text).ids == original.encode(text).ids
+
+
+def train_llama3_tokenizer() -> tk.Tokenizer:
+  """A Llama-3-style byte-level BPE: its post-processor prepends
+  <|begin_of_text|> (id 0), which is not its end-of-text token (id 1)."""
+  tokenizer = tk.Tokenizer(tk.models.BPE(ignore_merges=True))
+  tokenizer.pre_tokenizer = tk.pre_tokenizers.Sequence([
+      tk.pre_tokenizers.Split(tk.Regex(tokenizer_lib.LLAMA3_SPLIT),
+                              behavior="isolated"),
+      tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tokenizer.decoder = tk.decoders.ByteLevel()
+  trainer = tk.trainers.BpeTrainer(
+      vocab_size=TOKENIZER_SIZE,
+      special_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
+      initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False)
+  tokenizer.train_from_iterator(
+      ["the quick brown fox jumps over the lazy dog 12345 hello world"] * 40,
+      trainer)
+  tokenizer.post_processor = tk.processors.Sequence([
+      tk.processors.ByteLevel(trim_offsets=False),
+      tk.processors.TemplateProcessing(
+          single="<|begin_of_text|> $A",
+          pair="<|begin_of_text|> $A <|begin_of_text|> $B:1",
+          special_tokens=[("<|begin_of_text|>", 0)])])
+  return tokenizer
+
+
+def test_bare_llama3_tokenizer_keeps_its_bos(tmp_path):
+  """A tokenizer.json with no config beside it: BOS is the token its
+  post-processor prepends, not EOS, so add_bos puts the same id first."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  tokenizer = train_llama3_tokenizer()
+  tokenizer_path = str(tmp_path / "tokenizer.json")
+  tokenizer.save(tokenizer_path)
+  source = hf_llama.load_tokenizer_source(tokenizer_path)
+  assert (source.bos_id, source.eos_id, source.add_bos) == (0, 1, True)
+  fields = dict(BASE, num_layers=1)
+  params = random_params(fields, seed=13)
+  path = str(tmp_path / "student.gguf")
+  summary = gguf_llama.export_gguf(path, params, fields,
+                                   tokenizer_path=tokenizer_path)
+  assert summary["tokenizer_pre"] == "llama-bpe"
+  assert summary["tokenizer_round_trips"]
+  assert tokenizer_lib.gguf_value(gguf.GGUFReader(path),
+                                  "tokenizer.ggml.bos_token_id") == 0
+  directory = str(tmp_path / "hf")
+  hf_llama.export_hf(directory, params, fields, tokenizer_path=tokenizer_path)
+  with open(os.path.join(directory, "config.json")) as f:
+    assert json.load(f)["bos_token_id"] == 0
+  for back in (tokenizer_lib.load(path), tokenizer_lib.load(directory)):
+    for text in TEXTS:
+      assert back.encode(text).ids == tokenizer.encode(text).ids
+      assert back.encode(text).ids[0] == 0
 
 
 @smollm2

@@ -149,6 +149,20 @@ def test_layer_specific_targets_export_an_exact_regex(tmp_path):
   assert len(tensors) == 6
 
 
+def test_adapters_on_some_layers_name_only_those(tmp_path):
+  """q_proj adapted in layer 0 of 2: the bare name 'q_proj' would make
+  PEFT adapt layer 1's too, so the full module name is written."""
+  settings = lora.LoraSettings(2, 4.0, targets=("layers_0/attention/query",))
+  _, _, params = _student(settings)
+  written = peft_llama.export_peft(str(tmp_path), params, FIELDS, settings)
+  pattern = written["target_modules"]
+  names = [f"model.layers.{i}.{m}" for i in range(2)
+           for m in HF_NAMES.values()]
+  assert isinstance(pattern, str)
+  assert [n for n in names if re.fullmatch(pattern, n)] == [
+      "model.layers.0.self_attn.q_proj"]
+
+
 def test_refusals(tmp_path):
   _, _, params = _student()
   with pytest.raises(hf_llama.ExportError, match="no LoRA adapters"):

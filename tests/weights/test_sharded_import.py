@@ -501,6 +501,24 @@ def test_rope_fields_from_llama_cpp_factors(dim, theta, scaling):
     llama_import.rope_fields_from_factors(factors[::-1], dim, theta)
 
 
+@pytest.mark.parametrize("dim,theta,scaling", [
+    (16, 500000.0, (8.0, 1.0, 4.0, 4096)),    # None blended.
+    (16, 500000.0, (8.0, 1.0, 4.0, 1000)),    # One blended.
+    (16, 10000.0, (4.0, 1.0, 4.0, 16)),       # None short.
+    (16, 500000.0, (2.0, 1.0, 4.0, 4)),       # All long.
+    (16, 10000.0, (0.5, 1.0, 4.0, 64))])      # A speed-up.
+def test_rope_fields_from_underdetermined_factors(dim, theta, scaling):
+  """Under two blended divisors leave the line free: some setting that
+  gives kdjax's frequencies is found, not necessarily the written one."""
+  factors = llama_cpp_rope_factors(dim, theta, *scaling)
+  rope = llama_import.rope_fields_from_factors(factors, dim, theta)
+  np.testing.assert_allclose(
+      llama_model.rope_frequencies(
+          dim, theta, *(rope[n] for n in llama_import.ROPE_FIELDS)),
+      llama_model.rope_frequencies(dim, theta, "llama3", *scaling),
+      rtol=1e-5)
+
+
 def test_gguf_rope_freqs(tmp_path):
   sd = random_hf_state(ROPE_FIELDS, seed=2)
   path = str(tmp_path / "llama31.gguf")

@@ -310,14 +310,26 @@ def _adds_specials(tokenizer) -> tuple[bool, bool]:
   return full[0] != plain[0], full[-1] != plain[-1]
 
 
+def _prepended_special(tokenizer) -> int | None:
+  """The special token the post-processor puts before a text (Llama 3's
+  <|begin_of_text|>), or None: the BOS a bare tokenizer.json really adds."""
+  plain = tokenizer.encode("a", add_special_tokens=False).ids
+  full = tokenizer.encode("a", add_special_tokens=True).ids
+  if len(full) <= len(plain) or full[0] == plain[0]:
+    return None
+  added = tokenizer.get_added_tokens_decoder().get(full[0])
+  return int(full[0]) if added is not None and added.special else None
+
+
 def load_tokenizer_source(path: str, *, bos_id: int | None = None,
                           eos_id: int | None = None,
                           pad_id: int | None = None) -> TokenizerSource:
   """The tokenizer at `path` (tokenizer.json, a HF directory, a .gguf) with
   its bos/eos/pad ids: the ids given, else the GGUF's, else those of the
   tokenizer_config.json / config.json / generation_config.json beside a
-  tokenizer.json, else the tokenizer's own end-of-text token for EOS (and
-  BOS, as GPT-2 and SmolLM do)."""
+  tokenizer.json, else the tokenizer's own end-of-text token for EOS and,
+  for BOS, the special token its post-processor prepends (Llama 3's), else
+  EOS (as GPT-2 and SmolLM do)."""
   file = tokenizer_lib.tokenizer_file(path)
   config: dict[str, Any] = {}
   chat_template = None
@@ -352,6 +364,10 @@ def load_tokenizer_source(path: str, *, bos_id: int | None = None,
       eos = tokenizer_lib.resolve_eos_id(tokenizer, -1)
     except ValueError:
       eos = None
+  if bos is None:
+    # Declaring EOS as BOS while the tokenizer prepends another token would
+    # make a GGUF/HF export's add_bos put the wrong id first.
+    bos = _prepended_special(tokenizer)
   if bos is None:
     bos = eos
   size = tokenizer.get_vocab_size(with_added_tokens=True)

@@ -88,10 +88,12 @@ def to_peft_state_dict(params: Any, fields: Any) -> dict[str, np.ndarray]:
   return out
 
 
-def target_modules(state_dict: Mapping[str, np.ndarray]) -> list[str] | str:
+def target_modules(state_dict: Mapping[str, np.ndarray],
+                   num_layers: int) -> list[str] | str:
   """PEFT's target_modules for exactly the modules in `state_dict`: their
-  names ('q_proj', ...) when every layer has the same ones, else a regex
-  of the full module names (PEFT full-matches a string)."""
+  names ('q_proj', ...) when every one of the model's `num_layers` layers
+  has the same ones (PEFT adapts a name in every layer), else a regex of
+  the full module names (PEFT full-matches a string)."""
   modules = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0]
                     for k in state_dict})
   layers: dict[str, set[str]] = {}
@@ -101,7 +103,7 @@ def target_modules(state_dict: Mapping[str, np.ndarray]) -> list[str] | str:
       return "|".join(re.escape(x) for x in modules)
     layers.setdefault(match.group(1), set()).add(match.group(2))
   kinds = list(layers.values())
-  all_layers = {str(i) for i in range(len(layers))} == set(layers)
+  all_layers = {str(i) for i in range(num_layers)} == set(layers)
   names = {k.rsplit(".", 1)[-1] for k in kinds[0]}
   if all_layers and all(k == kinds[0] for k in kinds) and len(names) == len(
       kinds[0]):
@@ -155,7 +157,8 @@ def export_peft(directory: str, params: Any, fields: Any,
   if manifest is not None:
     manifest_lib.to_json(manifest)  # Checked before anything is written.
   state_dict = hf_llama.cast(to_peft_state_dict(params, fields), "float32")
-  targets = target_modules(state_dict)
+  targets = target_modules(state_dict,
+                           hf_llama.llama_fields(fields)["num_layers"])
   config = adapter_config(settings, targets,
                           base_model_name_or_path=base_model_name_or_path)
   os.makedirs(directory, exist_ok=True)

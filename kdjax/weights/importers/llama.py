@@ -147,9 +147,12 @@ def rope_fields_from_factors(factors: np.ndarray, head_dim: int,
   original_max_length / low_freq_factor and .../ high_freq_factor, so the
   fields are recovered with original_max_length 8192 (Llama 3.1's and
   llama.cpp's default) when the data allow: Llama 3.1's own values (1, 4)
-  if they reproduce the divisors, else a line fitted to the blended ones.
-  The result is checked against kdjax.models.llama.rope_frequencies;
-  divisors that no 'llama3' setting reproduces raise CheckpointError.
+  if they reproduce the divisors, else a line fitted to the blended ones,
+  else (1, 4) at another power-of-two length, else (with under two blended
+  divisors the data do not fix the line) any line that keeps the short
+  wavelengths at 1 and the long ones at `factor`. The result is checked
+  against kdjax.models.llama.rope_frequencies; divisors that no 'llama3'
+  setting reproduces raise CheckpointError.
   """
   factors = np.asarray(factors, np.float64).reshape(-1)
   base = llama_model.rope_frequencies(head_dim, theta).astype(np.float64)
@@ -160,22 +163,47 @@ def rope_fields_from_factors(factors: np.ndarray, head_dim: int,
   if np.allclose(factors, 1.0, rtol=0, atol=1e-6):
     return {}
   want = base / factors
-  factor = float(factors.max())
+  # `factor` divides the longest wavelength (the blend's end when none is
+  # longer than original_max_length / low_freq_factor).
+  factor = float(factors[np.argmin(base)])
   length = 8192
   candidates = [(factor, 1.0, 4.0, length)]
-  wavelength = 2 * np.pi / base
-  medium = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
-  if medium.sum() >= 2 and factor > 1:
-    # 1/r = (1 - s) / factor + s, s = (L / wavelength - lo) / (hi - lo).
-    smooth = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
-    slope, intercept = np.polyfit(1 / wavelength[medium], smooth, 1)
-    if slope > 0:
-      span = length / slope
-      low = -intercept * span
-      for digits in (4, None):
-        lo = low if digits is None else round(low, digits)
-        hi = (low + span) if digits is None else round(low + span, digits)
-        candidates.append((factor, lo, hi, length))
+  inverse = base / (2 * np.pi)  # 1 / wavelength.
+  # The blend's weight s is linear in 1 / wavelength: <= 0 long, >= 1 short;
+  # s = (original / wavelength - low) / (high - low).
+  with np.errstate(divide="ignore", invalid="ignore"):
+    smooth = (1 / factors - 1 / factor) / (1 - 1 / factor)
+  fitted, chosen = [], []  # Lines (slope, intercept) of s in 1 / wavelength.
+  if np.isfinite(smooth).all():
+    long, short = smooth <= 1e-6, smooth >= 1 - 1e-6
+    medium = ~long & ~short
+    x_long = inverse[long].max()
+    x_short = inverse[short].min() if short.any() else None
+    if medium.sum() >= 2:
+      fitted.append(tuple(np.polyfit(inverse[medium], smooth[medium], 1)))
+    elif medium.sum() == 1:
+      x, s = float(inverse[medium][0]), float(smooth[medium][0])
+      if x > x_long and (x_short is None or x_short > x):
+        # Twice the least slope that keeps the others out of the blend.
+        slope = 2 * max(s / (x - x_long),
+                        0.0 if x_short is None else (1 - s) / (x_short - x))
+        chosen.append((slope, s - slope * x))
+    elif x_short is None or x_short > x_long:
+      # The blend's ends a third and two thirds of the way between.
+      gap = x_long if x_short is None else (x_short - x_long) / 3
+      chosen.append((1 / gap, -(x_long + gap) / gap))
+
+  def settings(lines):
+    for slope, intercept in lines:
+      if slope > 0:
+        low, span = -intercept * length / slope, length / slope
+        for lo, hi in ((round(low, 4), round(low + span, 4)),
+                       (low, low + span)):
+          yield factor, lo, hi, length
+  candidates += list(settings(fitted))
+  candidates += [(factor, 1.0, 4.0, 2 ** k) for k in range(10, 18)
+                 if 2 ** k != length]
+  candidates += list(settings(chosen))
   for scale, lo, hi, original in candidates:
     if not hi > lo > 0:
       continue
