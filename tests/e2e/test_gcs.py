@@ -69,7 +69,7 @@ def test_gcs_workdir_end_to_end(fake_gcs, digits_config, caplog):
 
   # 2. The same command again, after the newest checkpoint went bad: the
   # damaged step is set aside (a rename on the bucket) and training resumes
-  # from the one before, appending to metrics.jsonl. checkpoint.keep may
+  # from the one before, continuing metrics.jsonl. checkpoint.keep may
   # change on a resume; keeping 2 shows Orbax's GCS deleter at work.
   for f in (local / "teacher" / "checkpoints" / "6").rglob("*"):
     if f.is_file():
@@ -86,8 +86,9 @@ def test_gcs_workdir_end_to_end(fake_gcs, digits_config, caplog):
   assert {"4", "6"} <= set(names)
   assert "2" not in names  # checkpoint.keep=2: Orbax's GCS deleter ran.
   records = metrics_writer.read_metrics(teacher)
-  assert [r["step"] for r in records if r["split"] == "train"] == [
-      2, 4, 6, 6]  # The first run's lines, then the resumed run's.
+  # The first run's lines up to the restored step 4, then the resumed
+  # run's: step 6 once.
+  assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6]
   assert len(os.listdir(local / "teacher" / "tensorboard")) == 2
   summary = json.loads((local / "teacher" / "run.json").read_text())
   assert summary["steps"] == 6 and summary["resumed_from_step"] == 4
