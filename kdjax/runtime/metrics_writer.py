@@ -40,8 +40,8 @@ def _drop_records_after(path: str, step: int) -> None:
   with open(path) as f:
     lines = [line for line in f if line.strip()]
   kept = [line for line in lines if json.loads(line)["step"] <= step]
-  if len(kept) != len(lines):
-    with open(path, "w") as f:
+  if len(kept) != len(lines):  # Atomic: a crash here loses no record.
+    with storage.atomic_path(path) as tmp, open(tmp, "w") as f:
       f.writelines(kept)
 
 
@@ -60,7 +60,8 @@ class MetricsWriter:
     self._tb = None
     self._staged = None
     if self._enabled:
-      # A resumed run appends to the metrics.jsonl it wrote before.
+      # A resumed run continues the metrics.jsonl it wrote before, from
+      # the step it resumed at.
       self._staged = storage.StagedDir(
           workdir, fetch=(METRICS_FILE, f"{ROLLOUTS_TAG}.jsonl"))
       for name in (METRICS_FILE, f"{ROLLOUTS_TAG}.jsonl"):
