@@ -108,8 +108,9 @@ def generate_text(config, workdir: str) -> dict:
   samples = "\n\n----\n\n".join(
       tokenizer.decode(w[:prompt_length].tolist()) + " >>> "
       + tokenizer.decode(w[prompt_length:].tolist()) for w in windows[:5])
-  meta = {"teacher": config.teacher.get("init_from") or
-                     specs.teacher_dir(config, workdir),
+  meta = {"teacher": (config.teacher.init_from
+                      if specs.pretrained_teacher(config)
+                      else specs.teacher_dir(config, workdir)),
           "num_sequences": int(num), "prompt_length": prompt_length,
           "new_tokens": new_tokens, "seq_length": seq_length,
           "sampling": vars(sampling), "seconds": time.time() - start_time}

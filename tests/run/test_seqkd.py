@@ -251,6 +251,18 @@ def test_restart_with_another_batch_size_writes_each_window_once(
   np.testing.assert_array_equal(again, full)  # Greedy: the same text.
 
 
+@pytest.mark.parametrize("pretrained", [True, False])
+def test_meta_names_the_teacher_that_wrote_the_text(tokenizer_path, fakes,
+                                                    tmp_path, pretrained):
+  """Imported weights used as they are: their path. A teacher trained from
+  them: its run directory, not the weights it started from."""
+  config = _config(tokenizer_path)
+  config.teacher.update(init_from="llama:/weights", pretrained=pretrained)
+  meta = seqkd.generate_text(config, str(tmp_path))
+  assert meta["teacher"] == ("llama:/weights" if pretrained
+                             else os.path.join(str(tmp_path), "teacher"))
+
+
 @pytest.mark.parametrize("prompt_length", [0, SEQ + 1])
 def test_prompt_length_out_of_range(tokenizer_path, fakes, tmp_path,
                                     prompt_length):
