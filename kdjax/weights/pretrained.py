@@ -68,10 +68,15 @@ def _load_llama(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _files_state(path: str) -> tuple[tuple[str, int, int], ...]:
-  """(name, size, mtime) of the checkpoint's weight files."""
-  names = ([path] if os.path.isfile(path) else sorted(
-      os.path.join(path, n) for n in os.listdir(path)
-      if n.endswith((".safetensors", ".json")))) if os.path.exists(path) else []
+  """(name, size, mtime) of the checkpoint's files: the GGUF, or the HF
+  directory's weights and configs (none for a path that is not local)."""
+  if os.path.isfile(path):
+    names = [path]
+  elif os.path.isdir(path):
+    names = sorted(os.path.join(path, n) for n in os.listdir(path)
+                   if n.endswith((".safetensors", ".json")))
+  else:
+    names = []
   return tuple((n, os.stat(n).st_size, os.stat(n).st_mtime_ns) for n in names)
 
 
